@@ -1,0 +1,55 @@
+"""kvbridge: hand KV caches from prefill to decode over pluggable transports."""
+
+from kvbridge._version import __version__
+from kvbridge.config import TransferConfig
+from kvbridge.errors import (
+    ConfigError,
+    IncompatiblePluginError,
+    KVBridgeError,
+    KVTransferError,
+    PluginLoadError,
+    TransportNotFoundError,
+)
+from kvbridge.hookspecs import KVBRIDGE_API_VERSION, hookimpl
+from kvbridge.memory import AuxLayout, AuxSlotPool, PagePool
+from kvbridge.plugins import TransportRegistry
+from kvbridge.status import KVPoll
+from kvbridge.transports import Transport, TransportManager
+from kvbridge.types import (
+    Descriptors,
+    MemoryRegion,
+    PeerWrite,
+    PollResult,
+    RankIdentity,
+    Role,
+    SendChunk,
+    TransportInfo,
+)
+
+__all__ = [
+    "KVBRIDGE_API_VERSION",
+    "AuxLayout",
+    "AuxSlotPool",
+    "ConfigError",
+    "Descriptors",
+    "IncompatiblePluginError",
+    "KVBridgeError",
+    "KVPoll",
+    "KVTransferError",
+    "MemoryRegion",
+    "PagePool",
+    "PeerWrite",
+    "PluginLoadError",
+    "PollResult",
+    "RankIdentity",
+    "Role",
+    "SendChunk",
+    "TransferConfig",
+    "Transport",
+    "TransportInfo",
+    "TransportManager",
+    "TransportNotFoundError",
+    "TransportRegistry",
+    "__version__",
+    "hookimpl",
+]

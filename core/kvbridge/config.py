@@ -1,0 +1,164 @@
+"""TransferConfig: how an engine configures kvbridge, from code, a dict, TOML or the environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from kvbridge.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+ENV_PREFIX = "KVBRIDGE_"
+
+
+def _positive_number(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{attribute.name} must be > 0, got {value!r}")
+
+
+def _transport_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value or not value.replace("_", "").replace("-", "").isalnum():
+        raise ConfigError(f"transport must be a plugin name like 'fake', got {value!r}")
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"transport_options must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+@attrs.frozen
+class TransferConfig:
+    """Everything kvbridge needs to know from the engine, validated on construction.
+
+    Times are in seconds. ``transport_options`` belongs to the selected transport (each plugin's
+    README lists its keys).
+    """
+
+    transport: str = attrs.field(default="fake", validator=_transport_name)
+    transport_options: Mapping[str, Any] = attrs.field(
+        factory=dict, converter=_frozen_mapping, hash=False
+    )
+    #: Prefill fails a room whose decode never sent metadata within this time.
+    bootstrap_timeout: float = attrs.field(default=300.0, validator=_positive_number)
+    #: Decode fails a room whose transfer never completed within this time after send_metadata.
+    waiting_timeout: float = attrs.field(default=300.0, validator=_positive_number)
+    #: Decode health-checks each prefill bootstrap address this often...
+    heartbeat_interval: float = attrs.field(default=5.0, validator=_positive_number)
+    #: ...and fails its unfinished rooms after this many misses in a row.
+    heartbeat_max_misses: int = attrs.field(default=2, validator=_positive_number)
+    #: Bounded attempts for bootstrap look-ups (prefill info, DP rank of a room).
+    bootstrap_max_attempts: int = attrs.field(default=5, validator=_positive_number)
+    #: Shared secret for the bootstrap server; None disables authentication.
+    bootstrap_token: str | None = None
+    #: Check before every collective that all ranks hold identical queues (costs a collective).
+    debug_lockstep: bool = False
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(a.name for a in attrs.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TransferConfig:
+        """Build from a mapping; unknown keys are an error that lists the known ones."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}; "
+                f"known keys: {', '.join(cls.field_names())}"
+            )
+        values = {name: _coerce(name, value) for name, value in data.items()}
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(str(exc)) from exc
+
+    @classmethod
+    def from_toml(cls, path: str | os.PathLike[str]) -> TransferConfig:
+        """Read a TOML file: the ``[kvbridge]`` table if there is one, else the top level."""
+        try:
+            with Path(path).open("rb") as f:
+                document = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        table = document.get("kvbridge", document)
+        return cls.from_dict(table)
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, base: TransferConfig | None = None
+    ) -> TransferConfig:
+        """Override ``base`` (default: defaults) with ``KVBRIDGE_<FIELD>`` variables.
+
+        ``KVBRIDGE_TRANSPORT_OPTIONS`` holds JSON; booleans accept 1/0/true/false/yes/no.
+        """
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = attrs.asdict(base, recurse=False) if base else {}
+        for name in cls.field_names():
+            raw = environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = _parse_env(name, raw)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = attrs.asdict(self, recurse=False)
+        data["transport_options"] = dict(self.transport_options)
+        return data
+
+
+_FIELD_TYPES = {
+    "transport": str,
+    "bootstrap_timeout": float,
+    "waiting_timeout": float,
+    "heartbeat_interval": float,
+    "heartbeat_max_misses": int,
+    "bootstrap_max_attempts": int,
+    "debug_lockstep": bool,
+}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    expected = _FIELD_TYPES.get(name)
+    if expected is None or value is None and name == "bootstrap_token":
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _parse_env(name: str, raw: str) -> Any:
+    variable = ENV_PREFIX + name.upper()
+    kind = _FIELD_TYPES.get(name)
+    try:
+        if name == "transport_options":
+            return json.loads(raw)
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected 1/0/true/false/yes/no")
+        if kind in (int, float):
+            return kind(raw)
+        return raw
+    except ValueError as exc:
+        raise ConfigError(f"{variable}={raw!r} is invalid: {exc}") from exc

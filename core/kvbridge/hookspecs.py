@@ -1,0 +1,266 @@
+"""The contract between the kvbridge core and a transport plugin.
+
+A transport moves bytes between registered memory regions and nothing else. The core owns the
+protocol: bootstrap, control messages, rank mapping, timeouts, and the collective that keeps
+ranks in lock-step. The core decides *what* to write where (it builds the descriptors); the
+transport decides *how*.
+
+How the core calls these hooks
+------------------------------
+Each installed transport gets its own :class:`pluggy.PluginManager`, so an operation hook call
+reaches exactly the configured transport; the operation hooks are ``firstresult``. Observer
+hooks (:class:`ObserverSpec`) are a separate, broadcast contract.
+
+The core calls every operation hook from the engine's scheduler thread. Unless a hook says
+otherwise it **must return quickly and must not block** on the network or on a peer: start the
+work on your own thread or the library's asynchronous API and report progress through ``poll``.
+A transport **must never run a collective** (``torch.distributed`` or similar): the core runs
+exactly one per scheduler step and every rank must run the same ones.
+
+Errors
+------
+An exception raised by a per-room hook (construct, init, send_metadata, send, abort) is caught
+by the core and turned into a local ``Failed`` for that room, with the exception as the reason.
+An exception from ``poll`` fails every polled room. Raise with a message a user can act on.
+
+Rooms
+-----
+A room is the 64-bit id of one request, shared by prefill and decode; 0 is reserved. Rooms are
+unique within a manager while they live; after ``clear`` a room's number may come back.
+
+Versioning
+----------
+:data:`KVBRIDGE_API_VERSION` is ``MAJOR.MINOR``. A plugin reports the version it was written
+against in :meth:`TransportSpec.kvbridge_transport_info`; the core refuses another major
+version, and a minor version newer than its own.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kvbridge.config import TransferConfig
+    from kvbridge.status import KVPoll
+    from kvbridge.types import (
+        Endpoint,
+        MemoryRegion,
+        PollResult,
+        RankIdentity,
+        Role,
+        SendChunk,
+        TransportInfo,
+    )
+
+PROJECT_NAME = "kvbridge"
+KVBRIDGE_API_VERSION = "1.0"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+class TransportSpec:
+    """Operation hooks. A transport must implement every one of them."""
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @hookspec(firstresult=True)
+    def kvbridge_transport_info(self) -> TransportInfo:
+        """Describe the transport.
+
+        :returns: a :class:`~kvbridge.types.TransportInfo` whose ``name`` equals the plugin's
+            entry-point name, whose ``api_version`` is the :data:`KVBRIDGE_API_VERSION` the
+            plugin was written against, and whose ``capabilities`` name optional behaviour
+            (see :mod:`kvbridge.testing` for the flags the conformance kit understands).
+
+        Called once when the plugin is loaded, and by ``kvbridge transports``. Must not import
+        the native library or touch hardware: it has to work where the library is missing.
+        """
+
+    # -- manager: one per rank -----------------------------------------------------------------
+
+    @hookspec(firstresult=True)
+    def kvbridge_manager_create(
+        self,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: tuple[MemoryRegion, ...],
+        aux_regions: tuple[MemoryRegion, ...],
+    ) -> Any:
+        """Create the transport's per-rank state and register the rank's buffers.
+
+        :param config: the engine's :class:`~kvbridge.config.TransferConfig`; read your own
+            settings from ``config.transport_options``.
+        :param rank: which rank this is (role, TP/CP/DP/PP ranks and sizes).
+        :param kv_regions: KV buffers, one region per layer and K/V (``item_bytes`` = page).
+        :param aux_regions: metadata buffers (``item_bytes`` = one row).
+        :returns: an opaque manager object. The core passes it back as the first argument of
+            every other hook and never looks inside.
+
+        Called once per rank at engine start, before any request. May block (registration and
+        listener start-up are slow on real hardware). Raise if the library is missing or
+        registration fails; the message reaches the user as is.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_manager_endpoint(self, manager: Any) -> Endpoint:
+        """Return this rank's endpoint description.
+
+        :returns: a JSON-safe mapping (address, session id, agent metadata, ...). The core
+            publishes it through bootstrap registration and hands it unchanged to peers as an
+            element of ``peers`` in ``*_init``.
+
+        Called after ``kvbridge_manager_create``; may be called more than once.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_manager_close(self, manager: Any) -> None:
+        """Deregister memory and release every resource of the manager.
+
+        Called once at shutdown, after every room was cleared. Must be safe to call when
+        creation half-failed. May block briefly; must not raise for already-dead peers.
+        """
+
+    # -- decode side: receivers ----------------------------------------------------------------
+
+    @hookspec(firstresult=True)
+    def kvbridge_receiver_construct(self, manager: Any, room: int) -> None:
+        """Create receive-side state for ``room``.
+
+        Called on every decode rank in the same step when the engine adds the request. No I/O:
+        the prefill rank that will serve the room may not be known yet. Status afterwards:
+        ``Bootstrapping``.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_receiver_init(self, manager: Any, room: int, peers: tuple[Endpoint, ...]) -> None:
+        """Prepare to receive ``room`` from ``peers``.
+
+        :param peers: endpoints of the prefill ranks that will write into this rank for this
+            room, as published by their ``kvbridge_manager_endpoint``; the core has already done
+            the rank mapping.
+
+        Called once the prefill DP rank is resolved, possibly in different steps on different
+        ranks. Connect to or register the peers here (start the connection; do not wait for
+        it). Status afterwards: ``WaitingForInput``.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_receiver_send_metadata(
+        self, manager: Any, room: int, kv_indices: np.ndarray, aux_index: int
+    ) -> None:
+        """Pages and an aux slot were allocated for ``room``; expect writes into them.
+
+        :param kv_indices: int64 page indices into every KV region.
+        :param aux_index: the row of the aux regions the prefill will write last.
+
+        The core itself sends the metadata to the prefill over its control channel; a
+        transport only prepares what it needs to accept the writes (for example posting
+        buffers or pre-building descriptor lists). Status afterwards: ``Transferring``.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_receiver_poll(self, manager: Any, rooms: np.ndarray) -> PollResult:
+        """Report the transport's own view of many rooms at once.
+
+        :param rooms: uint64 array of every live room of this manager, in queue order.
+        :returns: a :class:`~kvbridge.types.PollResult` with one status per room, in order.
+
+        Called once per scheduler step for all receivers of the manager. Must not block. A
+        receiver reports ``Failed`` (with a reason) when the transport knows the room cannot
+        complete. Completion on decode is decided by the core from the prefill's completion
+        messages and the aux room stamp, so a transport without native completion reports
+        ``Transferring`` until then; ``Success`` from a receiver poll is advisory.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_receiver_abort(self, manager: Any, room: int, reason: str) -> None:
+        """Stop accepting writes for ``room`` and fail it locally.
+
+        Called in any state, at most once per room, from the same step on every rank. Must
+        not block; must not raise for a room that already finished.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_receiver_clear(self, manager: Any, room: int) -> None:
+        """Forget ``room`` and release every handle it holds.
+
+        Called exactly once per room by the core, after success or abort; a second call or a
+        call for an unknown room must be a no-op. Late reports for the room are ignored.
+        """
+
+    # -- prefill side: senders -----------------------------------------------------------------
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_construct(self, manager: Any, room: int) -> None:
+        """Create send-side state for ``room``. No I/O. Status afterwards: ``Bootstrapping``."""
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_init(self, manager: Any, room: int, peers: tuple[Endpoint, ...]) -> None:
+        """The decode ranks that receive ``room`` are known: ``peers`` are their endpoints.
+
+        Called when every required decode rank has sent its metadata. Start connecting; do not
+        wait. ``PeerWrite.peer`` in later ``send`` calls indexes this tuple.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_send(self, manager: Any, room: int, chunk: SendChunk) -> None:
+        """Start writing one chunk of ``room``.
+
+        :param chunk: descriptors per peer, contiguous runs already merged by the core;
+            ``chunk.is_last`` marks the final chunk, which includes the aux row write (its room
+            stamp last) and may contain no KV pages at all.
+
+        Must return without waiting for the writes. Writes of one room to one peer must land
+        in the order of ``send`` calls; within a chunk the order is free except that the aux
+        row lands after the KV pages of the same chunk. Report completion through ``poll``.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_poll(self, manager: Any, rooms: np.ndarray) -> PollResult:
+        """Report many rooms at once: ``Success`` once every write of the last chunk landed.
+
+        Called once per scheduler step for all senders of the manager. Must not block. A peer
+        that vanished turns into ``Failed`` with a reason, never into a wait.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_abort(self, manager: Any, room: int, reason: str) -> None:
+        """Cancel outstanding writes for ``room`` where the library allows, and fail it."""
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_clear(self, manager: Any, room: int) -> None:
+        """Forget ``room``; idempotent, like :meth:`kvbridge_receiver_clear`."""
+
+
+#: Every operation hook; a transport missing one of them is refused at load time.
+REQUIRED_HOOKS = tuple(name for name in vars(TransportSpec) if name.startswith("kvbridge_"))
+
+
+class ObserverSpec:
+    """Broadcast hooks for metrics, tracing and fault injection.
+
+    Observers register through the entry-point group ``kvbridge.observers``. Every registered
+    observer is called. Observers are called on the scheduler thread and must be cheap; an
+    exception from an observer is logged and never changes a transfer's outcome.
+    """
+
+    @hookspec
+    def kvbridge_request_finished(
+        self,
+        role: Role,
+        rank: RankIdentity,
+        room: int,
+        status: KVPoll,
+        reason: str | None,
+        from_other_rank: bool,
+    ) -> None:
+        """A request left kvbridge's queues on this rank: committed (``Success``) or aborted."""
+
+    @hookspec
+    def kvbridge_step(self, role: Role, rank: RankIdentity, queued: int, reduced: int) -> None:
+        """A scheduler step ran: ``queued`` live requests, ``reduced`` statuses all-reduced."""

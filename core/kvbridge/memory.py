@@ -1,0 +1,195 @@
+"""Page and aux-slot pools, the aux row layout, and descriptor building.
+
+Pools are deterministic: the same sequence of alloc/free calls gives the same indices on every
+rank, which is what lets all TP ranks allocate identically without talking to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+import numpy as np
+
+from kvbridge.errors import DoubleFreeError, LeakError, PoolError
+from kvbridge.types import Descriptors, MemoryRegion
+
+
+class IndexPool:
+    """A pool of integer indices ``0..capacity-1`` with double-free and leak detection.
+
+    Allocation takes from the low end of a LIFO stack, so a fresh pool hands out ascending
+    contiguous runs (which merge into few descriptors) and a freed run is reused first.
+    """
+
+    kind = "index"
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"{self.kind} pool capacity must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self._stack = np.arange(capacity - 1, -1, -1, dtype=np.int64)
+        self._top = capacity
+        self._in_use = np.zeros(capacity, dtype=bool)
+
+    @property
+    def num_free(self) -> int:
+        return self._top
+
+    def can_alloc(self, count: int) -> bool:
+        return count <= self._top
+
+    def alloc(self, count: int) -> np.ndarray | None:
+        """Take ``count`` indices, or return None (changing nothing) if too few are free."""
+        if count < 0:
+            raise ValueError(f"cannot allocate {count} {self.kind}s")
+        if count > self._top:
+            return None
+        taken = self._stack[self._top - count : self._top][::-1].copy()
+        self._top -= count
+        self._in_use[taken] = True
+        return taken
+
+    def free(self, indices: Sequence[int] | np.ndarray) -> None:
+        """Return indices; raises :class:`DoubleFreeError` (changing nothing) on misuse."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return
+        if idx.min() < 0 or idx.max() >= self.capacity:
+            raise PoolError(f"{self.kind} index out of range 0..{self.capacity - 1}: {idx}")
+        if np.unique(idx).size != idx.size:
+            raise DoubleFreeError(f"{self.kind}s freed twice in one call: {idx.tolist()}")
+        not_in_use = idx[~self._in_use[idx]]
+        if not_in_use.size:
+            raise DoubleFreeError(f"{self.kind}(s) {not_in_use.tolist()} freed but not allocated")
+        self._in_use[idx] = False
+        self._stack[self._top : self._top + idx.size] = idx[::-1]
+        self._top += idx.size
+
+    def in_use(self) -> np.ndarray:
+        return np.flatnonzero(self._in_use)
+
+    def check_no_leaks(self) -> None:
+        leaked = self.in_use()
+        if leaked.size:
+            raise LeakError(f"{leaked.size} {self.kind}(s) still allocated: {leaked[:16].tolist()}")
+
+
+class PagePool(IndexPool):
+    kind = "page"
+
+
+#: Default per-request results that decode needs from prefill, before the room stamp.
+DEFAULT_AUX_FIELDS: tuple[tuple[str, str, int], ...] = (
+    ("output_token_id", "<i8", 1),
+    ("output_token_logprob", "<f4", 1),
+    ("cached_tokens", "<i4", 1),
+)
+ROOM_FIELD = "room"
+
+
+@attrs.frozen
+class AuxLayout:
+    """The row layout of the metadata (aux) buffer.
+
+    Fields are ``(name, numpy dtype, count)``; the uint64 room stamp is appended last so it is
+    the last thing a row write lands. 0 in the stamp means "not written".
+    """
+
+    fields: tuple[tuple[str, str, int], ...] = DEFAULT_AUX_FIELDS
+
+    def __attrs_post_init__(self) -> None:
+        names = [f[0] for f in self.fields]
+        if ROOM_FIELD in names or len(set(names)) != len(names):
+            raise ValueError(f"aux field names must be unique and not {ROOM_FIELD!r}: {names}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        parts: list[tuple[str, str] | tuple[str, str, tuple[int]]] = [
+            (name, dt) if count == 1 else (name, dt, (count,)) for name, dt, count in self.fields
+        ]
+        parts.append((ROOM_FIELD, "<u8"))
+        return np.dtype(parts, align=True)
+
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize
+
+    def allocate(self, num_slots: int) -> np.ndarray:
+        """A zeroed structured array of ``num_slots`` rows (register it as the aux region)."""
+        return np.zeros(num_slots, dtype=self.dtype)
+
+
+class AuxSlotPool(IndexPool):
+    """Aux-slot pool that zeroes a slot's room stamp whenever the slot is freed."""
+
+    kind = "aux slot"
+
+    def __init__(self, stamps: np.ndarray) -> None:
+        super().__init__(len(stamps))
+        self.stamps = stamps
+
+    def free(self, indices: Sequence[int] | np.ndarray) -> None:
+        super().free(indices)
+        self.stamps[np.asarray(indices, dtype=np.int64)] = 0
+
+
+def page_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Merge page pairs into runs where both sides are contiguous.
+
+    Returns ``(src_start, dst_start, run_length)`` int64 arrays.
+    """
+    src = np.asarray(src_pages, dtype=np.int64)
+    dst = np.asarray(dst_pages, dtype=np.int64)
+    if src.shape != dst.shape:
+        raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+    if src.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    breaks = np.flatnonzero((np.diff(src) != 1) | (np.diff(dst) != 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    lengths = np.diff(np.concatenate((starts, [src.size])))
+    return src[starts], dst[starts], lengths
+
+
+def kv_descriptors(
+    src_regions: Sequence[MemoryRegion],
+    dst_regions: Sequence[MemoryRegion],
+    src_pages: np.ndarray,
+    dst_pages: np.ndarray,
+) -> Descriptors:
+    """(src, dst, length) writes for the given pages of every KV region, runs merged."""
+    if len(src_regions) != len(dst_regions):
+        raise ValueError(
+            f"{len(src_regions)} source KV regions but {len(dst_regions)} destination regions"
+        )
+    s_start, d_start, run = page_runs(src_pages, dst_pages)
+    if run.size == 0:
+        return Descriptors.empty()
+    src_base = np.array([r.addr for r in src_regions], dtype=np.int64)[:, None]
+    dst_base = np.array([r.addr for r in dst_regions], dtype=np.int64)[:, None]
+    src_item = np.array([r.item_bytes for r in src_regions], dtype=np.int64)[:, None]
+    dst_item = np.array([r.item_bytes for r in dst_regions], dtype=np.int64)[:, None]
+    if not np.array_equal(src_item, dst_item):
+        raise ValueError("source and destination page sizes differ per region")
+    return Descriptors(
+        src=(src_base + s_start * src_item).reshape(-1),
+        dst=(dst_base + d_start * dst_item).reshape(-1),
+        lengths=np.broadcast_to(run * src_item, (len(src_regions), run.size)).reshape(-1).copy(),
+    )
+
+
+def aux_descriptors(
+    src_regions: Sequence[MemoryRegion],
+    dst_regions: Sequence[MemoryRegion],
+    src_slot: int,
+    dst_slot: int,
+) -> Descriptors:
+    """One write per aux region copying a whole row (room stamp included)."""
+    src = [r.addr + src_slot * r.item_bytes for r in src_regions]
+    dst = [r.addr + dst_slot * r.item_bytes for r in dst_regions]
+    lengths = [r.item_bytes for r in src_regions]
+    return Descriptors(
+        np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64),
+        np.array(lengths, dtype=np.int64),
+    )
