@@ -26,8 +26,16 @@ def _cmd_transports(args: argparse.Namespace) -> int:
     rows = [("NAME", "DISTRIBUTION", "VERSION", "API", "STATUS", "CAPABILITIES")]
     for r in records:
         status = "loaded" if r.loaded else "NOT LOADED"
-        rows.append((r.name, r.distribution or "-", r.version or "-", r.api_version or "-",
-                     status, ",".join(sorted(r.capabilities)) or "-"))
+        rows.append(
+            (
+                r.name,
+                r.distribution or "-",
+                r.version or "-",
+                r.api_version or "-",
+                status,
+                ",".join(sorted(r.capabilities)) or "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -130,12 +130,13 @@ _FIELD_TYPES = {
     "heartbeat_max_misses": int,
     "bootstrap_max_attempts": int,
     "debug_lockstep": bool,
+    "bootstrap_token": str,
 }
 
 
 def _coerce(name: str, value: Any) -> Any:
     expected = _FIELD_TYPES.get(name)
-    if expected is None or value is None and name == "bootstrap_token":
+    if expected is None or (value is None and name == "bootstrap_token"):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -190,6 +190,7 @@ def aux_descriptors(
     dst = [r.addr + dst_slot * r.item_bytes for r in dst_regions]
     lengths = [r.item_bytes for r in src_regions]
     return Descriptors(
-        np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64),
+        np.array(src, dtype=np.int64),
+        np.array(dst, dtype=np.int64),
         np.array(lengths, dtype=np.int64),
     )

@@ -233,8 +233,9 @@ class TransportRegistry:
             return self._loaded[name]
         failed = [r for r in self._records.values() if r.name == name]
         if failed:
-            raise TransportNotFoundError(f"transport {name!r} is installed but unusable: "
-                                         f"{failed[0].error}")
+            raise TransportNotFoundError(
+                f"transport {name!r} is installed but unusable: {failed[0].error}"
+            )
         installed = ", ".join(self.names()) or "none"
         raise TransportNotFoundError(
             f"no transport named {name!r}; installed and loaded: {installed} "

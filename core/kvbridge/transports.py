@@ -7,6 +7,7 @@ any other local observation.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -17,7 +18,14 @@ from kvbridge.config import TransferConfig
 from kvbridge.errors import MemoryRegistrationError
 from kvbridge.plugins import LoadedTransport, TransportRegistry
 from kvbridge.status import KVPoll
-from kvbridge.types import Endpoint, MemoryRegion, PollResult, RankIdentity, SendChunk, TransportInfo
+from kvbridge.types import (
+    Endpoint,
+    MemoryRegion,
+    PollResult,
+    RankIdentity,
+    SendChunk,
+    TransportInfo,
+)
 
 log = logging.getLogger("kvbridge")
 
@@ -66,7 +74,7 @@ class Transport:
 
 def _check_regions(regions: tuple[MemoryRegion, ...]) -> None:
     ordered = sorted(regions, key=lambda r: r.addr)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if b.addr < a.end:
             raise MemoryRegistrationError(
                 f"memory regions overlap: [{a.addr:#x}, {a.end:#x}) and [{b.addr:#x}, {b.end:#x})"
@@ -102,7 +110,9 @@ class TransportManager:
         try:
             getattr(self._hook, hook_name)(manager=self.raw, room=room, **kwargs)
         except Exception as exc:
-            reason = f"transport {self.transport.name} {hook_name} raised {type(exc).__name__}: {exc}"
+            reason = (
+                f"transport {self.transport.name} {hook_name} raised {type(exc).__name__}: {exc}"
+            )
             log.warning("room %d: %s", room, reason)
             self._plugin_failures[room] = reason
 
@@ -160,8 +170,9 @@ class TransportManager:
         try:
             getattr(self._hook, hook_name)(manager=self.raw, room=room)
         except Exception:
-            log.exception("room %d: transport %s %s raised; ignored", room,
-                          self.transport.name, hook_name)
+            log.exception(
+                "room %d: transport %s %s raised; ignored", room, self.transport.name, hook_name
+            )
 
     def _poll(self, caller: Any, rooms: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
         """One hook call for all rooms; returns uint8 statuses and failure reasons."""

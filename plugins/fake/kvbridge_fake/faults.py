@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
-
 from kvbridge.errors import ConfigError
 
 ENV_FAULTS = "KVBRIDGE_FAKE_FAULTS"

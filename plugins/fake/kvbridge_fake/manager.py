@@ -10,6 +10,7 @@ a refused or reset connection.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -18,16 +19,16 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import attrs
 import numpy as np
-
 from kvbridge.config import TransferConfig
 from kvbridge.errors import MemoryRegistrationError
 from kvbridge.status import KVPoll
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+
 from kvbridge_fake import wire
 from kvbridge_fake.faults import FaultPlan
 
@@ -80,8 +81,9 @@ class FakeManager:
         options = config.transport_options
         unknown = sorted(set(options) - {"faults", "host", "io_timeout"})
         if unknown:
-            raise ValueError(f"unknown fake transport option(s) {unknown}; "
-                             "known: faults, host, io_timeout")
+            raise ValueError(
+                f"unknown fake transport option(s) {unknown}; known: faults, host, io_timeout"
+            )
         self.faults = FaultPlan.from_options(options)
         self.rank = rank
         self.tp_rank = rank.tp_rank
@@ -99,10 +101,12 @@ class FakeManager:
         self.host, self.port = self._listener.getsockname()[:2]
         self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._accept_loop, name=f"kvbridge-fake-accept-{self.port}",
-                             daemon=True),
-            threading.Thread(target=self._send_loop, name=f"kvbridge-fake-send-{self.port}",
-                             daemon=True),
+            threading.Thread(
+                target=self._accept_loop, name=f"kvbridge-fake-accept-{self.port}", daemon=True
+            ),
+            threading.Thread(
+                target=self._send_loop, name=f"kvbridge-fake-send-{self.port}", daemon=True
+            ),
         ]
         for t in self._threads:
             t.start()
@@ -124,10 +128,10 @@ class FakeManager:
         with _LOCAL_LOCK:
             _LOCAL_MANAGERS.pop(self.id, None)
         self._jobs.put(None)
-        try:
-            self._listener.close()
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):
+            # shutdown() wakes the thread blocked in accept(); close() alone does not.
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
         for conn in list(self._connections.values()):
             conn.close()
         self._connections.clear()
@@ -145,7 +149,9 @@ class FakeManager:
                 raise ValueError(f"room {room} already exists on {self.label}")
             rooms[room] = _Room(status=KVPoll.Bootstrapping)
 
-    def init(self, rooms: dict[int, _Room], room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+    def init(
+        self, rooms: dict[int, _Room], room: int, peers: tuple[Mapping[str, Any], ...]
+    ) -> None:
         for peer in peers:
             if not {"id", "host", "port", "pid"} <= set(peer):
                 raise ValueError(f"not a fake transport endpoint: {peer!r}")
@@ -209,8 +215,10 @@ class FakeManager:
                 raise RuntimeError(f"room {room}: send before init on {self.label}")
             for write in chunk.writes:
                 if not 0 <= write.peer < len(state.peers):
-                    raise IndexError(f"room {room}: peer {write.peer} not among "
-                                     f"{len(state.peers)} peers given to init")
+                    raise IndexError(
+                        f"room {room}: peer {write.peer} not among "
+                        f"{len(state.peers)} peers given to init"
+                    )
                 d = write.descriptors
                 bad = ~self.regions.covers(d.src, d.lengths)
                 if bad.any():
@@ -239,8 +247,9 @@ class FakeManager:
             if state.status != KVPoll.Failed:
                 try:
                     for write in chunk.writes:
-                        self._deliver(state.peers[write.peer], room, write.descriptors,
-                                      chunk.is_last)
+                        self._deliver(
+                            state.peers[write.peer], room, write.descriptors, chunk.is_last
+                        )
                 except Exception as exc:  # every delivery error fails the room, never the thread
                     error = str(exc)
             with self._lock:
@@ -262,8 +271,11 @@ class FakeManager:
             target = _LOCAL_MANAGERS.get(peer["id"]) if peer["pid"] == os.getpid() else None
             if target is not None:
                 sources = iter(src.tolist())
-                error = target.land(room, flags, dst, lengths,
-                                    lambda addr, n: ctypes.memmove(addr, next(sources), n))
+
+                def copy_next(addr: int, n: int, sources: Iterator[int] = sources) -> None:
+                    ctypes.memmove(addr, next(sources), n)
+
+                error = target.land(room, flags, dst, lengths, copy_next)
                 if error:
                     raise RuntimeError(error)
             elif peer["pid"] == os.getpid() and peer["id"] not in _LOCAL_MANAGERS:
@@ -271,14 +283,22 @@ class FakeManager:
             else:
                 self._deliver_remote(peer, room, flags, src, dst, lengths)
 
-    def _deliver_remote(self, peer: Mapping[str, Any], room: int, flags: int, src: np.ndarray,
-                        dst: np.ndarray, lengths: np.ndarray) -> None:
+    def _deliver_remote(
+        self,
+        peer: Mapping[str, Any],
+        room: int,
+        flags: int,
+        src: np.ndarray,
+        dst: np.ndarray,
+        lengths: np.ndarray,
+    ) -> None:
         where = f"{peer['host']}:{peer['port']}"
         conn = self._connections.get(peer["id"])
         try:
             if conn is None:
-                conn = socket.create_connection((peer["host"], peer["port"]),
-                                                timeout=self.io_timeout)
+                conn = socket.create_connection(
+                    (peer["host"], peer["port"]), timeout=self.io_timeout
+                )
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self._connections[peer["id"]] = conn
             conn.sendall(wire.encode_header(room, flags, dst, lengths))
@@ -295,8 +315,14 @@ class FakeManager:
 
     # -- landing incoming writes ---------------------------------------------------------------
 
-    def land(self, room: int, flags: int, dst: np.ndarray, lengths: np.ndarray,
-             read_into: Callable[[int, int], object]) -> str | None:
+    def land(
+        self,
+        room: int,
+        flags: int,
+        dst: np.ndarray,
+        lengths: np.ndarray,
+        read_into: Callable[[int, int], object],
+    ) -> str | None:
         """Land one frame's runs; ``read_into(addr, n)`` fills n bytes at addr. Returns an error."""
         if self.tp_rank in self.faults.gone_ranks:
             raise ConnectionError(f"peer {self.host}:{self.port} is gone (fault plan)")
@@ -307,8 +333,10 @@ class FakeManager:
         bad = ~self.regions.covers(dst, lengths)
         if bad.any():
             i = int(np.argmax(bad))
-            return (f"destination [{int(dst[i]):#x}, +{int(lengths[i])}) is not in memory "
-                    f"registered on {self.label}")
+            return (
+                f"destination [{int(dst[i]):#x}, +{int(lengths[i])}) is not in memory "
+                f"registered on {self.label}"
+            )
         delay = self.faults.aux_delay_on(self.tp_rank) if flags & wire.FLAG_AUX else 0.0
         if delay and self.faults.ack_before_aux:
             staged = [(addr, bytearray(n)) for addr, n in zip(dst.tolist(), lengths.tolist())]
@@ -341,8 +369,12 @@ class FakeManager:
             if self.tp_rank in self.faults.gone_ranks:
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True,
-                             name=f"kvbridge-fake-conn-{self.port}").start()
+            threading.Thread(
+                target=self._serve,
+                args=(conn,),
+                daemon=True,
+                name=f"kvbridge-fake-conn-{self.port}",
+            ).start()
 
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -356,9 +388,13 @@ class FakeManager:
                     log.warning("fake transport %s: dropping connection: %s", self.label, exc)
                     return
                 try:
-                    error = self.land(room, flags, dst, lengths,
-                                      lambda addr, n: wire.recv_exact_into(
-                                          conn, wire.memory_at(addr, n)))
+                    error = self.land(
+                        room,
+                        flags,
+                        dst,
+                        lengths,
+                        lambda addr, n: wire.recv_exact_into(conn, wire.memory_at(addr, n)),
+                    )
                     if error:
                         _drain(conn, int(lengths.sum()))
                     wire.send_reply(conn, error is None, error or "")

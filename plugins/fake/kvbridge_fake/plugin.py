@@ -7,11 +7,18 @@ each doing nothing but translate to the transport's own state object.
 from __future__ import annotations
 
 import numpy as np
-
 from kvbridge import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.config import TransferConfig
 from kvbridge.status import KVPoll
-from kvbridge.types import Endpoint, MemoryRegion, PollResult, RankIdentity, SendChunk, TransportInfo
+from kvbridge.types import (
+    Endpoint,
+    MemoryRegion,
+    PollResult,
+    RankIdentity,
+    SendChunk,
+    TransportInfo,
+)
+
 from kvbridge_fake.manager import FakeManager
 
 NAME = "fake"

@@ -1,0 +1,342 @@
+"""The conformance kit: abstract tests every transport must pass.
+
+Subclass :class:`TransportConformance` in your plugin's test suite and set ``transport_name``::
+
+    from kvbridge.testing import TransportConformance
+
+    class TestMyTransport(TransportConformance):
+        transport_name = "mytransport"
+        transport_options = {"protocol": "tcp"}
+
+The kit loads the transport through the installed entry point (the same path an engine uses)
+and calls it only through the core's dispatch. Tests that need an optional capability run only
+when the transport declares it in ``TransportInfo.capabilities``:
+
+- ``cross_process``: bytes move between processes (tests spawn a receiver process);
+- ``rejects_unregistered_memory``: a write to unregistered *destination* memory fails the room
+  (every transport must reject unregistered *source* memory).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import pytest
+
+from kvbridge.config import TransferConfig
+from kvbridge.status import KVPoll
+from kvbridge.testing.remote import RemoteReceiver
+from kvbridge.testing.rig import TransferRig, require_transport, wait_until_terminal
+from kvbridge.transports import Transport
+from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, SendChunk
+
+
+def _pages(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+class TransportConformance:
+    """Abstract conformance tests; a subclass names the transport under test."""
+
+    transport_name: ClassVar[str] = ""
+    transport_options: ClassVar[dict[str, Any]] = {}
+    #: Seconds a transfer may take before the kit calls it a hang.
+    timeout: ClassVar[float] = 30.0
+    page_bytes: ClassVar[int] = 4096
+    num_pages: ClassVar[int] = 64
+
+    @pytest.fixture
+    def transport(self) -> Transport:
+        if not self.transport_name:
+            pytest.skip("abstract conformance class: set transport_name")
+        return Transport(require_transport(self.transport_name))
+
+    @pytest.fixture
+    def config(self) -> TransferConfig:
+        return TransferConfig(
+            transport=self.transport_name, transport_options=dict(self.transport_options)
+        )
+
+    @pytest.fixture
+    def rig(self, transport: Transport, config: TransferConfig) -> Iterator[TransferRig]:
+        rig = TransferRig(transport, config, num_pages=self.num_pages, page_bytes=self.page_bytes)
+        yield rig
+        rig.close()
+
+    def needs(self, transport: Transport, capability: str) -> None:
+        if capability not in transport.info.capabilities:
+            pytest.skip(f"transport {transport.name!r} does not declare {capability!r}")
+
+    # -- identity ------------------------------------------------------------------------------
+
+    def test_info_names_the_transport(self, transport: Transport) -> None:
+        assert transport.info.name == self.transport_name
+        major = transport.info.api_version.split(".")[0]
+        assert major.isdigit()
+
+    def test_endpoint_is_json_safe(self, rig: TransferRig) -> None:
+        for manager in (rig.sender, rig.receiver):
+            endpoint = manager.endpoint
+            assert json.loads(json.dumps(dict(endpoint))) == dict(endpoint)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def test_bytes_arrive_intact(self, rig: TransferRig) -> None:
+        room, src, dst = 11, _pages(0, 1, 2, 3, 8, 9, 30), _pages(40, 41, 5, 6, 7, 20, 63)
+        rig.open(room, dst, dst_slot=3)
+        rig.transfer(room, src, dst, src_slot=1, dst_slot=3)
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Success, reason
+        assert rig.decode.mismatches(room, dst) == []
+        assert rig.decode.aux_matches(3, room)
+        untouched = np.setdiff1d(np.arange(self.num_pages), dst)
+        assert all(not region[untouched].any() for region in rig.decode.kv)
+
+    def test_many_chunks_land_in_order(self, rig: TransferRig) -> None:
+        room = 12
+        src = np.arange(32, dtype=np.int64)
+        dst = np.random.default_rng(0).permutation(self.num_pages)[:32].astype(np.int64)
+        rig.open(room, dst, dst_slot=0)
+        rig.transfer(room, src, dst, src_slot=0, dst_slot=0, chunks=4)
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Success, reason
+        assert rig.decode.mismatches(room, dst) == []
+        assert rig.decode.aux_matches(0, room)
+
+    def test_zero_page_last_chunk_still_carries_aux(self, rig: TransferRig) -> None:
+        room = 13
+        rig.open(room, _pages(), dst_slot=5)
+        rig.prefill.write_aux(2, room)
+        rig.sender.sender_send(room, rig.chunk(_pages(), _pages(), last_slots=(2, 5)))
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Success, reason
+        assert rig.decode.aux_matches(5, room)
+
+    def test_batched_poll_answers_every_room_in_order(self, rig: TransferRig) -> None:
+        rooms = list(range(100, 116))
+        for i, room in enumerate(rooms):
+            rig.open(room, _pages(i), dst_slot=i)
+        done = rooms[::2]
+        for room in done:
+            i = rooms.index(room)
+            rig.transfer(room, _pages(i), _pages(i), src_slot=i, dst_slot=i)
+        for room in done:
+            assert rig.wait_sender(room, self.timeout)[0] == KVPoll.Success
+        statuses, _ = rig.sender.sender_poll(np.array(rooms, dtype=np.uint64))
+        assert len(statuses) == len(rooms)
+        for room, status in zip(rooms, statuses.tolist()):
+            expected = KVPoll.Success if room in done else KVPoll.WaitingForInput
+            assert status == expected, (room, KVPoll(status))
+        receiver_statuses, _ = rig.receiver.receiver_poll(np.array(rooms, dtype=np.uint64))
+        assert len(receiver_statuses) == len(rooms)
+        assert all(s != KVPoll.Failed for s in receiver_statuses.tolist())
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def test_statuses_only_move_forward(self, rig: TransferRig) -> None:
+        room, pages = 21, _pages(1, 2, 3)
+        rooms = np.array([room], dtype=np.uint64)
+        history: list[int] = []
+
+        def record() -> None:
+            history.append(int(rig.sender.sender_poll(rooms)[0][0]))
+            history.append(int(rig.receiver.receiver_poll(rooms)[0][0]) + 10)
+
+        rig.receiver.receiver_construct(room)
+        rig.sender.sender_construct(room)
+        record()
+        rig.receiver.receiver_init(room, (rig.sender.endpoint,))
+        rig.sender.sender_init(room, (rig.receiver.endpoint,))
+        record()
+        rig.receiver.receiver_send_metadata(room, pages, 1)
+        record()
+        rig.transfer(room, pages, pages, src_slot=1, dst_slot=1)
+        for _ in range(50):
+            record()
+        sender = [h for h in history if h < 10]
+        receiver = [h - 10 for h in history if h >= 10]
+        for seq in (sender, receiver):
+            assert KVPoll.Failed not in seq, seq
+            assert seq == sorted(seq), f"status went backwards: {[KVPoll(s).name for s in seq]}"
+        assert sender[0] == KVPoll.Bootstrapping and receiver[0] == KVPoll.Bootstrapping
+
+    @pytest.mark.parametrize("stage", ["constructed", "initialised", "metadata", "sent"])
+    def test_abort_works_in_every_state_and_failed_is_sticky(
+        self, rig: TransferRig, stage: str
+    ) -> None:
+        room, pages = 31, _pages(4, 5)
+        rooms = np.array([room], dtype=np.uint64)
+        rig.receiver.receiver_construct(room)
+        rig.sender.sender_construct(room)
+        if stage != "constructed":
+            rig.receiver.receiver_init(room, (rig.sender.endpoint,))
+            rig.sender.sender_init(room, (rig.receiver.endpoint,))
+        if stage in ("metadata", "sent"):
+            rig.receiver.receiver_send_metadata(room, pages, 2)
+        if stage == "sent":
+            rig.transfer(room, pages, pages, src_slot=2, dst_slot=2, chunks=2)
+        rig.receiver.receiver_abort(room, "test abort")
+        rig.sender.sender_abort(room, "test abort")
+        for _ in range(20):
+            for poll in (rig.receiver.receiver_poll, rig.sender.sender_poll):
+                statuses, failures = poll(rooms)
+                if (
+                    stage == "sent"
+                    and statuses[0] == KVPoll.Success
+                    and poll == rig.sender.sender_poll
+                ):
+                    continue  # the writes may have finished before the abort arrived
+                assert statuses[0] == KVPoll.Failed, (stage, KVPoll(int(statuses[0])))
+                assert failures.get(room), "a failed room must come with a reason"
+        rig.receiver.receiver_clear(room)
+        rig.sender.sender_clear(room)
+
+    def test_clear_twice_and_clear_unknown_are_harmless(self, rig: TransferRig) -> None:
+        room, pages = 41, _pages(7)
+        rig.open(room, pages, dst_slot=4)
+        rig.transfer(room, pages, pages, src_slot=4, dst_slot=4)
+        assert rig.wait_sender(room, self.timeout)[0] == KVPoll.Success
+        for manager in (rig.receiver, rig.sender):
+            for _ in range(2):
+                manager.receiver_clear(room) if manager is rig.receiver else manager.sender_clear(
+                    room
+                )
+        rig.receiver.receiver_clear(999_999)
+        rig.sender.sender_clear(999_999)
+        # The room id may be reused afterwards, starting from scratch.
+        rig.open(room, pages, dst_slot=4)
+        statuses, _ = rig.sender.sender_poll(np.array([room], dtype=np.uint64))
+        assert statuses[0] == KVPoll.WaitingForInput
+
+    def test_late_report_for_cleared_room_is_ignored(self, rig: TransferRig) -> None:
+        room, other = 51, 52
+        pages = np.arange(16, dtype=np.int64)
+        rig.open(room, pages, dst_slot=6)
+        rig.open(other, _pages(20), dst_slot=7)
+        rig.transfer(room, pages, pages, src_slot=6, dst_slot=6, chunks=4)
+        rig.sender.sender_abort(room, "cleared early")
+        rig.receiver.receiver_abort(room, "cleared early")
+        rig.sender.sender_clear(room)
+        rig.receiver.receiver_clear(room)
+        # Whatever the transport still had in flight for `room` must not surface anywhere.
+        rig.transfer(other, _pages(20), _pages(20), src_slot=7, dst_slot=7)
+        assert rig.wait_sender(other, self.timeout)[0] == KVPoll.Success
+        rig.sender.sender_construct(room)
+        rig.receiver.receiver_construct(room)
+        rooms = np.array([room, other], dtype=np.uint64)
+        for _ in range(20):
+            s_status, _ = rig.sender.sender_poll(rooms)
+            r_status, _ = rig.receiver.receiver_poll(rooms)
+            assert s_status[0] == KVPoll.Bootstrapping and r_status[0] == KVPoll.Bootstrapping
+            assert s_status[1] == KVPoll.Success
+
+    # -- refusal -------------------------------------------------------------------------------
+
+    def test_unregistered_source_memory_is_rejected(self, rig: TransferRig) -> None:
+        room = 61
+        rig.open(room, _pages(1), dst_slot=1)
+        stray = np.zeros(rig.prefill.page_bytes, dtype=np.uint8)
+        fake_src = MemoryRegion.of(stray)
+        bad = Descriptors(
+            np.array([fake_src.addr], dtype=np.int64),
+            np.array([rig.decode.kv_regions[0].addr], dtype=np.int64),
+            np.array([fake_src.length], dtype=np.int64),
+        )
+        rig.sender.sender_send(room, SendChunk((PeerWrite(0, bad),), is_last=True))
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Failed and reason
+        assert not rig.decode.kv[0].any(), "bytes from unregistered memory landed"
+
+    def test_unregistered_destination_memory_is_rejected(
+        self, rig: TransferRig, transport: Transport
+    ) -> None:
+        self.needs(transport, "rejects_unregistered_memory")
+        room = 62
+        rig.open(room, _pages(1), dst_slot=1)
+        stray = np.zeros((1, rig.prefill.page_bytes), dtype=np.uint8)
+        rig.prefill.fill(room, _pages(0))
+        chunk = rig.chunk(_pages(0), _pages(0), dst_kv=(MemoryRegion.of(stray),) * 4)
+        rig.sender.sender_send(room, chunk)
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Failed and reason
+        assert not stray.any()
+
+    def test_registering_nothing_sensible_is_refused(
+        self, transport: Transport, config: TransferConfig
+    ) -> None:
+        buffer = np.zeros((4, 64), dtype=np.uint8)
+        region = MemoryRegion.of(buffer)
+        with pytest.raises(ValueError):
+            from kvbridge.types import RankIdentity, Role
+
+            transport.create_manager(config, RankIdentity(Role.DECODE), (region, region), ())
+
+    # -- vanished peers ------------------------------------------------------------------------
+
+    def test_vanished_peer_gives_failed_not_a_hang(self, rig: TransferRig) -> None:
+        room, pages = 71, _pages(1, 2)
+        rig.open(room, pages, dst_slot=1)
+        rig.receiver.close()
+        rig.transfer(room, pages, pages, src_slot=1, dst_slot=1)
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Failed and reason
+
+    def test_bytes_cross_a_process_boundary(self, rig: TransferRig, transport: Transport) -> None:
+        self.needs(transport, "cross_process")
+        remote = RemoteReceiver(
+            self.transport_name,
+            dict(self.transport_options),
+            num_pages=self.num_pages,
+            page_bytes=self.page_bytes,
+        )
+        try:
+            room = 81
+            src, dst = np.arange(8, dtype=np.int64), _pages(50, 51, 52, 3, 9, 10, 11, 60)
+            remote.open(room, rig.sender.endpoint, dst, 9)
+            rig.sender.sender_construct(room)
+            rig.sender.sender_init(room, (remote.endpoint,))
+            rig.prefill.fill(room, src)
+            rig.prefill.write_aux(0, room)
+            from kvbridge.memory import aux_descriptors, kv_descriptors
+
+            d = Descriptors.concat(
+                [
+                    kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, src, dst),
+                    aux_descriptors(rig.prefill.aux_regions, remote.aux_regions, 0, 9),
+                ]
+            )
+            rig.sender.sender_send(room, SendChunk((PeerWrite(0, d),), is_last=True))
+            status, reason = rig.wait_sender(room, self.timeout)
+            assert status == KVPoll.Success, reason
+            mismatches, aux_ok = remote.verify(room, dst, 9)
+            assert mismatches == [] and aux_ok
+        finally:
+            remote.close()
+
+    def test_killed_peer_process_gives_failed(self, rig: TransferRig, transport: Transport) -> None:
+        self.needs(transport, "cross_process")
+        remote = RemoteReceiver(
+            self.transport_name,
+            dict(self.transport_options),
+            num_pages=self.num_pages,
+            page_bytes=self.page_bytes,
+        )
+        try:
+            room, pages = 82, np.arange(16, dtype=np.int64)
+            remote.open(room, rig.sender.endpoint, pages, 1)
+            rig.sender.sender_construct(room)
+            rig.sender.sender_init(room, (remote.endpoint,))
+            from kvbridge.memory import kv_descriptors
+
+            first = kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, pages[:8], pages[:8])
+            rig.sender.sender_send(room, SendChunk((PeerWrite(0, first),), is_last=False))
+            remote.kill()
+            rest = kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, pages[8:], pages[8:])
+            rig.sender.sender_send(room, SendChunk((PeerWrite(0, rest),), is_last=True))
+            status, reason = wait_until_terminal(rig.sender.sender_poll, room, self.timeout)
+            assert status == KVPoll.Failed and reason
+        finally:
+            remote.close()

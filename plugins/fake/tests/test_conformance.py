@@ -1,0 +1,5 @@
+from kvbridge.testing import TransportConformance
+
+
+class TestFakeConformance(TransportConformance):
+    transport_name = "fake"

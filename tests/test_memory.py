@@ -1,0 +1,166 @@
+"""Pools and descriptor building, checked against naive reference implementations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from kvbridge import AuxLayout, AuxSlotPool, MemoryRegion, PagePool
+from kvbridge.errors import DoubleFreeError, LeakError, MemoryRegistrationError
+from kvbridge.memory import aux_descriptors, kv_descriptors, page_runs
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random alloc/free sequences against a set-based reference."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = PagePool(24)
+        self.held: list[np.ndarray] = []
+        self.reference_free = set(range(24))
+
+    @rule(count=st.integers(0, 30))
+    def alloc(self, count: int) -> None:
+        got = self.pool.alloc(count)
+        if count > len(self.reference_free):
+            assert got is None
+            return
+        assert got is not None and len(got) == count
+        assert set(got.tolist()) <= self.reference_free
+        self.reference_free -= set(got.tolist())
+        self.held.append(got)
+
+    @precondition(lambda self: self.held)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        block = self.held.pop(data.draw(st.integers(0, len(self.held) - 1)))
+        self.pool.free(block)
+        self.reference_free |= set(block.tolist())
+
+    @precondition(lambda self: self.held and len(self.held[0]))
+    @rule()
+    def double_free_is_refused_and_changes_nothing(self) -> None:
+        block = self.held[0]
+        before = self.pool.num_free
+        with pytest.raises(DoubleFreeError):
+            self.pool.free(np.concatenate([block, block[:1]]))
+        assert self.pool.num_free == before
+
+    @invariant()
+    def counts_agree(self) -> None:
+        assert self.pool.num_free == len(self.reference_free)
+        assert set(self.pool.in_use().tolist()) == set(range(24)) - self.reference_free
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+def test_fresh_pool_hands_out_contiguous_runs_and_reuses_freed_ones_first() -> None:
+    pool = PagePool(10)
+    first = pool.alloc(4)
+    assert first.tolist() == [0, 1, 2, 3]
+    assert pool.alloc(2).tolist() == [4, 5]
+    pool.free(first)
+    assert pool.alloc(4).tolist() == [0, 1, 2, 3]
+
+
+def test_leaks_are_reported_with_indices() -> None:
+    pool = PagePool(4)
+    pool.alloc(2)
+    with pytest.raises(LeakError, match=r"2 page\(s\) still allocated: \[0, 1\]"):
+        pool.check_no_leaks()
+
+
+def test_freeing_an_unallocated_or_out_of_range_index_is_refused() -> None:
+    pool = PagePool(4)
+    with pytest.raises(DoubleFreeError, match="freed but not allocated"):
+        pool.free([1])
+    with pytest.raises(Exception, match="out of range"):
+        pool.free([9])
+
+
+def test_aux_pool_zeroes_the_room_stamp_on_free() -> None:
+    layout = AuxLayout()
+    aux = layout.allocate(4)
+    pool = AuxSlotPool(aux["room"])
+    (slot,) = pool.alloc(1)
+    aux[slot]["room"] = 77
+    pool.free([slot])
+    assert aux["room"][slot] == 0
+
+
+def test_aux_layout_puts_the_room_stamp_last() -> None:
+    layout = AuxLayout((("token", "<i4", 1), ("top", "<f4", 5)))
+    dtype = layout.dtype
+    assert dtype.names[-1] == "room"
+    assert dtype.fields["room"][1] + 8 == layout.row_bytes
+    with pytest.raises(ValueError, match="room"):
+        AuxLayout((("room", "<i8", 1),))
+
+
+def naive_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+pages = st.lists(st.integers(0, 40), max_size=30)
+
+
+@given(st.data())
+def test_page_runs_match_the_naive_merge(data: st.DataObject) -> None:
+    src = data.draw(pages)
+    dst = data.draw(st.lists(st.integers(0, 40), min_size=len(src), max_size=len(src)))
+    s, d, n = page_runs(np.array(src), np.array(dst))
+    assert list(zip(s.tolist(), d.tolist(), n.tolist())) == naive_runs(src, dst)
+
+
+@given(st.data())
+def test_kv_descriptors_cover_exactly_the_pages(data: st.DataObject) -> None:
+    n = data.draw(st.integers(0, 20))
+    src = data.draw(st.permutations(range(24)))[:n]
+    dst = data.draw(st.permutations(range(24)))[:n]
+    page = 64
+    src_regions = [MemoryRegion(0x10000 * (r + 1), 24 * page, page) for r in range(3)]
+    dst_regions = [MemoryRegion(0x900000 + 0x10000 * r, 24 * page, page) for r in range(3)]
+    d = kv_descriptors(src_regions, dst_regions, np.array(src), np.array(dst))
+    expanded = set()
+    for s_addr, d_addr, length in zip(d.src.tolist(), d.dst.tolist(), d.lengths.tolist()):
+        assert length % page == 0
+        for k in range(length // page):
+            expanded.add((s_addr + k * page, d_addr + k * page))
+    reference = {
+        (sr.addr + s * page, dr.addr + t * page)
+        for sr, dr in zip(src_regions, dst_regions)
+        for s, t in zip(src, dst)
+    }
+    assert expanded == reference
+    assert len(d) == 3 * len(naive_runs(list(src), list(dst)))
+
+
+def test_aux_descriptors_copy_whole_rows() -> None:
+    src = [MemoryRegion(0x1000, 4 * 32, 32)]
+    dst = [MemoryRegion(0x8000, 8 * 32, 32)]
+    d = aux_descriptors(src, dst, 1, 5)
+    assert (d.src.tolist(), d.dst.tolist(), d.lengths.tolist()) == ([0x1020], [0x80A0], [32])
+
+
+def test_memory_region_checks() -> None:
+    with pytest.raises(MemoryRegistrationError, match="not a multiple"):
+        MemoryRegion(0x1000, 100, 64)
+    with pytest.raises(ValueError, match="addr must be >= 1"):
+        MemoryRegion(0, 64, 64)
+    with pytest.raises(MemoryRegistrationError, match="contiguous"):
+        MemoryRegion.of(np.zeros((4, 4))[:, ::2])
+    import torch
+
+    t = torch.zeros(8, 16, dtype=torch.uint8)
+    region = MemoryRegion.of(t)
+    assert (region.addr, region.length, region.item_bytes) == (t.data_ptr(), 128, 16)
