@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
 from kvbridge import AuxLayout, AuxSlotPool, MemoryRegion, PagePool
 from kvbridge.errors import DoubleFreeError, LeakError, MemoryRegistrationError
 from kvbridge.memory import aux_descriptors, kv_descriptors, page_runs

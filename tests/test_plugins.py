@@ -6,6 +6,7 @@ import importlib.metadata as md
 
 import numpy as np
 import pytest
+
 from kvbridge import (
     KVPoll,
     RankIdentity,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
 from kvbridge import KVBRIDGE_API_VERSION, PollResult, TransportInfo, hookimpl
 from kvbridge.status import KVPoll
 

@@ -1,0 +1,34 @@
+"""Gated collective queues: keep every rank of a group in lock-step, request by request."""
+
+from kvbridge.queue.collective import SingleRankReducer, TorchMinReducer
+from kvbridge.queue.decode import DecodeQueue, DecodeRequest, MetadataToSend
+from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep, PrefillStep
+from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
+from kvbridge.queue.session import (
+    DecodeMetadata,
+    DecodePeer,
+    DecodeSession,
+    PrefillDirectory,
+    PrefillSession,
+    PrefillTarget,
+)
+
+__all__ = [
+    "Aborted",
+    "Committed",
+    "DecodeMetadata",
+    "DecodePeer",
+    "DecodeQueue",
+    "DecodeRequest",
+    "DecodeSession",
+    "DecodeStep",
+    "MetadataToSend",
+    "PrefillDirectory",
+    "PrefillQueue",
+    "PrefillRequest",
+    "PrefillSession",
+    "PrefillStep",
+    "PrefillTarget",
+    "SingleRankReducer",
+    "TorchMinReducer",
+]

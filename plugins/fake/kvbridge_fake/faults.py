@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import attrs
+
 from kvbridge.errors import ConfigError
 
 ENV_FAULTS = "KVBRIDGE_FAKE_FAULTS"

@@ -24,11 +24,11 @@ from typing import Any
 
 import attrs
 import numpy as np
+
 from kvbridge.config import TransferConfig
 from kvbridge.errors import MemoryRegistrationError
 from kvbridge.status import KVPoll
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
-
 from kvbridge_fake import wire
 from kvbridge_fake.faults import FaultPlan
 

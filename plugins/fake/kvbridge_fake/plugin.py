@@ -7,6 +7,7 @@ each doing nothing but translate to the transport's own state object.
 from __future__ import annotations
 
 import numpy as np
+
 from kvbridge import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.config import TransferConfig
 from kvbridge.status import KVPoll
@@ -18,7 +19,6 @@ from kvbridge.types import (
     SendChunk,
     TransportInfo,
 )
-
 from kvbridge_fake.manager import FakeManager
 
 NAME = "fake"

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from kvbridge import ConfigError, KVPoll
 from kvbridge.testing import TransferRig, wait_until_terminal
 from kvbridge.testing.rig import load

@@ -1,0 +1,47 @@
+"""What a scheduler step hands back to the engine."""
+
+from __future__ import annotations
+
+import attrs
+import numpy as np
+
+
+@attrs.frozen(eq=False)
+class Committed:
+    """A decode request whose KV and aux row landed on every rank.
+
+    ``pages`` now belong to the engine (return them to the page pool when the request ends);
+    ``aux_row`` is a copy of the metadata row (first output token, ...). The aux slot itself has
+    already been freed.
+    """
+
+    room: int
+    pages: np.ndarray
+    aux_row: np.void
+
+
+@attrs.frozen
+class Aborted:
+    """A request that failed; every rank reports it in the same step.
+
+    ``from_other_rank`` is true where this rank saw nothing wrong itself.
+    """
+
+    room: int
+    reason: str
+    from_other_rank: bool = False
+
+
+@attrs.frozen
+class DecodeStep:
+    committed: tuple[Committed, ...] = ()
+    aborted: tuple[Aborted, ...] = ()
+
+
+@attrs.frozen
+class PrefillStep:
+    #: Rooms whose decode side is ready on every rank: run their forward pass now.
+    ready: tuple[int, ...] = ()
+    #: Rooms fully sent and acknowledged on every rank: their prefill KV can be freed.
+    finished: tuple[int, ...] = ()
+    aborted: tuple[Aborted, ...] = ()

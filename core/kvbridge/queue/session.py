@@ -1,0 +1,409 @@
+"""Engine-facing sessions: the I/O edge around the pure queues.
+
+A session's step is ``prepare`` (drain control-channel events, resolve prefill targets, poll
+the transport once, build the local vector) -> one reduce -> ``finish`` (apply the reduced
+vector, execute the decisions). Engines call :meth:`step`; tests with in-process ranks call
+``prepare``/``finish`` around their own reducer.
+
+Events from other threads (completion and metadata messages) go through a lock-free deque and
+are applied at the start of the next step, so all queue state is touched only by the
+scheduler thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+import attrs
+import numpy as np
+
+from kvbridge.config import TransferConfig
+from kvbridge.memory import AuxSlotPool, aux_descriptors, kv_descriptors
+from kvbridge.plugins import ObserverRelay
+from kvbridge.queue.collective import Reducer
+from kvbridge.queue.columns import SUCCESS
+from kvbridge.queue.decode import DecodeQueue, DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.queue.outcomes import DecodeStep, PrefillStep
+from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
+from kvbridge.status import KVPoll
+from kvbridge.transports import TransportManager
+from kvbridge.types import Descriptors, Endpoint, MemoryRegion, PeerWrite, Role, SendChunk
+
+log = logging.getLogger("kvbridge")
+Clock = Callable[[], float]
+
+
+@attrs.frozen
+class PrefillTarget:
+    """The prefill ranks that write one room into this decode rank (from rank mapping)."""
+
+    peers: tuple[Endpoint, ...]
+    #: Opaque per-peer addresses for the control channel (parallel to ``peers``).
+    controls: tuple[Any, ...] = ()
+
+
+class PrefillDirectory(Protocol):
+    def resolve(self, requests: Sequence[DecodeRequest]) -> Mapping[int, PrefillTarget | str]:
+        """Non-blocking: the targets known now; a string is a failure reason; absent = later."""
+
+
+MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
+AbortSink = Callable[[int, PrefillTarget | None, str], None]
+
+
+class DecodeSession:
+    """One decode rank's side of kvbridge, driven by the engine's scheduler loop."""
+
+    def __init__(
+        self,
+        *,
+        config: TransferConfig,
+        manager: TransportManager,
+        pages: PageAllocator,
+        aux: np.ndarray,
+        reducer: Reducer,
+        directory: PrefillDirectory,
+        send_metadata: MetadataSink,
+        send_abort: AbortSink | None = None,
+        aux_slots: AuxSlotPool | None = None,
+        clock: Clock = time.monotonic,
+        observers: ObserverRelay | None = None,
+    ) -> None:
+        self.manager = manager
+        self.reducer = reducer
+        self.directory = directory
+        self.send_metadata = send_metadata
+        self.send_abort = send_abort
+        self.clock = clock
+        self.observers = observers or ObserverRelay()
+        self.aux_slots = aux_slots or AuxSlotPool(aux["room"])
+        self.queue = DecodeQueue(
+            pages,
+            self.aux_slots,
+            aux,
+            bootstrap_timeout=config.bootstrap_timeout,
+            waiting_timeout=config.waiting_timeout,
+        )
+        self._unresolved: list[DecodeRequest] = []
+        self._targets: dict[int, PrefillTarget] = {}
+        self._events: collections.deque[tuple[int, object, bool, str | None]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def add(self, requests: Sequence[DecodeRequest]) -> None:
+        """Enqueue requests; the same ones, in the same order, on every rank of the group."""
+        self.queue.add(requests, self.clock())
+        for r in requests:
+            self.manager.receiver_construct(r.room)
+        self._unresolved.extend(requests)
+
+    def notify_done(
+        self, room: int, sender: object, ok: bool = True, reason: str | None = None
+    ) -> None:
+        """A prefill rank finished (or failed) its writes for ``room``. Thread-safe."""
+        self._events.append((room, sender, ok, reason))
+
+    def notify_peer_lost(self, rooms: Sequence[int], reason: str) -> None:
+        """Liveness: fail these rooms locally (thread-safe)."""
+        for room in rooms:
+            self._events.append((room, None, False, reason))
+
+    def rooms_from(self, predicate: Callable[[PrefillTarget], bool]) -> list[int]:
+        return [room for room, t in self._targets.items() if predicate(t)]
+
+    def step(self) -> DecodeStep:
+        local = self.prepare()
+        reduced = self.reducer(local, self.queue.rooms) if len(local) else local
+        return self.finish(reduced)
+
+    def prepare(self) -> np.ndarray:
+        queue = self.queue
+        while self._events:
+            room, sender, ok, reason = self._events.popleft()
+            if ok:
+                queue.completed(room, sender)
+            else:
+                queue.fail(room, reason or "prefill reported failure")
+        if self._unresolved:
+            self._resolve()
+        if not len(queue):
+            return np.zeros(0, dtype=np.uint8)
+        statuses, failures = self.manager.receiver_poll(queue.rooms)
+        return queue.local_statuses(statuses, failures, self.clock())
+
+    def _resolve(self) -> None:
+        found = self.directory.resolve(self._unresolved)
+        if not found:
+            return
+        still = []
+        for request in self._unresolved:
+            outcome = found.get(request.room)
+            if outcome is None:
+                still.append(request)
+            elif isinstance(outcome, str):
+                self.queue.fail(request.room, outcome)
+            else:
+                self._targets[request.room] = outcome
+                self.manager.receiver_init(request.room, outcome.peers)
+                self.queue.initialised(request.room, len(outcome.peers))
+        self._unresolved = still
+
+    def finish(self, reduced: np.ndarray) -> DecodeStep:
+        if not len(reduced):
+            return DecodeStep()
+        decisions = self.queue.apply(reduced, self.clock())
+        for meta in decisions.send_metadata:
+            target = self._targets[meta.room]
+            self.manager.receiver_send_metadata(meta.room, meta.pages, meta.aux_slot)
+            self.send_metadata(meta, target)
+        step = decisions.step
+        for done in step.committed:
+            self.manager.receiver_clear(done.room)
+            self._targets.pop(done.room, None)
+            self._finished(done.room, KVPoll.Success, None, False)
+        for failed in step.aborted:
+            self.manager.receiver_abort(failed.room, failed.reason)
+            self.manager.receiver_clear(failed.room)
+            target = self._targets.pop(failed.room, None)
+            if self.send_abort is not None:
+                self.send_abort(failed.room, target, failed.reason)
+            self._unresolved = [r for r in self._unresolved if r.room != failed.room]
+            level = logging.INFO if failed.from_other_rank else logging.WARNING
+            log.log(level, "decode room %d aborted: %s", failed.room, failed.reason)
+            self._finished(failed.room, KVPoll.Failed, failed.reason, failed.from_other_rank)
+        self.observers.call(
+            "kvbridge_step",
+            role=Role.DECODE,
+            rank=self.manager.rank,
+            queued=len(self.queue),
+            reduced=len(reduced),
+        )
+        return step
+
+    def _finished(self, room: int, status: KVPoll, reason: str | None, other: bool) -> None:
+        self.observers.call(
+            "kvbridge_request_finished",
+            role=Role.DECODE,
+            rank=self.manager.rank,
+            room=room,
+            status=status,
+            reason=reason,
+            from_other_rank=other,
+        )
+
+
+@attrs.frozen
+class DecodePeer:
+    """A decode rank as a prefill rank sees it: where its memory is and how to reach it."""
+
+    endpoint: Endpoint
+    kv_regions: tuple[MemoryRegion, ...]
+    aux_regions: tuple[MemoryRegion, ...]
+    control: Any = None
+
+
+@attrs.frozen(eq=False)
+class DecodeMetadata:
+    """Where one decode rank wants one room's KV: sent by decode after allocation."""
+
+    room: int
+    decode_rank: Any
+    pages: np.ndarray
+    aux_slot: int
+    #: How many decode ranks send metadata for this room to this prefill rank.
+    expected: int = 1
+
+
+CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
+
+
+class PrefillSession:
+    """One prefill rank's side of kvbridge.
+
+    ``manager`` is None on a non-authoritative CP rank: it transfers nothing and only takes
+    part in the reductions.
+    """
+
+    def __init__(
+        self,
+        *,
+        config: TransferConfig,
+        manager: TransportManager | None,
+        kv_regions: Sequence[MemoryRegion] = (),
+        aux_regions: Sequence[MemoryRegion] = (),
+        reducer: Reducer,
+        notify_decode: CompletionSink | None = None,
+        clock: Clock = time.monotonic,
+        observers: ObserverRelay | None = None,
+    ) -> None:
+        self.manager = manager
+        self.kv_regions = tuple(kv_regions)
+        self.aux_regions = tuple(aux_regions)
+        self.reducer = reducer
+        self.notify_decode = notify_decode
+        self.clock = clock
+        self.observers = observers or ObserverRelay()
+        self.queue = PrefillQueue(
+            authoritative=manager is not None,
+            bootstrap_timeout=config.bootstrap_timeout,
+            waiting_timeout=config.waiting_timeout,
+        )
+        self.decode_peers: dict[Any, DecodePeer] = {}
+        self._metadata: dict[int, dict[Any, DecodeMetadata]] = {}
+        self._targets: dict[int, tuple[tuple[DecodePeer, DecodeMetadata], ...]] = {}
+        self._offsets: dict[int, int] = {}
+        self._notified: set[int] = set()
+        self._events: collections.deque[tuple[str, Any]] = collections.deque()
+
+    @property
+    def authoritative(self) -> bool:
+        return self.manager is not None
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def add(self, requests: Sequence[PrefillRequest]) -> None:
+        self.queue.add(requests, self.clock())
+        if self.manager is not None:
+            for r in requests:
+                self.manager.sender_construct(r.room)
+
+    def register_decode_peer(self, key: Any, peer: DecodePeer) -> None:
+        """Thread-safe."""
+        self._events.append(("peer", (key, peer)))
+
+    def on_metadata(self, meta: DecodeMetadata) -> None:
+        """A decode rank's metadata arrived. Thread-safe."""
+        self._events.append(("meta", meta))
+
+    def on_decode_abort(self, room: int, reason: str) -> None:
+        """Decode gave up on ``room``. Thread-safe."""
+        self._events.append(("abort", (room, reason)))
+
+    def step(self) -> PrefillStep:
+        local = self.prepare()
+        reduced = self.reducer(local, self.queue.rooms) if len(local) else local
+        return self.finish(reduced)
+
+    def prepare(self) -> np.ndarray:
+        while self._events:
+            kind, payload = self._events.popleft()
+            if kind == "peer":
+                self.decode_peers[payload[0]] = payload[1]
+            elif kind == "meta":
+                self._take_metadata(payload)
+            else:
+                self.queue.fail(payload[0], f"decode aborted: {payload[1]}")
+        queue = self.queue
+        if not len(queue):
+            return np.zeros(0, dtype=np.uint8)
+        if self.manager is None:
+            statuses = np.full(len(queue), SUCCESS, dtype=np.uint8)
+            failures: dict[int, str] = {}
+        else:
+            statuses, failures = self.manager.sender_poll(queue.rooms)
+            self._announce_completions(statuses)
+        return queue.local_statuses(statuses, failures, self.clock())
+
+    def _take_metadata(self, meta: DecodeMetadata) -> None:
+        if self.manager is None or self.queue.cols.index_of(meta.room) is None:
+            log.debug("metadata for room %d ignored (not queued here)", meta.room)
+            return
+        if meta.decode_rank not in self.decode_peers:
+            self.queue.fail(meta.room, f"metadata from unknown decode rank {meta.decode_rank!r}")
+            return
+        got = self._metadata.setdefault(meta.room, {})
+        got[meta.decode_rank] = meta  # a duplicate replaces, never counts twice
+        if len(got) == meta.expected and meta.room not in self._targets:
+            ordered = tuple((self.decode_peers[k], got[k]) for k in sorted(got, key=repr))
+            self._targets[meta.room] = ordered
+            self.manager.sender_init(meta.room, tuple(p.endpoint for p, _ in ordered))
+            self.queue.metadata_complete(meta.room)
+
+    def _announce_completions(self, statuses: np.ndarray) -> None:
+        if self.notify_decode is None:
+            return
+        for i in np.flatnonzero(statuses == SUCCESS).tolist():
+            room = int(self.queue.rooms[i])
+            if room not in self._notified and room in self._targets:
+                self._notified.add(room)
+                self.notify_decode(room, tuple(p for p, _ in self._targets[room]), True, None)
+
+    def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
+        """Send the next chunk of ``room``: ``pages`` are this rank's source page indices for
+        the next positions of the request; the last chunk also copies aux row ``aux_slot``.
+
+        Call on every rank of the group in the same step (non-authoritative ranks send nothing).
+        """
+        pages = np.asarray(pages, dtype=np.int64)
+        if self.manager is not None:
+            self._send_writes(room, pages, is_last, aux_slot)
+        self.queue.sent(room, is_last, self.clock())
+
+    def _send_writes(self, room: int, pages: np.ndarray, is_last: bool, aux_slot: int) -> None:
+        assert self.manager is not None
+        targets = self._targets.get(room)
+        if targets is None:
+            raise ValueError(f"room {room} has no decode metadata yet; wait until it is ready")
+        offset = self._offsets.get(room, 0)
+        writes = []
+        for peer_index, (peer, meta) in enumerate(targets):
+            dst = meta.pages[offset : offset + len(pages)]
+            if len(dst) != len(pages):
+                self.queue.fail(
+                    room,
+                    f"prefill sent {offset + len(pages)} pages but decode "
+                    f"allocated {len(meta.pages)}",
+                )
+                return
+            parts = [kv_descriptors(self.kv_regions, peer.kv_regions, pages, dst)]
+            if is_last:
+                if aux_slot < 0:
+                    raise ValueError("the last chunk needs the aux_slot holding the aux row")
+                parts.append(
+                    aux_descriptors(self.aux_regions, peer.aux_regions, aux_slot, meta.aux_slot)
+                )
+            writes.append(PeerWrite(peer_index, Descriptors.concat(parts)))
+        self._offsets[room] = offset + len(pages)
+        self.manager.sender_send(room, SendChunk(tuple(writes), is_last))
+
+    def finish(self, reduced: np.ndarray) -> PrefillStep:
+        if not len(reduced):
+            return PrefillStep()
+        step = self.queue.apply(reduced)
+        for room in step.finished:
+            self._drop(room)
+            if self.manager is not None:
+                self.manager.sender_clear(room)
+        for failed in step.aborted:
+            targets = self._targets.get(failed.room, ())
+            self._drop(failed.room)
+            if self.manager is not None:
+                self.manager.sender_abort(failed.room, failed.reason)
+                self.manager.sender_clear(failed.room)
+                if self.notify_decode is not None and targets:
+                    self.notify_decode(
+                        failed.room, tuple(p for p, _ in targets), False, failed.reason
+                    )
+            level = logging.INFO if failed.from_other_rank else logging.WARNING
+            log.log(level, "prefill room %d aborted: %s", failed.room, failed.reason)
+        if self.manager is not None:
+            self.observers.call(
+                "kvbridge_step",
+                role=Role.PREFILL,
+                rank=self.manager.rank,
+                queued=len(self.queue),
+                reduced=len(reduced),
+            )
+        return step
+
+    def _drop(self, room: int) -> None:
+        self._metadata.pop(room, None)
+        self._targets.pop(room, None)
+        self._offsets.pop(room, None)
+        self._notified.discard(room)
