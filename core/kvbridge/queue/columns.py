@@ -30,7 +30,10 @@ class Columns:
         self.local = np.zeros(0, dtype=np.uint8)  # protocol-level local status, sticky Failed
         self.deadline = np.zeros(0, dtype=np.float64)
         self.slot = np.zeros(0, dtype=np.int64)  # aux slot, -1 when none
+        #: SUCCESS where the transport may only object (its Success is not needed), else 0.
+        self.floor = np.zeros(0, dtype=np.uint8)
         self._index: dict[int, int] = {}
+        self._next_deadline = NEVER
 
     def __len__(self) -> int:
         return len(self.rooms)
@@ -45,6 +48,8 @@ class Columns:
         self.local = np.concatenate([self.local, np.full(n, local, dtype=np.uint8)])
         self.deadline = np.concatenate([self.deadline, np.full(n, deadline, dtype=np.float64)])
         self.slot = np.concatenate([self.slot, np.full(n, -1, dtype=np.int64)])
+        self.floor = np.concatenate([self.floor, np.zeros(n, dtype=np.uint8)])
+        self._next_deadline = min(self._next_deadline, deadline)
         self._reindex()
 
     def keep(self, mask: np.ndarray) -> None:
@@ -53,7 +58,22 @@ class Columns:
         self.local = self.local[mask]
         self.deadline = self.deadline[mask]
         self.slot = self.slot[mask]
+        self.floor = self.floor[mask]
+        self._next_deadline = float(self.deadline.min()) if len(self.deadline) else NEVER
         self._reindex()
+
+    def set_deadline(self, i: int, deadline: float) -> None:
+        self.deadline[i] = deadline
+        self._next_deadline = min(self._next_deadline, deadline)
+
+    def overdue(self, now: float) -> np.ndarray | None:
+        """Indices whose deadline passed, or None cheaply when none can have."""
+        if now <= self._next_deadline:
+            return None
+        late = np.flatnonzero(now > self.deadline)
+        if not late.size:
+            self._next_deadline = float(self.deadline.min())
+        return late
 
     def _reindex(self) -> None:
         self._index = {room: i for i, room in enumerate(self.rooms.tolist())}

@@ -29,13 +29,19 @@ from kvbridge.queue.columns import (
 )
 from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep
 
+# Stage values are chosen so that ``key = reduced + stage`` tells every decision apart with one
+# add: 2..4 = pre-allocation and initialised everywhere (ready to allocate), 12 = transfer and
+# Success everywhere (commit). Statuses are 0..4, so the two ranges never overlap.
 PREALLOC = np.uint8(0)
-TRANSFER = np.uint8(1)
+TRANSFER = np.uint8(8)
+_COMMIT_KEY = int(TRANSFER) + 4
 FROM_OTHER_RANK = "failed on another rank"
 
 
 class PageAllocator(Protocol):
     """What the decode queue needs from the engine's KV page allocator."""
+
+    def can_alloc(self, count: int) -> bool: ...
 
     def alloc(self, count: int) -> np.ndarray | None: ...
 
@@ -102,6 +108,7 @@ class DecodeQueue:
         self.reasons: dict[int, str] = {}
         self.required: dict[int, int] = {}
         self.completions: dict[int, set[object]] = {}
+        self._locally_complete: set[int] = set()  # rooms the gate must look at
 
     def __len__(self) -> int:
         return len(self.cols)
@@ -151,6 +158,7 @@ class DecodeQueue:
         done.add(sender)
         if len(done) >= self.required.get(room, 1) and self.cols.local[i] != FAILED:
             self.cols.local[i] = SUCCESS
+            self._locally_complete.add(room)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -165,10 +173,11 @@ class DecodeQueue:
         for room, reason in failures.items():
             self.fail(room, reason)
         # In the transfer stage completion is the protocol's call; the transport may only object.
-        t = np.where((cols.stage == TRANSFER) & (transport != FAILED), SUCCESS, transport)
-        v = np.minimum(cols.local, t)
-        done = np.flatnonzero(v == SUCCESS)
-        if done.size:
+        v = np.minimum(cols.local, np.maximum(transport, cols.floor))
+        if not transport.all():
+            v[transport == FAILED] = FAILED
+        done = np.flatnonzero(v == SUCCESS) if self._locally_complete else ()
+        if len(done):
             # The metadata gate: a completion only counts once the room stamp landed.
             stamps = self.stamps[cols.slot[done]]
             rooms = cols.rooms[done]
@@ -181,10 +190,12 @@ class DecodeQueue:
                     f"{int(self.stamps[cols.slot[i]])}",
                 )
                 v[i] = FAILED
-        late = np.flatnonzero((now > cols.deadline) & (v != SUCCESS) & (v != FAILED))
-        for i in late.tolist():
-            self.fail(int(cols.rooms[i]), self._timeout_reason(i))
-            v[i] = FAILED
+        late = cols.overdue(now)
+        if late is not None:
+            for i in late.tolist():
+                if v[i] != SUCCESS and v[i] != FAILED:
+                    self.fail(int(cols.rooms[i]), self._timeout_reason(i))
+                    v[i] = FAILED
         return v
 
     def _timeout_reason(self, i: int) -> str:
@@ -215,13 +226,17 @@ class DecodeQueue:
         aborted: list[Aborted] = []
         committed: list[Committed] = []
         to_send: list[MetadataToSend] = []
-        remove = np.zeros(len(cols), dtype=bool)
+        remove: list[int] = []
+        key = reduced + cols.stage
 
-        for i in np.flatnonzero(reduced == FAILED).tolist():
-            aborted.append(self._abort(i))
-            remove[i] = True
+        # Cheap whole-vector checks first: in a steady state nothing is failed or complete.
+        if len(reduced) and reduced.min() == FAILED:
+            for i in np.flatnonzero(reduced == FAILED).tolist():
+                aborted.append(self._abort(i))
+                remove.append(i)
 
-        for i in np.flatnonzero((reduced == SUCCESS) & (cols.stage == TRANSFER)).tolist():
+        commits = np.flatnonzero(key == _COMMIT_KEY) if key.max() == _COMMIT_KEY else ()
+        for i in commits.tolist() if len(commits) else ():
             room, slot = int(cols.rooms[i]), int(cols.slot[i])
             stamp = int(self.stamps[slot])
             if stamp != room:  # unreachable while the gate holds; never retry, never diverge
@@ -233,10 +248,21 @@ class DecodeQueue:
                 self.aux_slots.free(np.array([slot]))
                 committed.append(Committed(room, pages, row))
                 self._forget(room)
-            remove[i] = True
+            remove.append(i)
 
-        ready = np.flatnonzero((reduced >= WAITING) & (cols.stage == PREALLOC))
-        for i in ready.tolist():
+        # key in 2..4, tested with one wrapping uint8 subtraction and one comparison.
+        is_ready = (key - np.uint8(WAITING)) <= np.uint8(SUCCESS - WAITING)
+        first = int(is_ready.argmax()) if len(key) else 0
+        ready: np.ndarray | tuple[()] = ()
+        # Usually the head of the line does not fit and nothing else needs looking at.
+        if (
+            len(key)
+            and is_ready[first]
+            and self.pages.can_alloc(self.requests[int(cols.rooms[first])].num_pages)
+        ):
+            ready = np.flatnonzero(is_ready)
+        for k in range(len(ready)):
+            i = int(ready[k])
             room = int(cols.rooms[i])
             pages = self.pages.alloc(self.requests[room].num_pages)
             if pages is None:
@@ -247,14 +273,17 @@ class DecodeQueue:
                 break
             self.allocated[room] = pages
             cols.stage[i] = TRANSFER
+            cols.floor[i] = SUCCESS
             cols.slot[i] = int(slot[0])
             if cols.local[i] != FAILED:
                 cols.local[i] = TRANSFERRING
-            cols.deadline[i] = now + self.waiting_timeout
+            cols.set_deadline(i, now + self.waiting_timeout)
             to_send.append(MetadataToSend(room, pages, int(slot[0])))
 
-        if remove.any():
-            cols.keep(~remove)
+        if remove:
+            keep = np.ones(len(cols), dtype=bool)
+            keep[remove] = False
+            cols.keep(keep)
         return DecodeDecisions(tuple(to_send), DecodeStep(tuple(committed), tuple(aborted)))
 
     def _abort(self, i: int) -> Aborted:
@@ -274,6 +303,7 @@ class DecodeQueue:
         self.reasons.pop(room, None)
         self.required.pop(room, None)
         self.completions.pop(room, None)
+        self._locally_complete.discard(room)
 
     def pending_reasons(self, rooms: Iterable[int]) -> dict[int, str]:
         return {r: self.reasons[r] for r in rooms if r in self.reasons}

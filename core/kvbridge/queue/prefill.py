@@ -82,7 +82,7 @@ class PrefillQueue:
             raise ValueError(f"room {room} is not ready for sending (decode not bootstrapped)")
         if is_last:
             self.cols.local[i] = SUCCESS
-            self.cols.deadline[i] = now + self.waiting_timeout
+            self.cols.set_deadline(i, now + self.waiting_timeout)
         else:
             self.cols.local[i] = max(self.cols.local[i], TRANSFERRING)
 
@@ -100,8 +100,10 @@ class PrefillQueue:
             self.fail(room, reason)
         cols = self.cols
         v = np.minimum(cols.local, transport)
-        late = np.flatnonzero((now > cols.deadline) & (v != SUCCESS) & (v != FAILED))
-        for i in late.tolist():
+        late = cols.overdue(now)
+        for i in [] if late is None else late.tolist():
+            if v[i] == SUCCESS or v[i] == FAILED:
+                continue
             room = int(cols.rooms[i])
             if cols.stage[i] == BOOTSTRAP:
                 reason = (
