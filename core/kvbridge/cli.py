@@ -45,6 +45,59 @@ def _cmd_transports(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvbridge.demo import DemoPlan, main
+
+    try:
+        options = json.loads(args.transport_options) if args.transport_options else {}
+        plan = DemoPlan(
+            transport=args.transport,
+            transport_options=options,
+            prefill_tp=args.prefill_tp,
+            prefill_cp=args.prefill_cp,
+            prefill_dp=args.prefill_dp,
+            decode_tp=args.decode_tp,
+            requests=args.requests,
+            max_prompt_tokens=args.max_prompt_tokens,
+            seed=args.seed,
+            timeout=args.timeout,
+        )
+    except (ValueError, TypeError) as exc:
+        print(f"kvbridge demo: {exc}", file=sys.stderr)
+        return 2
+    from kvbridge.plugins import TransportRegistry
+
+    registry = TransportRegistry.discover()
+    try:
+        registry.get(plan.transport)
+    except LookupError as exc:
+        print(f"kvbridge demo: {exc}", file=sys.stderr)
+        return 2
+    return main(plan)
+
+
+def _cmd_bootstrap(args: argparse.Namespace) -> int:
+    import time
+
+    from kvbridge.bootstrap.server import BootstrapServer
+
+    server = BootstrapServer(args.host, args.port, token=args.token, room_ttl=args.room_ttl)
+    try:
+        server.start()
+    except OSError as exc:
+        print(f"kvbridge bootstrap: {exc}", file=sys.stderr)
+        return 1
+    print(f"kvbridge bootstrap server on http://{server.address} (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvbridge", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kvbridge {__version__}")
@@ -53,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
     transports = sub.add_parser("transports", help="list installed transports")
     transports.add_argument("--json", action="store_true", help="print a JSON list")
     transports.set_defaults(func=_cmd_transports)
+
+    demo = sub.add_parser("demo", help="run a local prefill+decode session and verify every byte")
+    demo.add_argument("--transport", default="fake", help="transport name (default: fake)")
+    demo.add_argument("--transport-options", default="", help="JSON object for the transport")
+    demo.add_argument("--prefill-tp", type=int, default=2)
+    demo.add_argument("--prefill-cp", type=int, default=1)
+    demo.add_argument("--prefill-dp", type=int, default=1)
+    demo.add_argument("--decode-tp", type=int, default=2)
+    demo.add_argument("--requests", type=int, default=64)
+    demo.add_argument("--max-prompt-tokens", type=int, default=2048)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    demo.set_defaults(func=_cmd_demo)
+
+    boot = sub.add_parser("bootstrap", help="run a bootstrap server on its own")
+    boot.add_argument("--host", default="127.0.0.1")
+    boot.add_argument("--port", type=int, default=8998)
+    boot.add_argument("--token", default=None, help="shared secret clients must present")
+    boot.add_argument(
+        "--room-ttl", type=float, default=600.0, help="seconds a room's DP-rank entry lives"
+    )
+    boot.set_defaults(func=_cmd_bootstrap)
     return parser
 
 

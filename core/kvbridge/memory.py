@@ -157,11 +157,29 @@ def kv_descriptors(
     dst_regions: Sequence[MemoryRegion],
     src_pages: np.ndarray,
     dst_pages: np.ndarray,
+    *,
+    src_offset: int = 0,
+    dst_offset: int = 0,
+    length: int | None = None,
 ) -> Descriptors:
-    """(src, dst, length) writes for the given pages of every KV region, runs merged."""
+    """(src, dst, length) writes for the given pages of every KV region.
+
+    By default whole pages move and contiguous runs merge into one write. With a page slice
+    (``length`` bytes from ``src_offset`` of each source page to ``dst_offset`` of each
+    destination page, for TP sizes that differ) every page is its own write.
+    """
     if len(src_regions) != len(dst_regions):
         raise ValueError(
             f"{len(src_regions)} source KV regions but {len(dst_regions)} destination regions"
+        )
+    whole = length is None or (
+        src_offset == 0
+        and dst_offset == 0
+        and all(r.item_bytes == length for r in (*src_regions, *dst_regions))
+    )
+    if not whole:
+        return _sliced_descriptors(
+            src_regions, dst_regions, src_pages, dst_pages, src_offset, dst_offset, int(length or 0)
         )
     s_start, d_start, run = page_runs(src_pages, dst_pages)
     if run.size == 0:
@@ -176,6 +194,37 @@ def kv_descriptors(
         src=(src_base + s_start * src_item).reshape(-1),
         dst=(dst_base + d_start * dst_item).reshape(-1),
         lengths=np.broadcast_to(run * src_item, (len(src_regions), run.size)).reshape(-1).copy(),
+    )
+
+
+def _sliced_descriptors(
+    src_regions: Sequence[MemoryRegion],
+    dst_regions: Sequence[MemoryRegion],
+    src_pages: np.ndarray,
+    dst_pages: np.ndarray,
+    src_offset: int,
+    dst_offset: int,
+    length: int,
+) -> Descriptors:
+    src = np.asarray(src_pages, dtype=np.int64)
+    dst = np.asarray(dst_pages, dtype=np.int64)
+    if src.shape != dst.shape:
+        raise ValueError(f"{src.size} source pages but {dst.size} destination pages")
+    for s, d in zip(src_regions, dst_regions):
+        if src_offset + length > s.item_bytes or dst_offset + length > d.item_bytes:
+            raise ValueError(
+                f"page slice [{src_offset}, +{length}) -> [{dst_offset}, +{length}) does not fit "
+                f"pages of {s.item_bytes} -> {d.item_bytes} bytes"
+            )
+    src_base = np.array([r.addr for r in src_regions], dtype=np.int64)[:, None]
+    dst_base = np.array([r.addr for r in dst_regions], dtype=np.int64)[:, None]
+    src_item = np.array([r.item_bytes for r in src_regions], dtype=np.int64)[:, None]
+    dst_item = np.array([r.item_bytes for r in dst_regions], dtype=np.int64)[:, None]
+    count = len(src_regions) * src.size
+    return Descriptors(
+        src=(src_base + src * src_item + src_offset).reshape(-1),
+        dst=(dst_base + dst * dst_item + dst_offset).reshape(-1),
+        lengths=np.full(count, length, dtype=np.int64),
     )
 
 

@@ -42,8 +42,12 @@ class PrefillTarget:
     """The prefill ranks that write one room into this decode rank (from rank mapping)."""
 
     peers: tuple[Endpoint, ...]
-    #: Opaque per-peer addresses for the control channel (parallel to ``peers``).
+    #: Keys identifying the peers in completion messages (parallel to ``peers``).
     controls: tuple[Any, ...] = ()
+    #: Whatever the wiring needs to send metadata (which ranks, page slices); opaque here.
+    plan: Any = None
+    #: The prefill instance serving the room, for liveness.
+    bootstrap_addr: str = ""
 
 
 class PrefillDirectory(Protocol):
@@ -108,13 +112,9 @@ class DecodeSession:
         """A prefill rank finished (or failed) its writes for ``room``. Thread-safe."""
         self._events.append((room, sender, ok, reason))
 
-    def notify_peer_lost(self, rooms: Sequence[int], reason: str) -> None:
-        """Liveness: fail these rooms locally (thread-safe)."""
-        for room in rooms:
-            self._events.append((room, None, False, reason))
-
-    def rooms_from(self, predicate: Callable[[PrefillTarget], bool]) -> list[int]:
-        return [room for room, t in self._targets.items() if predicate(t)]
+    def fail_address(self, bootstrap_addr: str, reason: str) -> None:
+        """Liveness: fail every queued room served by ``bootstrap_addr``. Thread-safe."""
+        self._events.append((0, bootstrap_addr, False, reason))
 
     def step(self) -> DecodeStep:
         local = self.prepare()
@@ -125,7 +125,11 @@ class DecodeSession:
         queue = self.queue
         while self._events:
             room, sender, ok, reason = self._events.popleft()
-            if ok:
+            if room == 0:  # a whole prefill address is gone
+                for r, request in list(queue.requests.items()):
+                    if request.bootstrap_addr == sender:
+                        queue.fail(r, reason or f"lost connection to prefill {sender}")
+            elif ok:
                 queue.completed(room, sender)
             else:
                 queue.fail(room, reason or "prefill reported failure")
@@ -217,6 +221,10 @@ class DecodeMetadata:
     aux_slot: int
     #: How many decode ranks send metadata for this room to this prefill rank.
     expected: int = 1
+    #: ``(src_offset, dst_offset, length)`` of each page this rank writes; None = whole pages.
+    page_slice: tuple[int, int, int] | None = None
+    #: False when this prefill rank writes nothing for the room and only takes part.
+    writes: bool = True
 
 
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
@@ -332,7 +340,10 @@ class PrefillSession:
             room = int(self.queue.rooms[i])
             if room not in self._notified and room in self._targets:
                 self._notified.add(room)
-                self.notify_decode(room, tuple(p for p, _ in self._targets[room]), True, None)
+                # Only ranks this rank wrote to count a completion from it.
+                written = tuple(p for p, m in self._targets[room] if m.writes)
+                if written:
+                    self.notify_decode(room, written, True, None)
 
     def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
         """Send the next chunk of ``room``: ``pages`` are this rank's source page indices for
@@ -353,6 +364,8 @@ class PrefillSession:
         offset = self._offsets.get(room, 0)
         writes = []
         for peer_index, (peer, meta) in enumerate(targets):
+            if not meta.writes:
+                continue
             dst = meta.pages[offset : offset + len(pages)]
             if len(dst) != len(pages):
                 self.queue.fail(
@@ -361,7 +374,18 @@ class PrefillSession:
                     f"allocated {len(meta.pages)}",
                 )
                 return
-            parts = [kv_descriptors(self.kv_regions, peer.kv_regions, pages, dst)]
+            src_offset, dst_offset, length = meta.page_slice or (0, 0, None)
+            parts = [
+                kv_descriptors(
+                    self.kv_regions,
+                    peer.kv_regions,
+                    pages,
+                    dst,
+                    src_offset=src_offset,
+                    dst_offset=dst_offset,
+                    length=length,
+                )
+            ]
             if is_last:
                 if aux_slot < 0:
                     raise ValueError("the last chunk needs the aux_slot holding the aux row")

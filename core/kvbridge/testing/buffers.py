@@ -57,11 +57,21 @@ class RankBuffers:
     def stamps(self) -> np.ndarray:
         return self.aux["room"]
 
+    #: ``(offset, global_page_bytes)``: this rank holds a slice of a larger logical page (a
+    #: TP shard of head-sharded KV). None: it holds whole pages.
+    shard: tuple[int, int] | None = None
+
+    def expected(self, room: int, region: int, position: int) -> np.ndarray:
+        if self.shard is None:
+            return page_pattern(room, region, position, self.page_bytes)
+        offset, total = self.shard
+        return page_pattern(room, region, position, total)[offset : offset + self.page_bytes]
+
     def fill(self, room: int, pages: np.ndarray, first_position: int = 0) -> None:
         """Write ``room``'s pattern into ``pages`` (request positions from ``first_position``)."""
         for r, region in enumerate(self.kv):
             for i, page in enumerate(np.asarray(pages).tolist()):
-                region[page] = page_pattern(room, r, first_position + i, self.page_bytes)
+                region[page] = self.expected(room, r, first_position + i)
 
     def write_aux(self, slot: int, room: int) -> None:
         """Fill an aux row with values derived from ``room``, stamp last."""
@@ -76,7 +86,7 @@ class RankBuffers:
         bad = []
         for r, region in enumerate(self.kv):
             for i, page in enumerate(np.asarray(pages).tolist()):
-                want = page_pattern(room, r, first_position + i, self.page_bytes)
+                want = self.expected(room, r, first_position + i)
                 if not np.array_equal(region[page], want):
                     bad.append(f"region {r} page {page} (position {first_position + i})")
         return bad

@@ -1,0 +1,198 @@
+"""Control-channel messages and their wire format (pure: no sockets here).
+
+A frame is a ZMQ multipart message ``[MAGIC + version + kind, JSON header, payload?]``. Anything
+that does not parse, has the wrong version or kind, or fails validation raises
+:class:`MalformedFrame`; receivers drop such frames and count them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+MAGIC = b"KVB"
+VERSION = 1
+
+
+class MalformedFrame(ValueError):
+    pass
+
+
+@attrs.frozen
+class Register:
+    """decode -> prefill, once per pair before any metadata: where the decode rank's memory is."""
+
+    decode_key: str
+    endpoint: dict[str, Any]
+    kv_regions: tuple[tuple[int, int, int], ...]  # (addr, length, item_bytes)
+    aux_regions: tuple[tuple[int, int, int], ...]
+    control: str  # where this decode rank receives Status/AbortAck
+
+
+@attrs.frozen(eq=False)
+class Metadata:
+    """decode -> prefill: write room's KV into these pages and its aux row into this slot.
+
+    ``route`` is ``(src_offset, dst_offset, length)`` of the page slice this prefill rank
+    writes, or None when it writes nothing for this room (it only takes part).
+    """
+
+    room: int
+    decode_key: str
+    pages: np.ndarray
+    aux_slot: int
+    expected: int
+    route: tuple[int, int, int] | None
+
+
+@attrs.frozen
+class Abort:
+    """decode -> prefill: give up on ``room``."""
+
+    room: int
+    sender_key: str
+    reason: str
+
+
+@attrs.frozen
+class Status:
+    """prefill -> decode: this prefill rank's writes for ``room`` are done (or failed)."""
+
+    room: int
+    prefill_key: str
+    ok: bool
+    reason: str | None = None
+
+
+@attrs.frozen
+class AbortAck:
+    """prefill -> decode: the abort of ``room`` was applied; no further writes will start."""
+
+    room: int
+    prefill_key: str
+
+
+Message = Register | Metadata | Abort | Status | AbortAck
+_KINDS: dict[int, type] = {1: Register, 2: Metadata, 3: Abort, 4: Status, 5: AbortAck}
+_KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+
+
+def encode(message: Message) -> list[bytes]:
+    kind = _KIND_OF[type(message)]
+    head = MAGIC + bytes([VERSION, kind])
+    if isinstance(message, Metadata):
+        header = {
+            "room": message.room,
+            "decode_key": message.decode_key,
+            "aux_slot": message.aux_slot,
+            "expected": message.expected,
+            "route": list(message.route) if message.route is not None else None,
+        }
+        pages = np.ascontiguousarray(message.pages, dtype="<i8").tobytes()
+        return [head, json.dumps(header).encode(), pages]
+    return [head, json.dumps(attrs.asdict(message)).encode()]
+
+
+def _int(header: dict[str, Any], key: str, lo: int = 0, hi: int = 2**64 - 1) -> int:
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise MalformedFrame(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+    return value
+
+
+def _str(header: dict[str, Any], key: str, optional: bool = False) -> str:
+    value = header.get(key)
+    if optional and value is None:
+        return None  # type: ignore[return-value]
+    if not isinstance(value, str) or len(value) > 4096:
+        raise MalformedFrame(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _regions(value: Any, key: str) -> tuple[tuple[int, int, int], ...]:
+    if not isinstance(value, list) or len(value) > 100_000:
+        raise MalformedFrame(f"{key} must be a list of [addr, length, item_bytes]")
+    out = []
+    for item in value:
+        if (
+            not isinstance(item, list)
+            or len(item) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)
+        ):
+            raise MalformedFrame(f"{key} entries must be three positive integers, got {item!r}")
+        out.append((item[0], item[1], item[2]))
+    return tuple(out)
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Parse one multipart frame; raise :class:`MalformedFrame` on anything unexpected."""
+    if len(frames) not in (2, 3) or len(frames[0]) != 5 or frames[0][:3] != MAGIC:
+        raise MalformedFrame("not a kvbridge control frame")
+    version, kind = frames[0][3], frames[0][4]
+    if version != VERSION:
+        raise MalformedFrame(f"control frame version {version}, this kvbridge speaks {VERSION}")
+    cls = _KINDS.get(kind)
+    if cls is None:
+        raise MalformedFrame(f"unknown control message kind {kind}")
+    try:
+        header = json.loads(frames[1])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedFrame(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise MalformedFrame("header must be a JSON object")
+    if (len(frames) == 3) != (cls is Metadata):
+        raise MalformedFrame("payload present on the wrong message kind")
+    if cls is Metadata:
+        payload = frames[2]
+        if len(payload) % 8:
+            raise MalformedFrame("page payload is not a whole number of int64")
+        pages = np.frombuffer(payload, dtype="<i8").astype(np.int64)
+        if pages.size and pages.min() < 0:
+            raise MalformedFrame("negative page index")
+        route = header.get("route")
+        if route is not None and (
+            not isinstance(route, list)
+            or len(route) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in route)
+        ):
+            raise MalformedFrame(f"route must be null or three integers, got {route!r}")
+        return Metadata(
+            room=_int(header, "room", 1),
+            decode_key=_str(header, "decode_key"),
+            pages=pages,
+            aux_slot=_int(header, "aux_slot", 0, 2**31),
+            expected=_int(header, "expected", 1, 4096),
+            route=tuple(route) if route is not None else None,
+        )
+    if cls is Register:
+        endpoint = header.get("endpoint")
+        if not isinstance(endpoint, dict):
+            raise MalformedFrame("endpoint must be an object")
+        return Register(
+            decode_key=_str(header, "decode_key"),
+            endpoint=endpoint,
+            kv_regions=_regions(header.get("kv_regions"), "kv_regions"),
+            aux_regions=_regions(header.get("aux_regions"), "aux_regions"),
+            control=_str(header, "control"),
+        )
+    if cls is Abort:
+        return Abort(
+            room=_int(header, "room", 1),
+            sender_key=_str(header, "sender_key"),
+            reason=_str(header, "reason"),
+        )
+    if cls is Status:
+        ok = header.get("ok")
+        if not isinstance(ok, bool):
+            raise MalformedFrame("ok must be a boolean")
+        return Status(
+            room=_int(header, "room", 1),
+            prefill_key=_str(header, "prefill_key"),
+            ok=ok,
+            reason=_str(header, "reason", optional=True),
+        )
+    return AbortAck(room=_int(header, "room", 1), prefill_key=_str(header, "prefill_key"))

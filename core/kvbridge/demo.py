@@ -1,0 +1,529 @@
+"""``kvbridge demo``: a real prefill instance and decode instance on one machine.
+
+Prefill and decode ranks are separate processes with their own gloo groups; the bootstrap
+server runs inside prefill rank 0; ranks talk over the control channel and move KV with the
+chosen transport. Prefill fills each request's pages with a pattern derived from its room;
+decode verifies every byte after commit. Every process ends on its own: workers exit when the
+work is done, when told to stop, or when the parent disappears.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import numpy as np
+
+log = logging.getLogger("kvbridge.demo")
+HEAD_BYTES = 512  # bytes per KV head per page; a page holds `heads` of them
+
+
+@attrs.frozen
+class DemoPlan:
+    transport: str = "fake"
+    transport_options: dict[str, Any] = attrs.field(factory=dict, hash=False)
+    prefill_tp: int = 2
+    prefill_cp: int = 1
+    prefill_dp: int = 1
+    decode_tp: int = 2
+    requests: int = 64
+    max_prompt_tokens: int = 2048
+    page_size: int = 16  # tokens per page
+    heads: int = 8  # KV heads in total, split over TP ranks (head-sharded layout)
+    layers: int = 4  # KV regions per rank (K and V of `layers // 2` layers)
+    arrivals_per_step: int = 4
+    chunk_pages: int = 32  # pages sent per chunk (chunked prefill)
+    seed: int = 0
+    timeout: float = 600.0
+    waiting_timeout: float = 120.0
+    heartbeat_interval: float = 1.0
+    heartbeat_max_misses: int = 3
+    kill_prefill_after: int | None = None  # testing: kill prefill once this many committed
+
+    def __attrs_post_init__(self) -> None:
+        for name in (
+            "prefill_tp",
+            "prefill_cp",
+            "prefill_dp",
+            "decode_tp",
+            "requests",
+            "max_prompt_tokens",
+            "page_size",
+            "heads",
+            "layers",
+            "chunk_pages",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for tp in (self.prefill_tp, self.decode_tp):
+            if self.heads % tp:
+                raise ValueError(f"{self.heads} KV heads cannot be split over TP {tp}")
+        big, small = max(self.prefill_tp, self.decode_tp), min(self.prefill_tp, self.decode_tp)
+        if big % small:
+            raise ValueError(
+                f"prefill TP {self.prefill_tp} and decode TP {self.decode_tp}: "
+                "the larger must be a multiple of the smaller"
+            )
+        if self.prefill_tp * self.prefill_cp > 4 or self.decode_tp > 4:
+            log.warning("more than 4 ranks per gloo group oversubscribes small machines")
+
+    def requests_list(self) -> list[tuple[int, int, int]]:
+        """(room, prompt tokens, prefill DP rank): identical in every process."""
+        rng = random.Random(self.seed)
+        rooms: set[int] = set()
+        out = []
+        while len(out) < self.requests:
+            room = rng.getrandbits(62) + 1
+            if room in rooms:
+                continue
+            rooms.add(room)
+            out.append(
+                (room, rng.randint(1, self.max_prompt_tokens), rng.randrange(self.prefill_dp))
+            )
+        return out
+
+    def pages_of(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+    def pool_pages(self) -> int:
+        # Room for a quarter of the requests at the longest prompt: enough to keep transfers
+        # overlapping, few enough that FIFO allocation really waits for memory sometimes.
+        return max(self.pages_of(self.max_prompt_tokens) * max(self.requests // 4, 2), 64)
+
+
+def _config(plan: DemoPlan) -> Any:
+    from kvbridge import TransferConfig
+
+    return TransferConfig(
+        transport=plan.transport,
+        transport_options=dict(plan.transport_options),
+        waiting_timeout=plan.waiting_timeout,
+        bootstrap_timeout=plan.waiting_timeout,
+        heartbeat_interval=plan.heartbeat_interval,
+        heartbeat_max_misses=plan.heartbeat_max_misses,
+    )
+
+
+def _buffers(plan: DemoPlan, tp: int, tp_rank: int, num_slots: int) -> Any:
+    from kvbridge.testing.buffers import RankBuffers
+
+    head_bytes = plan.heads // tp * HEAD_BYTES
+    buffers = RankBuffers.allocate(
+        num_regions=plan.layers,
+        num_pages=plan.pool_pages(),
+        page_bytes=head_bytes,
+        num_slots=num_slots,
+    )
+    buffers.shard = (tp_rank * head_bytes, plan.heads * HEAD_BYTES)
+    return buffers
+
+
+def _orphaned(parent: int) -> bool:
+    return os.getppid() != parent
+
+
+def _gloo(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+
+def prefill_main(
+    g: int, plan: DemoPlan, ports: dict[str, int], parent: int, stop: Any, results: Any
+) -> None:
+    """Prefill global rank ``g`` = dp * (cp * tp) + cp * tp_size + tp."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    out: dict[str, Any] = {"role": "prefill", "rank": g, "errors": [], "done_at": {}}
+    node = server = None
+    try:
+        import torch.distributed as dist
+
+        from kvbridge import PagePool, RankIdentity, Role
+        from kvbridge.bootstrap.server import BootstrapServer
+        from kvbridge.node import PrefillNode
+        from kvbridge.queue import PrefillRequest, TorchMinReducer
+
+        per_replica = plan.prefill_cp * plan.prefill_tp
+        dp, local = divmod(g, per_replica)
+        cp, tp = divmod(local, plan.prefill_tp)
+        _gloo(g, plan.prefill_dp * per_replica, ports["prefill_gloo"])
+        groups = [
+            dist.new_group(list(range(r * per_replica, (r + 1) * per_replica)))
+            for r in range(plan.prefill_dp)
+        ]
+        bootstrap = f"127.0.0.1:{ports['bootstrap']}"
+        if g == 0:
+            server = BootstrapServer("127.0.0.1", ports["bootstrap"]).start()
+        rank = RankIdentity(
+            Role.PREFILL,
+            tp_rank=tp,
+            tp_size=plan.prefill_tp,
+            cp_rank=cp,
+            cp_size=plan.prefill_cp,
+            dp_rank=dp,
+            dp_size=plan.prefill_dp,
+        )
+        buffers = _buffers(plan, plan.prefill_tp, tp, num_slots=max(plan.requests, 1))
+        config = _config(plan)
+        node = PrefillNode(
+            config=config,
+            rank=rank,
+            kv_regions=buffers.kv_regions,
+            aux_regions=buffers.aux_regions,
+            reducer=TorchMinReducer(groups[dp]),
+            bootstrap_addr=bootstrap,
+            page_size=plan.page_size,
+            kv_dtype="uint8",
+            kv_layout="head_sharded",
+        )
+        mine = [r for r in plan.requests_list() if r[2] == dp]
+        tokens = {room: t for room, t, _ in mine}
+        pool, slots = PagePool(buffers.kv[0].shape[0]), PagePool(len(buffers.aux))
+        forward: dict[int, list[Any]] = {}  # room -> [pages, sent, slot]
+        step = 0
+        while not stop.is_set() and not _orphaned(parent):
+            arriving = mine[step * plan.arrivals_per_step : (step + 1) * plan.arrivals_per_step]
+            if arriving:
+                if cp == 0 and tp == 0:
+                    node.publish_dp_ranks({room: dp for room, _, _ in arriving})
+                node.add([PrefillRequest(room) for room, _, _ in arriving])
+            result = node.step()
+            for room in result.ready:  # "forward pass": compute this request's KV
+                pages = pool.alloc(plan.pages_of(tokens[room]))
+                if pages is None:
+                    raise RuntimeError("prefill KV pool exhausted")
+                slot = int(slots.alloc(1)[0])
+                buffers.fill(room, pages)
+                buffers.write_aux(slot, room)
+                forward[room] = [pages, 0, slot]
+            for room, entry in list(forward.items()):
+                pages, sent, slot = entry
+                if sent < 0:
+                    continue
+                chunk = pages[sent : sent + plan.chunk_pages]
+                last = sent + len(chunk) >= len(pages)
+                node.send(
+                    room,
+                    chunk if node.manager is not None else chunk[:0],
+                    is_last=last,
+                    aux_slot=slot,
+                )
+                entry[1] = -1 if last else sent + len(chunk)
+                if last:
+                    out["done_at"][room] = time.time()
+            for room in list(result.finished) + [a.room for a in result.aborted]:
+                entry = forward.pop(room, None)
+                if entry is not None:
+                    pool.free(entry[0])
+                    slots.free([entry[2]])
+            for a in result.aborted:
+                out["errors"].append(f"prefill aborted room {a.room}: {a.reason}")
+            step += 1
+            time.sleep(0.001 if len(node.session) or forward else 0.01)
+    except Exception:
+        out["errors"].append(traceback.format_exc())
+    finally:
+        with contextlib.suppress(Exception):
+            results.put(out)
+        if node is not None:
+            node.close()
+        if server is not None:
+            server.stop()
+
+
+def decode_main(
+    d: int,
+    plan: DemoPlan,
+    ports: dict[str, int],
+    parent: int,
+    stop: Any,
+    results: Any,
+    progress: Any,
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    out: dict[str, Any] = {
+        "role": "decode",
+        "rank": d,
+        "errors": [],
+        "committed": {},
+        "aborted": {},
+        "bytes": 0,
+    }
+    node = None
+    try:
+        from kvbridge import PagePool, RankIdentity, Role
+        from kvbridge.node import DecodeNode
+        from kvbridge.queue import DecodeRequest, TorchMinReducer
+
+        _gloo(d, plan.decode_tp, ports["decode_gloo"])
+        buffers = _buffers(plan, plan.decode_tp, d, num_slots=max(plan.requests // 2, 8))
+        pool = PagePool(buffers.kv[0].shape[0])
+        node = DecodeNode(
+            config=_config(plan),
+            rank=RankIdentity(Role.DECODE, tp_rank=d, tp_size=plan.decode_tp),
+            kv_regions=buffers.kv_regions,
+            aux=buffers.aux,
+            pages=pool,
+            reducer=TorchMinReducer(),
+            page_size=plan.page_size,
+            kv_dtype="uint8",
+            kv_layout="head_sharded",
+        )
+        bootstrap = f"127.0.0.1:{ports['bootstrap']}"
+        todo = plan.requests_list()
+        step = ended = 0
+        last_report = 0.0
+        started = time.time()
+        while ended < len(todo) and not stop.is_set() and not _orphaned(parent):
+            arriving = todo[step * plan.arrivals_per_step : (step + 1) * plan.arrivals_per_step]
+            if arriving:
+                node.add(
+                    [DecodeRequest(room, plan.pages_of(t), bootstrap) for room, t, _ in arriving]
+                )
+            result = node.step()
+            now = time.time()
+            for c in result.committed:
+                bad = buffers.mismatches(c.room, c.pages)
+                if bad:
+                    out["errors"].append(f"room {c.room}: {len(bad)} pages differ, e.g. {bad[0]}")
+                if int(c.aux_row["output_token_id"]) != c.room % 50_000:
+                    out["errors"].append(f"room {c.room}: aux row differs")
+                out["committed"][c.room] = now
+                out["bytes"] += len(c.pages) * buffers.page_bytes * plan.layers
+                out["bytes"] += buffers.layout.row_bytes
+                pool.free(c.pages)  # decoding done
+            for a in result.aborted:
+                out["aborted"][a.room] = a.reason
+            ended += len(result.committed) + len(result.aborted)
+            if d == 0 and (now - last_report > 0.25 or ended == len(todo)):
+                last_report = now
+                progress.put(
+                    (
+                        len(out["committed"]),
+                        len(out["aborted"]),
+                        len(todo),
+                        out["bytes"],
+                        now - started,
+                    )
+                )
+            step += 1
+            time.sleep(0.001)
+        out["pages_free"] = pool.num_free == pool.capacity
+        out["slots_free"] = node.session.aux_slots.num_free == node.session.aux_slots.capacity
+        out["abort_acks"] = node.abort_acks
+        out["elapsed"] = time.time() - started
+    except Exception:
+        out["errors"].append(traceback.format_exc())
+    finally:
+        with contextlib.suppress(Exception):
+            results.put(out)
+        if node is not None:
+            node.close()
+
+
+@attrs.frozen
+class DemoReport:
+    requests: int
+    committed: int
+    failed: int
+    verify_errors: tuple[str, ...]
+    bytes_moved: int
+    elapsed: float
+    latencies_ms: tuple[float, ...]
+    failures: dict[int, str] = attrs.field(hash=False)
+    pools_full: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.committed == self.requests and not self.verify_errors and self.pools_full
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def table(self, plan: DemoPlan) -> str:
+        rate = self.bytes_moved / self.elapsed / 1e6 if self.elapsed else 0.0
+        rows = [
+            ("transport", plan.transport),
+            (
+                "layout",
+                f"prefill TP{plan.prefill_tp} CP{plan.prefill_cp} DP{plan.prefill_dp}"
+                f" -> decode TP{plan.decode_tp}",
+            ),
+            ("requests committed", f"{self.committed} / {self.requests}"),
+            ("requests failed", str(self.failed)),
+            (
+                "bytes verified",
+                "all" if not self.verify_errors else f"{len(self.verify_errors)} ERRORS",
+            ),
+            ("bytes moved", f"{self.bytes_moved / 1e6:.1f} MB"),
+            ("throughput", f"{rate:.1f} MB/s over {self.elapsed:.2f} s"),
+            ("handoff latency p50", f"{self.percentile(50):.1f} ms"),
+            ("handoff latency p99", f"{self.percentile(99):.1f} ms"),
+            ("pages and aux slots", "all returned" if self.pools_full else "LEAKED"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"  {k.ljust(width)}  {v}" for k, v in rows)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_demo(plan: DemoPlan, on_progress: Callable[[tuple], None] | None = None) -> DemoReport:
+    """Run the demo; every process started here has ended when this returns or raises."""
+    ctx = multiprocessing.get_context("spawn")
+    ports = {"bootstrap": _free_port(), "prefill_gloo": _free_port(), "decode_gloo": _free_port()}
+    stop, results, progress = ctx.Event(), ctx.Queue(), ctx.Queue()
+    parent = os.getpid()
+    prefill_world = plan.prefill_dp * plan.prefill_cp * plan.prefill_tp
+    prefill = [
+        ctx.Process(
+            target=prefill_main,
+            args=(g, plan, ports, parent, stop, results),
+            name=f"kvbridge-prefill-{g}",
+            daemon=True,
+        )
+        for g in range(prefill_world)
+    ]
+    decode = [
+        ctx.Process(
+            target=decode_main,
+            args=(d, plan, ports, parent, stop, results, progress),
+            name=f"kvbridge-decode-{d}",
+            daemon=True,
+        )
+        for d in range(plan.decode_tp)
+    ]
+    procs = prefill + decode
+    outs: list[dict[str, Any]] = []
+    deadline = time.monotonic() + plan.timeout
+    try:
+        for p in procs:
+            p.start()
+        killed = False
+        decode_outs = 0
+        while decode_outs < plan.decode_tp:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"demo did not finish within {plan.timeout}s")
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    update = progress.get_nowait()
+                    if on_progress is not None:
+                        on_progress(update)
+                    if (
+                        plan.kill_prefill_after is not None
+                        and not killed
+                        and update[0] >= plan.kill_prefill_after
+                    ):
+                        for p in prefill:
+                            p.kill()
+                        killed = True
+            with contextlib.suppress(queue.Empty):
+                out = results.get(timeout=0.1)
+                outs.append(out)
+                decode_outs += out["role"] == "decode"
+                if (
+                    out["role"] == "decode"
+                    and out["errors"]
+                    and any("Traceback" in e for e in out["errors"])
+                ):
+                    raise RuntimeError(f"decode rank {out['rank']} crashed:\n{out['errors'][0]}")
+            if any(p.exitcode not in (None, 0) for p in decode):
+                bad = [p.name for p in decode if p.exitcode not in (None, 0)]
+                raise RuntimeError(f"decode process(es) {bad} died")
+        stop.set()
+        for _ in range(len([p for p in prefill if p.exitcode is None or p.exitcode == 0])):
+            with contextlib.suppress(queue.Empty):
+                outs.append(results.get(timeout=10))
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(5)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    return _report(plan, outs)
+
+
+def _report(plan: DemoPlan, outs: list[dict[str, Any]]) -> DemoReport:
+    decode = sorted((o for o in outs if o["role"] == "decode"), key=lambda o: o["rank"])
+    prefill = [o for o in outs if o["role"] == "prefill"]
+    errors = [e for o in decode for e in o["errors"]]
+    errors += [e for o in prefill for e in o["errors"] if "Traceback" in e]
+    committed = decode[0]["committed"] if decode else {}
+    failures = decode[0]["aborted"] if decode else {}
+    for o in decode[1:]:
+        if set(o["committed"]) != set(committed) or set(o["aborted"]) != set(failures):
+            errors.append(f"decode rank {o['rank']} disagrees with rank 0 about outcomes")
+    done_at: dict[int, float] = {}
+    for o in prefill:
+        for room, t in o["done_at"].items():
+            done_at[room] = max(done_at.get(room, 0.0), t)
+    latencies = tuple(
+        (max(o["committed"][room] for o in decode) - done_at[room]) * 1e3
+        for room in committed
+        if room in done_at
+    )
+    return DemoReport(
+        requests=plan.requests,
+        committed=len(committed),
+        failed=len(failures),
+        verify_errors=tuple(errors),
+        bytes_moved=sum(o["bytes"] for o in decode),
+        elapsed=max((o.get("elapsed", 0.0) for o in decode), default=0.0),
+        latencies_ms=latencies,
+        failures=dict(failures),
+        pools_full=all(o.get("pages_free") and o.get("slots_free") for o in decode),
+    )
+
+
+def main(plan: DemoPlan, stream: Any = sys.stderr) -> int:
+    def show(update: tuple) -> None:
+        committed, failed, total, moved, elapsed = update
+        stream.write(
+            f"\r  {committed + failed}/{total} requests ({committed} committed, "
+            f"{failed} failed), {moved * plan.decode_tp / 1e6:.1f} MB in {elapsed:.1f} s   "
+        )
+        stream.flush()
+
+    print(
+        f"kvbridge demo: {plan.requests} requests, prefill TP{plan.prefill_tp} "
+        f"CP{plan.prefill_cp} DP{plan.prefill_dp} -> decode TP{plan.decode_tp}, "
+        f"transport {plan.transport}",
+        file=stream,
+    )
+    try:
+        report = run_demo(plan, show)
+    except KeyboardInterrupt:
+        stream.write("\ninterrupted; all demo processes stopped\n")
+        return 130
+    stream.write("\n")
+    print(report.table(plan))
+    for error in report.verify_errors[:10]:
+        print(f"  error: {error.strip().splitlines()[-1]}", file=stream)
+    for room, reason in list(report.failures.items())[:10]:
+        print(f"  failed room {room}: {reason}", file=stream)
+    return 0 if report.ok else 1

@@ -1,0 +1,283 @@
+"""One rank's complete kvbridge wiring: transport manager, control channel, bootstrap, session.
+
+An engine creates one node per rank (a :class:`PrefillNode` on prefill ranks, a
+:class:`DecodeNode` on decode ranks), calls ``add`` with the same requests in the same order on
+every rank of its group, and calls ``step`` once per scheduler step.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from kvbridge.bootstrap.client import BootstrapClient, BootstrapDirectory, DecodeExpectation
+from kvbridge.config import TransferConfig
+from kvbridge.control import (
+    Abort,
+    AbortAck,
+    ControlReceiver,
+    ControlSender,
+    Message,
+    Metadata,
+    Register,
+    Status,
+)
+from kvbridge.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.mapping import AUTHORITATIVE_CP_RANK
+from kvbridge.queue.collective import Reducer
+from kvbridge.queue.decode import DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.queue.outcomes import DecodeStep, PrefillStep
+from kvbridge.queue.prefill import PrefillRequest
+from kvbridge.queue.session import (
+    DecodeMetadata,
+    DecodePeer,
+    DecodeSession,
+    PrefillSession,
+    PrefillTarget,
+)
+from kvbridge.transports import Transport
+from kvbridge.types import MemoryRegion, RankIdentity
+
+log = logging.getLogger("kvbridge")
+
+
+def _regions_wire(regions: Sequence[MemoryRegion]) -> tuple[tuple[int, int, int], ...]:
+    return tuple((r.addr, r.length, r.item_bytes) for r in regions)
+
+
+def _regions_from_wire(wire: Sequence[tuple[int, int, int]]) -> tuple[MemoryRegion, ...]:
+    return tuple(MemoryRegion(a, n, i) for a, n, i in wire)
+
+
+class PrefillNode:
+    """A prefill rank. CP ranks other than the authoritative one create no transport manager."""
+
+    def __init__(
+        self,
+        *,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: Sequence[MemoryRegion],
+        aux_regions: Sequence[MemoryRegion],
+        reducer: Reducer,
+        bootstrap_addr: str,
+        page_size: int,
+        kv_dtype: str,
+        kv_layout: str = "head_sharded",
+        transport: Transport | None = None,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.bootstrap_addr = bootstrap_addr
+        self.key = f"{bootstrap_addr}/dp{rank.dp_rank}/tp{rank.tp_rank}"
+        authoritative = rank.cp_rank == AUTHORITATIVE_CP_RANK
+        transport = transport or Transport.from_config(config)
+        self.manager = (
+            transport.create_manager(config, rank, kv_regions, aux_regions)
+            if authoritative
+            else None
+        )
+        self.session = PrefillSession(
+            config=config,
+            manager=self.manager,
+            kv_regions=kv_regions,
+            aux_regions=aux_regions,
+            reducer=reducer,
+            notify_decode=self._notify,
+        )
+        self._out = ControlSender()  # scheduler thread only
+        self._acks = ControlSender()  # control thread only (ZMQ sockets are single-threaded)
+        self.control = ControlReceiver(self._on_message, host)
+        self.client = BootstrapClient(config.bootstrap_token)
+        self.client.register_rank(
+            bootstrap_addr,
+            {
+                "dp_rank": rank.dp_rank,
+                "dp_size": rank.dp_size,
+                "pp_rank": rank.pp_rank,
+                "pp_size": rank.pp_size,
+                "cp_rank": rank.cp_rank,
+                "cp_size": rank.cp_size,
+                "tp_rank": rank.tp_rank,
+                "tp_size": rank.tp_size,
+                "control": self.control.address,
+                "endpoint": dict(self.manager.endpoint) if self.manager else {},
+                "page_bytes": kv_regions[0].item_bytes if kv_regions else 1,
+                "page_size": page_size,
+                "kv_dtype": kv_dtype,
+                "kv_layout": kv_layout,
+                "api_version": KVBRIDGE_API_VERSION,
+                "transport": config.transport,
+                "num_kv_regions": max(len(kv_regions), 1),
+            },
+        )
+
+    def _on_message(self, message: Message) -> None:
+        if isinstance(message, Register):
+            self.session.register_decode_peer(
+                message.decode_key,
+                DecodePeer(
+                    message.endpoint,
+                    _regions_from_wire(message.kv_regions),
+                    _regions_from_wire(message.aux_regions),
+                    message.control,
+                ),
+            )
+        elif isinstance(message, Metadata):
+            self.session.on_metadata(
+                DecodeMetadata(
+                    message.room,
+                    message.decode_key,
+                    message.pages,
+                    message.aux_slot,
+                    message.expected,
+                    page_slice=message.route,
+                    writes=message.route is not None,
+                )
+            )
+        elif isinstance(message, Abort):
+            self.session.on_decode_abort(message.room, message.reason)
+            peer = self.session.decode_peers.get(message.sender_key)
+            if peer is not None:
+                self._acks.send(peer.control, AbortAck(message.room, self.key))
+
+    def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
+        for peer in peers:
+            self._out.send(peer.control, Status(room, self.key, ok, reason))
+
+    def add(self, requests: Sequence[PrefillRequest]) -> None:
+        self.session.add(requests)
+
+    def publish_dp_ranks(self, dp_ranks: Mapping[int, int]) -> None:
+        """Tell bootstrap which DP replica serves which rooms (the router's choice)."""
+        self.client.put_rooms(self.bootstrap_addr, dp_ranks)
+
+    def step(self) -> PrefillStep:
+        return self.session.step()
+
+    def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
+        self.session.send(room, pages, is_last=is_last, aux_slot=aux_slot)
+
+    def close(self) -> None:
+        self.control.close()
+        self._out.close()
+        self._acks.close()
+        if self.manager is not None:
+            self.manager.close()
+
+
+class DecodeNode:
+    """A decode rank: receives KV into ``kv_regions`` and aux rows into ``aux``."""
+
+    def __init__(
+        self,
+        *,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: Sequence[MemoryRegion],
+        aux: np.ndarray,
+        pages: PageAllocator,
+        reducer: Reducer,
+        page_size: int,
+        kv_dtype: str,
+        kv_layout: str = "head_sharded",
+        transport: Transport | None = None,
+        host: str = "127.0.0.1",
+        dp_follows_room: bool = False,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.key = f"decode-{uuid.uuid4().hex[:12]}-dp{rank.dp_rank}-tp{rank.tp_rank}"
+        transport = transport or Transport.from_config(config)
+        self.kv_regions = tuple(kv_regions)
+        self.aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
+        self.manager = transport.create_manager(config, rank, self.kv_regions, self.aux_regions)
+        self.abort_acks = 0
+        self._out = ControlSender()
+        self._registered: set[str] = set()
+        self.control = ControlReceiver(self._on_message, host)
+        self.directory = BootstrapDirectory(
+            config,
+            rank.tp_rank,
+            rank.tp_size,
+            DecodeExpectation(
+                transport=config.transport,
+                kv_dtype=kv_dtype,
+                kv_layout=kv_layout,
+                page_size=page_size,
+                page_bytes=self.kv_regions[0].item_bytes if self.kv_regions else 1,
+                num_kv_regions=max(len(self.kv_regions), 1),
+                api_version=KVBRIDGE_API_VERSION,
+            ),
+            on_lost=lambda addr, reason: self.session.fail_address(addr, reason),
+            dp_follows_room=dp_follows_room,
+        )
+        self.session = DecodeSession(
+            config=config,
+            manager=self.manager,
+            pages=pages,
+            aux=aux,
+            reducer=reducer,
+            directory=self.directory,
+            send_metadata=self._send_metadata,
+            send_abort=self._send_abort,
+        )
+
+    def _on_message(self, message: Message) -> None:
+        if isinstance(message, Status):
+            self.session.notify_done(message.room, message.prefill_key, message.ok, message.reason)
+        elif isinstance(message, AbortAck):
+            self.abort_acks += 1
+
+    def _send_metadata(self, meta: MetadataToSend, target: PrefillTarget) -> None:
+        for contact in target.plan:
+            if contact.control not in self._registered:
+                self._out.send(
+                    contact.control,
+                    Register(
+                        self.key,
+                        dict(self.manager.endpoint),
+                        _regions_wire(self.kv_regions),
+                        _regions_wire(self.aux_regions),
+                        self.control.address,
+                    ),
+                )
+                self._registered.add(contact.control)
+            route = contact.route
+            self._out.send(
+                contact.control,
+                Metadata(
+                    meta.room,
+                    self.key,
+                    meta.pages,
+                    meta.aux_slot,
+                    contact.expected,
+                    None if route is None else (route.src_offset, route.dst_offset, route.length),
+                ),
+            )
+
+    def _send_abort(self, room: int, target: PrefillTarget | None, reason: str) -> None:
+        self.directory.forget_room(room)
+        if target is None:
+            return
+        for contact in target.plan:
+            self._out.send(contact.control, Abort(room, self.key, reason))
+
+    def add(self, requests: Sequence[DecodeRequest]) -> None:
+        self.session.add(requests)
+
+    def step(self) -> DecodeStep:
+        result = self.session.step()
+        for done in result.committed:
+            self.directory.forget_room(done.room)
+        return result
+
+    def close(self) -> None:
+        self.directory.close()
+        self.control.close()
+        self._out.close()
+        self.manager.close()
