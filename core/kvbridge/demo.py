@@ -352,6 +352,8 @@ class DemoReport:
     latencies_ms: tuple[float, ...]
     failures: dict[int, str] = attrs.field(hash=False)
     pools_full: bool = True
+    #: Every distinct failure reason seen on any decode rank.
+    reasons: frozenset[str] = frozenset()
 
     @property
     def ok(self) -> bool:
@@ -497,6 +499,7 @@ def _report(plan: DemoPlan, outs: list[dict[str, Any]]) -> DemoReport:
         latencies_ms=latencies,
         failures=dict(failures),
         pools_full=all(o.get("pages_free") and o.get("slots_free") for o in decode),
+        reasons=frozenset(r for o in decode for r in o["aborted"].values()),
     )
 
 

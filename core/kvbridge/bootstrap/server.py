@@ -168,6 +168,9 @@ class BootstrapState:
         return {str(r): (self.rooms[r][0] if r in self.rooms else None) for r in rooms}
 
 
+STATE: web.AppKey[BootstrapState] = web.AppKey("state", BootstrapState)
+
+
 def build_app(token: str | None = None, room_ttl: float = 600.0) -> web.Application:
     state = BootstrapState(room_ttl)
 
@@ -241,7 +244,7 @@ def build_app(token: str | None = None, room_ttl: float = 600.0) -> web.Applicat
         return web.json_response({"dp_ranks": state.query_rooms(await body(request))})
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
-    app["state"] = state
+    app[STATE] = state
     app.router.add_get("/health", health)
     app.router.add_put("/v1/ranks", put_rank)
     app.router.add_get("/v1/info", info)
@@ -276,7 +279,7 @@ class BootstrapServer:
 
     @property
     def state(self) -> BootstrapState:
-        return self.app["state"]
+        return self.app[STATE]
 
     def start(self) -> BootstrapServer:
         self._thread.start()
