@@ -115,6 +115,14 @@ class TransportConformance:
         assert status == KVPoll.Success, reason
         assert rig.decode.aux_matches(5, room)
 
+    def test_last_chunk_without_any_write_succeeds(self, rig: TransferRig) -> None:
+        """A rank that writes nothing for a room (it only takes part) still finishes it."""
+        room = 14
+        rig.open(room, _pages(), dst_slot=6)
+        rig.sender.sender_send(room, SendChunk((), is_last=True))
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Success, reason
+
     def test_batched_poll_answers_every_room_in_order(self, rig: TransferRig) -> None:
         rooms = list(range(100, 116))
         for i, room in enumerate(rooms):

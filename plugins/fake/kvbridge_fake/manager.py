@@ -14,7 +14,6 @@ import contextlib
 import ctypes
 import logging
 import os
-import queue
 import socket
 import threading
 import time
@@ -22,12 +21,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-import attrs
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.errors import MemoryRegistrationError
 from kvbridge.status import KVPoll
+from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
 from kvbridge_fake import wire
 from kvbridge_fake.faults import FaultPlan
@@ -37,37 +35,6 @@ log = logging.getLogger("kvbridge.fake")
 _LOCAL_MANAGERS: dict[str, FakeManager] = {}
 _LOCAL_LOCK = threading.Lock()
 _DRAIN_CHUNK = 1 << 20
-
-
-class RegionSet:
-    """Fast membership test of (addr, length) runs against registered regions."""
-
-    def __init__(self, regions: tuple[MemoryRegion, ...]) -> None:
-        ordered = sorted(regions, key=lambda r: r.addr)
-        self.starts = np.array([r.addr for r in ordered], dtype=np.int64)
-        self.ends = np.array([r.end for r in ordered], dtype=np.int64)
-
-    def covers(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        if not len(self.starts):
-            return np.zeros(len(addrs), dtype=bool)
-        idx = np.searchsorted(self.starts, addrs, side="right") - 1
-        safe = np.clip(idx, 0, None)
-        return (idx >= 0) & (lengths >= 0) & (addrs + lengths <= self.ends[safe])
-
-
-@attrs.define
-class _Room:
-    status: int
-    reason: str | None = None
-    peers: tuple[Mapping[str, Any], ...] = ()
-    ready_at: float = 0.0
-    pending: int = 0
-    last_done: bool = False
-
-    def fail(self, reason: str) -> None:
-        if self.status != KVPoll.Failed:
-            self.status = KVPoll.Failed
-            self.reason = reason
 
 
 class FakeManager:
@@ -91,21 +58,17 @@ class FakeManager:
         self.id = uuid.uuid4().hex
         self.regions = RegionSet(kv_regions + aux_regions)
         self.aux_regions = RegionSet(aux_regions)
-        self._lock = threading.Lock()
-        self.receivers: dict[int, _Room] = {}
-        self.senders: dict[int, _Room] = {}
         self._connections: dict[str, socket.socket] = {}
         self._closed = threading.Event()
 
         self._listener = socket.create_server((options.get("host", "127.0.0.1"), 0))
         self.host, self.port = self._listener.getsockname()[:2]
-        self._jobs: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
+        self.receivers = RoomBook(self.label)
+        self.senders = RoomBook(self.label)
+        self._workers = PeerWorkers(f"kvbridge-fake-send-{self.port}")
         self._threads = [
             threading.Thread(
                 target=self._accept_loop, name=f"kvbridge-fake-accept-{self.port}", daemon=True
-            ),
-            threading.Thread(
-                target=self._send_loop, name=f"kvbridge-fake-send-{self.port}", daemon=True
             ),
         ]
         for t in self._threads:
@@ -127,7 +90,7 @@ class FakeManager:
         self._closed.set()
         with _LOCAL_LOCK:
             _LOCAL_MANAGERS.pop(self.id, None)
-        self._jobs.put(None)
+        self._workers.close()
         with contextlib.suppress(OSError):
             # shutdown() wakes the thread blocked in accept(); close() alone does not.
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -139,127 +102,61 @@ class FakeManager:
             if t is not threading.current_thread():
                 t.join(timeout=5)
 
-    # -- room bookkeeping ----------------------------------------------------------------------
+    # -- rooms ---------------------------------------------------------------------------------
 
-    def construct(self, rooms: dict[int, _Room], room: int) -> None:
-        if room == 0:
-            raise ValueError("room 0 is reserved")
-        with self._lock:
-            if room in rooms:
-                raise ValueError(f"room {room} already exists on {self.label}")
-            rooms[room] = _Room(status=KVPoll.Bootstrapping)
-
-    def init(
-        self, rooms: dict[int, _Room], room: int, peers: tuple[Mapping[str, Any], ...]
-    ) -> None:
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
         for peer in peers:
             if not {"id", "host", "port", "pid"} <= set(peer):
                 raise ValueError(f"not a fake transport endpoint: {peer!r}")
-        with self._lock:
-            state = self._live(rooms, room)
-            state.peers = peers
-            state.ready_at = time.monotonic() + self.faults.delay_for("init", self.tp_rank)
-            if state.status == KVPoll.Bootstrapping:
-                state.status = KVPoll.WaitingForInput
+        book.init(room, peers, delay=self.faults.delay_for("init", self.tp_rank))
 
-    def _live(self, rooms: dict[int, _Room], room: int) -> _Room:
-        state = rooms.get(room)
-        if state is None:
-            raise KeyError(f"room {room} was never constructed on {self.label}")
-        return state
+    def poll(self, book: RoomBook, wanted: np.ndarray) -> PollResult:
+        if not self.faults.fail_rooms:
+            return book.poll(wanted)
+        return book.poll(wanted, self._injected_failure)
 
-    def advance(self, rooms: dict[int, _Room], room: int, status: KVPoll) -> None:
-        with self._lock:
-            state = self._live(rooms, room)
-            if state.status != KVPoll.Failed and state.status < status:
-                state.status = status
-
-    def abort(self, rooms: dict[int, _Room], room: int, reason: str) -> None:
-        with self._lock:
-            state = rooms.get(room)
-            if state is not None and state.status != KVPoll.Success:
-                state.fail(f"aborted: {reason}")
-
-    def clear(self, rooms: dict[int, _Room], room: int) -> None:
-        with self._lock:
-            rooms.pop(room, None)
-
-    def poll(self, rooms: dict[int, _Room], wanted: np.ndarray) -> PollResult:
-        now = time.monotonic()
-        statuses = np.empty(len(wanted), dtype=np.uint8)
-        failures: dict[int, str] = {}
-        faults = self.faults
-        with self._lock:
-            for i, room in enumerate(wanted.tolist()):
-                state = rooms.get(room)
-                if state is None:
-                    statuses[i] = KVPoll.Failed
-                    failures[room] = f"room {room} is unknown to {self.label}"
-                    continue
-                if faults.fail_rooms and faults.fails(room, self.tp_rank):
-                    state.fail("injected failure (fake transport fault plan)")
-                status = state.status
-                if status == KVPoll.Failed:
-                    failures[room] = state.reason or "failed"
-                elif now < state.ready_at:
-                    status = KVPoll.Bootstrapping
-                statuses[i] = status
-        return PollResult(statuses, failures)
+    def _injected_failure(self, room: int) -> str | None:
+        if self.faults.fails(room, self.tp_rank):
+            return "injected failure (fake transport fault plan)"
+        return None
 
     # -- sending -------------------------------------------------------------------------------
 
     def send(self, room: int, chunk: SendChunk) -> None:
-        with self._lock:
-            state = self._live(self.senders, room)
-            if state.status < KVPoll.WaitingForInput:
-                raise RuntimeError(f"room {room}: send before init on {self.label}")
-            for write in chunk.writes:
-                if not 0 <= write.peer < len(state.peers):
-                    raise IndexError(
-                        f"room {room}: peer {write.peer} not among "
-                        f"{len(state.peers)} peers given to init"
-                    )
-                d = write.descriptors
-                bad = ~self.regions.covers(d.src, d.lengths)
-                if bad.any():
-                    i = int(np.argmax(bad))
-                    raise MemoryRegistrationError(
-                        f"room {room}: source [{int(d.src[i]):#x}, +{int(d.lengths[i])}) is not "
-                        f"in memory registered on {self.label}"
-                    )
-            if state.status == KVPoll.Failed:
-                return
-            state.status = max(state.status, KVPoll.Transferring)
-            state.pending += 1
+        for write in chunk.writes:
+            self.regions.check_sources(room, write.descriptors, self.label)
+        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
+        if state is None:
+            return
         ready_at = time.monotonic() + self.faults.delay_for("send", self.tp_rank)
-        self._jobs.put((state, room, chunk, ready_at))
+        for write in chunk.writes:
+            peer = state.peers[write.peer]
+            self._workers.submit(
+                str(peer["id"]),
+                lambda peer=peer, d=write.descriptors: self._run_job(
+                    state, room, peer, d, chunk.is_last, ready_at
+                ),
+            )
 
-    def _send_loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            state, room, chunk, ready_at = job
-            wait = ready_at - time.monotonic()
-            if wait > 0:
-                time.sleep(wait)
-            error = None
-            if state.status != KVPoll.Failed:
-                try:
-                    for write in chunk.writes:
-                        self._deliver(
-                            state.peers[write.peer], room, write.descriptors, chunk.is_last
-                        )
-                except Exception as exc:  # every delivery error fails the room, never the thread
-                    error = str(exc)
-            with self._lock:
-                state.pending -= 1
-                if error is not None:
-                    state.fail(error)
-                elif chunk.is_last:
-                    state.last_done = True
-                if state.last_done and state.pending == 0 and state.status != KVPoll.Failed:
-                    state.status = KVPoll.Success
+    def _run_job(
+        self,
+        state: RoomState,
+        room: int,
+        peer: Mapping[str, Any],
+        d: Descriptors,
+        is_last: bool,
+        ready_at: float,
+    ) -> None:
+        wait = ready_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        error = None
+        if state.status != KVPoll.Failed:
+            try:
+                self._deliver(peer, room, d, is_last)
+            except Exception as exc:  # every delivery error fails the room, never the thread
+                error = str(exc)
+        self.senders.finish_job(state, error, is_last)
 
     def _deliver(self, peer: Mapping[str, Any], room: int, d: Descriptors, is_last: bool) -> None:
         # KV pages first, aux rows last: the room stamp must never land before the pages.
@@ -326,10 +223,8 @@ class FakeManager:
         """Land one frame's runs; ``read_into(addr, n)`` fills n bytes at addr. Returns an error."""
         if self.tp_rank in self.faults.gone_ranks:
             raise ConnectionError(f"peer {self.host}:{self.port} is gone (fault plan)")
-        with self._lock:
-            state = self.receivers.get(room)
-            if state is None or state.status == KVPoll.Failed:
-                return f"room {room} is not expecting data on {self.label}"
+        if not self.receivers.accepting(room):
+            return f"room {room} is not expecting data on {self.label}"
         bad = ~self.regions.covers(dst, lengths)
         if bad.any():
             i = int(np.argmax(bad))
@@ -353,8 +248,8 @@ class FakeManager:
         return None
 
     def _land_later(self, room: int, staged: list[tuple[int, bytearray]]) -> None:
-        with self._lock:
-            state = self.receivers.get(room)
+        with self.receivers.lock:
+            state = self.receivers.rooms.get(room)
             if self._closed.is_set() or state is None or state.status == KVPoll.Failed:
                 return  # the room ended meanwhile: its slot may belong to someone else now
             for addr, buf in staged:

@@ -57,7 +57,7 @@ def kvbridge_manager_close(manager: FakeManager) -> None:
 
 @hookimpl
 def kvbridge_receiver_construct(manager: FakeManager, room: int) -> None:
-    manager.construct(manager.receivers, room)
+    manager.receivers.construct(room)
 
 
 @hookimpl
@@ -69,7 +69,7 @@ def kvbridge_receiver_init(manager: FakeManager, room: int, peers: tuple[Endpoin
 def kvbridge_receiver_send_metadata(
     manager: FakeManager, room: int, kv_indices: np.ndarray, aux_index: int
 ) -> None:
-    manager.advance(manager.receivers, room, KVPoll.Transferring)
+    manager.receivers.advance(room, KVPoll.Transferring)
 
 
 @hookimpl
@@ -79,17 +79,17 @@ def kvbridge_receiver_poll(manager: FakeManager, rooms: np.ndarray) -> PollResul
 
 @hookimpl
 def kvbridge_receiver_abort(manager: FakeManager, room: int, reason: str) -> None:
-    manager.abort(manager.receivers, room, reason)
+    manager.receivers.abort(room, reason)
 
 
 @hookimpl
 def kvbridge_receiver_clear(manager: FakeManager, room: int) -> None:
-    manager.clear(manager.receivers, room)
+    manager.receivers.clear(room)
 
 
 @hookimpl
 def kvbridge_sender_construct(manager: FakeManager, room: int) -> None:
-    manager.construct(manager.senders, room)
+    manager.senders.construct(room)
 
 
 @hookimpl
@@ -109,9 +109,9 @@ def kvbridge_sender_poll(manager: FakeManager, rooms: np.ndarray) -> PollResult:
 
 @hookimpl
 def kvbridge_sender_abort(manager: FakeManager, room: int, reason: str) -> None:
-    manager.abort(manager.senders, room, reason)
+    manager.senders.abort(room, reason)
 
 
 @hookimpl
 def kvbridge_sender_clear(manager: FakeManager, room: int) -> None:
-    manager.clear(manager.senders, room)
+    manager.senders.clear(room)
