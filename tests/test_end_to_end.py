@@ -46,10 +46,12 @@ def test_two_prefill_dp_replicas_resolved_through_bootstrap() -> None:
 
 
 def test_killed_prefill_fails_unfinished_requests_and_frees_everything() -> None:
+    # Chunks land 0.2 s late, so the kill certainly comes while most requests are in flight.
     plan = DemoPlan(
         requests=48,
         arrivals_per_step=1,
         max_prompt_tokens=600,
+        transport_options={"faults": {"delay": {"send": 0.2}}},
         kill_prefill_after=3,
         heartbeat_interval=0.3,
         heartbeat_max_misses=2,
