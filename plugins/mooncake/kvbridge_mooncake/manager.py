@@ -1,0 +1,123 @@
+"""Per-rank state of the Mooncake transport.
+
+Writes use ``batch_transfer_sync_write`` (one call per chunk per peer, descriptors already
+merged by the core) on one worker thread per peer, so the scheduler never blocks and writes to
+one peer stay ordered. The asynchronous batch API was not used: on
+mooncake-transfer-engine-non-cuda 0.3.13 a second ``get_batch_transfer_status`` on a
+completed batch crashes the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kvbridge.config import TransferConfig
+from kvbridge.status import KVPoll
+from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
+from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+
+log = logging.getLogger("kvbridge.mooncake")
+OPTIONS = {"protocol": "tcp", "device_name": "", "hostname": "127.0.0.1",
+           "metadata_server": "P2PHANDSHAKE"}
+
+
+def load_engine_class() -> Any:
+    try:
+        from mooncake.engine import TransferEngine
+    except ImportError as exc:
+        raise RuntimeError(
+            "the Mooncake transfer engine is not importable "
+            f"({exc}); install mooncake-transfer-engine (GPU hosts) or "
+            "mooncake-transfer-engine-non-cuda (CPU hosts)"
+        ) from None
+    return TransferEngine
+
+
+class MooncakeManager:
+    def __init__(self, config: TransferConfig, rank: RankIdentity,
+                 kv_regions: tuple[MemoryRegion, ...],
+                 aux_regions: tuple[MemoryRegion, ...]) -> None:
+        unknown = sorted(set(config.transport_options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown mooncake transport option(s) {unknown}; "
+                             f"known: {sorted(OPTIONS)}")
+        self.options = {**OPTIONS, **config.transport_options}
+        os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+        self.engine = load_engine_class()()
+        ret = self.engine.initialize(self.options["hostname"], self.options["metadata_server"],
+                                     self.options["protocol"], self.options["device_name"])
+        if ret != 0:
+            raise RuntimeError(f"mooncake TransferEngine.initialize({self.options}) returned {ret}")
+        self.session = f"{self.options['hostname']}:{self.engine.get_rpc_port()}"
+        self.rank = rank
+        self.label = f"{rank.label}@mooncake:{self.session}"
+        regions = kv_regions + aux_regions
+        self._registered = [r.addr for r in regions]
+        if regions:
+            ret = self.engine.batch_register_memory([r.addr for r in regions],
+                                                    [r.length for r in regions])
+            if ret != 0:
+                raise RuntimeError(f"mooncake could not register {len(regions)} regions ({ret})")
+        self.regions = RegionSet(regions)
+        self.aux_regions = RegionSet(aux_regions)
+        self.receivers = RoomBook(self.label)
+        self.senders = RoomBook(self.label)
+        self._workers = PeerWorkers("kvbridge-mooncake-send")
+        self._closed = False
+
+    @property
+    def endpoint(self) -> dict[str, Any]:
+        return {"session": self.session, "protocol": self.options["protocol"],
+                "pid": os.getpid()}
+
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+        for peer in peers:
+            if not isinstance(peer.get("session"), str):
+                raise ValueError(f"not a mooncake endpoint: {peer!r}")
+        book.init(room, peers)
+
+    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
+        return book.poll(rooms)
+
+    def send(self, room: int, chunk: SendChunk) -> None:
+        for write in chunk.writes:
+            self.regions.check_sources(room, write.descriptors, self.label)
+        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
+        if state is None:
+            return
+        for write in chunk.writes:
+            session = str(state.peers[write.peer]["session"])
+            self._workers.submit(session, lambda s=session, d=write.descriptors: self._write(
+                state, room, s, d, chunk.is_last))
+
+    def _write(self, state: RoomState, room: int, session: str, d: Descriptors,
+               is_last: bool) -> None:
+        error = None
+        if state.status != KVPoll.Failed:
+            # KV pages first, then the aux row: the room stamp must never land before the pages.
+            is_aux = self.aux_regions.covers(d.src, d.lengths)
+            for mask in (~is_aux, is_aux):
+                if not mask.any():
+                    continue
+                ret = self.engine.batch_transfer_sync_write(
+                    session, d.src[mask].tolist(), d.dst[mask].tolist(), d.lengths[mask].tolist())
+                if ret != 0:
+                    error = (f"mooncake write of room {room} to {session} failed ({ret}): peer "
+                             "gone or memory not registered there")
+                    break
+        self.senders.finish_job(state, error, is_last)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._workers.close()
+        if self._registered:
+            ret = self.engine.batch_unregister_memory(self._registered)
+            if ret != 0:
+                log.warning("mooncake unregister returned %s on %s", ret, self.label)

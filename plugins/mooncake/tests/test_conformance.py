@@ -1,0 +1,6 @@
+from kvbridge.testing import TransportConformance
+
+
+class TestMooncakeConformance(TransportConformance):
+    transport_name = "mooncake"
+    transport_options = {"protocol": "tcp"}
