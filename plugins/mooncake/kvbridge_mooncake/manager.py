@@ -22,8 +22,12 @@ from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
 
 log = logging.getLogger("kvbridge.mooncake")
-OPTIONS = {"protocol": "tcp", "device_name": "", "hostname": "127.0.0.1",
-           "metadata_server": "P2PHANDSHAKE"}
+OPTIONS = {
+    "protocol": "tcp",
+    "device_name": "",
+    "hostname": "127.0.0.1",
+    "metadata_server": "P2PHANDSHAKE",
+}
 
 
 def load_engine_class() -> Any:
@@ -39,18 +43,27 @@ def load_engine_class() -> Any:
 
 
 class MooncakeManager:
-    def __init__(self, config: TransferConfig, rank: RankIdentity,
-                 kv_regions: tuple[MemoryRegion, ...],
-                 aux_regions: tuple[MemoryRegion, ...]) -> None:
+    def __init__(
+        self,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: tuple[MemoryRegion, ...],
+        aux_regions: tuple[MemoryRegion, ...],
+    ) -> None:
         unknown = sorted(set(config.transport_options) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"unknown mooncake transport option(s) {unknown}; "
-                             f"known: {sorted(OPTIONS)}")
+            raise ValueError(
+                f"unknown mooncake transport option(s) {unknown}; known: {sorted(OPTIONS)}"
+            )
         self.options = {**OPTIONS, **config.transport_options}
         os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
         self.engine = load_engine_class()()
-        ret = self.engine.initialize(self.options["hostname"], self.options["metadata_server"],
-                                     self.options["protocol"], self.options["device_name"])
+        ret = self.engine.initialize(
+            self.options["hostname"],
+            self.options["metadata_server"],
+            self.options["protocol"],
+            self.options["device_name"],
+        )
         if ret != 0:
             raise RuntimeError(f"mooncake TransferEngine.initialize({self.options}) returned {ret}")
         self.session = f"{self.options['hostname']}:{self.engine.get_rpc_port()}"
@@ -59,8 +72,9 @@ class MooncakeManager:
         regions = kv_regions + aux_regions
         self._registered = [r.addr for r in regions]
         if regions:
-            ret = self.engine.batch_register_memory([r.addr for r in regions],
-                                                    [r.length for r in regions])
+            ret = self.engine.batch_register_memory(
+                [r.addr for r in regions], [r.length for r in regions]
+            )
             if ret != 0:
                 raise RuntimeError(f"mooncake could not register {len(regions)} regions ({ret})")
         self.regions = RegionSet(regions)
@@ -72,8 +86,7 @@ class MooncakeManager:
 
     @property
     def endpoint(self) -> dict[str, Any]:
-        return {"session": self.session, "protocol": self.options["protocol"],
-                "pid": os.getpid()}
+        return {"session": self.session, "protocol": self.options["protocol"], "pid": os.getpid()}
 
     def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
         for peer in peers:
@@ -92,11 +105,16 @@ class MooncakeManager:
             return
         for write in chunk.writes:
             session = str(state.peers[write.peer]["session"])
-            self._workers.submit(session, lambda s=session, d=write.descriptors: self._write(
-                state, room, s, d, chunk.is_last))
+            self._workers.submit(
+                session,
+                lambda s=session, d=write.descriptors: self._write(
+                    state, room, s, d, chunk.is_last
+                ),
+            )
 
-    def _write(self, state: RoomState, room: int, session: str, d: Descriptors,
-               is_last: bool) -> None:
+    def _write(
+        self, state: RoomState, room: int, session: str, d: Descriptors, is_last: bool
+    ) -> None:
         error = None
         if state.status != KVPoll.Failed:
             # KV pages first, then the aux row: the room stamp must never land before the pages.
@@ -105,10 +123,13 @@ class MooncakeManager:
                 if not mask.any():
                     continue
                 ret = self.engine.batch_transfer_sync_write(
-                    session, d.src[mask].tolist(), d.dst[mask].tolist(), d.lengths[mask].tolist())
+                    session, d.src[mask].tolist(), d.dst[mask].tolist(), d.lengths[mask].tolist()
+                )
                 if ret != 0:
-                    error = (f"mooncake write of room {room} to {session} failed ({ret}): peer "
-                             "gone or memory not registered there")
+                    error = (
+                        f"mooncake write of room {room} to {session} failed ({ret}): peer "
+                        "gone or memory not registered there"
+                    )
                     break
         self.senders.finish_job(state, error, is_last)
 

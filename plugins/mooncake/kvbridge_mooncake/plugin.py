@@ -7,7 +7,14 @@ import numpy as np
 from kvbridge import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.config import TransferConfig
 from kvbridge.status import KVPoll
-from kvbridge.types import Endpoint, MemoryRegion, PollResult, RankIdentity, SendChunk, TransportInfo
+from kvbridge.types import (
+    Endpoint,
+    MemoryRegion,
+    PollResult,
+    RankIdentity,
+    SendChunk,
+    TransportInfo,
+)
 
 NAME = "mooncake"
 
@@ -15,16 +22,20 @@ NAME = "mooncake"
 @hookimpl
 def kvbridge_transport_info() -> TransportInfo:
     return TransportInfo(
-        name=NAME, api_version=KVBRIDGE_API_VERSION,
+        name=NAME,
+        api_version=KVBRIDGE_API_VERSION,
         capabilities={"cross_process", "rejects_unregistered_memory"},
         description="Mooncake transfer engine (TCP here; RDMA on clusters)",
     )
 
 
 @hookimpl
-def kvbridge_manager_create(config: TransferConfig, rank: RankIdentity,
-                            kv_regions: tuple[MemoryRegion, ...],
-                            aux_regions: tuple[MemoryRegion, ...]) -> object:
+def kvbridge_manager_create(
+    config: TransferConfig,
+    rank: RankIdentity,
+    kv_regions: tuple[MemoryRegion, ...],
+    aux_regions: tuple[MemoryRegion, ...],
+) -> object:
     from kvbridge_mooncake.manager import MooncakeManager  # imports mooncake lazily
 
     return MooncakeManager(config, rank, kv_regions, aux_regions)
@@ -51,8 +62,9 @@ def kvbridge_receiver_init(manager, room: int, peers: tuple[Endpoint, ...]) -> N
 
 
 @hookimpl
-def kvbridge_receiver_send_metadata(manager, room: int, kv_indices: np.ndarray,
-                                    aux_index: int) -> None:
+def kvbridge_receiver_send_metadata(
+    manager, room: int, kv_indices: np.ndarray, aux_index: int
+) -> None:
     manager.receivers.advance(room, KVPoll.Transferring)
 
 

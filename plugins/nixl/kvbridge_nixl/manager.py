@@ -1,0 +1,177 @@
+"""Per-rank state of the NIXL transport: one NIXL agent, UCX backend by default.
+
+Peers exchange agent metadata out of band: it travels in this rank's endpoint description
+(bootstrap registration / control channel) and is loaded with ``add_remote_agent`` at init.
+Each chunk per peer is one ``initialize_xfer`` + ``transfer`` (KV pages, then the aux row),
+waited for on a worker thread per peer; agent calls are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kvbridge.config import TransferConfig
+from kvbridge.status import KVPoll
+from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
+from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+
+log = logging.getLogger("kvbridge.nixl")
+OPTIONS = {"backend": "UCX", "mem_type": "DRAM", "device_id": 0, "io_timeout": 30.0}
+
+
+def load_nixl() -> tuple[Any, Any]:
+    try:
+        from nixl._api import nixl_agent, nixl_agent_config
+    except ImportError as exc:
+        raise RuntimeError(
+            f"NIXL is not importable ({exc}); install nixl-cu12 (with torch==2.13.0 in the same "
+            "pip command on CPU hosts) and `pip install --no-deps nixl`"
+        ) from None
+    return nixl_agent, nixl_agent_config
+
+
+class NixlManager:
+    def __init__(
+        self,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: tuple[MemoryRegion, ...],
+        aux_regions: tuple[MemoryRegion, ...],
+    ) -> None:
+        unknown = sorted(set(config.transport_options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown nixl transport option(s) {unknown}; known: {sorted(OPTIONS)}"
+            )
+        self.options = {**OPTIONS, **config.transport_options}
+        os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+        agent_cls, config_cls = load_nixl()
+        self.name = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
+        self.agent = agent_cls(self.name, config_cls(backends=[self.options["backend"]]))
+        self.rank = rank
+        self.label = f"{rank.label}@nixl:{self.name}"
+        self.mem_type = self.options["mem_type"]
+        regions = kv_regions + aux_regions
+        self._reg = None
+        if regions:
+            dev = int(self.options["device_id"])
+            descs = self.agent.get_reg_descs(
+                [(r.addr, r.length, dev, "") for r in regions], self.mem_type
+            )
+            self._reg = self.agent.register_memory(descs)
+        self.regions = RegionSet(regions)
+        self.aux_regions = RegionSet(aux_regions)
+        self.receivers = RoomBook(self.label)
+        self.senders = RoomBook(self.label)
+        self._workers = PeerWorkers("kvbridge-nixl-send")
+        self._lock = threading.Lock()
+        self._remote: set[str] = set()
+        self._closed = False
+
+    @property
+    def endpoint(self) -> dict[str, Any]:
+        metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
+        return {"agent": self.name, "metadata": metadata, "pid": os.getpid()}
+
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+        for peer in peers:
+            if not isinstance(peer.get("agent"), str) or not isinstance(peer.get("metadata"), str):
+                raise ValueError(f"not a nixl endpoint: {sorted(peer)}")
+            if book is self.senders and peer["agent"] not in self._remote:
+                with self._lock:
+                    self.agent.add_remote_agent(base64.b64decode(peer["metadata"]))
+                self._remote.add(peer["agent"])
+        book.init(room, peers)
+
+    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
+        return book.poll(rooms)
+
+    def send(self, room: int, chunk: SendChunk) -> None:
+        for write in chunk.writes:
+            self.regions.check_sources(room, write.descriptors, self.label)
+        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
+        if state is None:
+            return
+        for write in chunk.writes:
+            agent = str(state.peers[write.peer]["agent"])
+            self._workers.submit(
+                agent,
+                lambda a=agent, d=write.descriptors: self._write(state, room, a, d, chunk.is_last),
+            )
+
+    def _descs(self, addrs: np.ndarray, lengths: np.ndarray) -> Any:
+        table = np.empty((len(addrs), 3), dtype=np.uint64)
+        table[:, 0] = addrs
+        table[:, 1] = lengths
+        table[:, 2] = int(self.options["device_id"])
+        return self.agent.get_xfer_descs(table, self.mem_type)
+
+    def _write(
+        self, state: RoomState, room: int, agent: str, d: Descriptors, is_last: bool
+    ) -> None:
+        error = None
+        if state.status != KVPoll.Failed:
+            # KV pages first, then the aux row: the room stamp must never land before the pages.
+            is_aux = self.aux_regions.covers(d.src, d.lengths)
+            for mask in (~is_aux, is_aux):
+                if mask.any():
+                    error = self._transfer(room, agent, d.src[mask], d.dst[mask], d.lengths[mask])
+                    if error:
+                        break
+        self.senders.finish_job(state, error, is_last)
+
+    def _transfer(
+        self, room: int, agent: str, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray
+    ) -> str | None:
+        handle = None
+        try:
+            with self._lock:
+                handle = self.agent.initialize_xfer(
+                    "WRITE", self._descs(src, lengths), self._descs(dst, lengths), agent
+                )
+                state = self.agent.transfer(handle)
+            deadline = time.monotonic() + float(self.options["io_timeout"])
+            while state == "PROC":
+                if time.monotonic() > deadline:
+                    return f"nixl write of room {room} to {agent} timed out"
+                time.sleep(0.0002)
+                with self._lock:
+                    state = self.agent.check_xfer_state(handle)
+            if state != "DONE":
+                return f"nixl write of room {room} to {agent} ended in state {state}"
+            return None
+        except Exception as exc:  # nixl raises typed errors for bad memory and dead peers
+            return f"nixl write of room {room} to {agent} failed: {type(exc).__name__}: {exc}"
+        finally:
+            if handle is not None:
+                with self._lock:
+                    try:
+                        self.agent.release_xfer_handle(handle)
+                    except Exception as exc:
+                        log.debug("release_xfer_handle: %s", exc)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._workers.close()
+        with self._lock:
+            for agent in self._remote:
+                try:
+                    self.agent.remove_remote_agent(agent)
+                except Exception as exc:
+                    log.debug("remove_remote_agent(%s): %s", agent, exc)
+            if self._reg is not None:
+                self.agent.deregister_memory(self._reg)
+            # Drop the agent itself: its UCX workers and listener go with it, so peers that
+            # still hold a connection see it gone instead of writing into released memory.
+            self.agent = None
