@@ -143,7 +143,7 @@ class NixlManager:
             while state == "PROC":
                 if time.monotonic() > deadline:
                     return f"nixl write of room {room} to {agent} timed out"
-                time.sleep(0.0002)
+                time.sleep(0)
                 with self._lock:
                     state = self.agent.check_xfer_state(handle)
             if state != "DONE":

@@ -1,0 +1,198 @@
+"""Per-rank state of the Mori transport, written against the ``mori.io`` IOEngine API.
+
+mori.io addresses memory as (MemoryDesc, offset), so this rank publishes a packed MemoryDesc
+per registered region in its endpoint, and a sender turns each (src, dst, length) run into
+offsets within the local and remote regions that contain it. Runs are grouped per
+(local region, remote region) pair into one ``batch_write`` each; KV groups go first and the
+aux row last. Waiting for the ``TransferStatus`` happens on a worker thread per peer.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from kvbridge.config import TransferConfig
+from kvbridge.status import KVPoll
+from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
+from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+
+log = logging.getLogger("kvbridge.mori")
+OPTIONS = {"backend": "RDMA", "host": "127.0.0.1", "port": 0, "io_timeout": 30.0}
+
+
+class _Regions:
+    """Registered regions of one engine with their MemoryDescs, searchable by address."""
+
+    def __init__(self, entries: list[tuple[int, int, Any]]) -> None:
+        entries = sorted(entries, key=lambda e: e[0])
+        self.starts = np.array([e[0] for e in entries], dtype=np.int64)
+        self.ends = np.array([e[0] + e[1] for e in entries], dtype=np.int64)
+        self.descs = [e[2] for e in entries]
+
+    def locate(self, addrs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Index of the region holding each run, or -1."""
+        if not len(self.starts):
+            return np.full(len(addrs), -1)
+        idx = np.searchsorted(self.starts, addrs, side="right") - 1
+        ok = (idx >= 0) & (addrs + lengths <= self.ends[np.clip(idx, 0, None)])
+        return np.where(ok, idx, -1)
+
+
+class MoriManager:
+    def __init__(
+        self,
+        io: ModuleType,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: tuple[MemoryRegion, ...],
+        aux_regions: tuple[MemoryRegion, ...],
+    ) -> None:
+        unknown = sorted(set(config.transport_options) - set(OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown mori transport option(s) {unknown}; known: {sorted(OPTIONS)}"
+            )
+        self.options = {**OPTIONS, **config.transport_options}
+        self.io = io
+        self.key = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
+        self.engine = io.IOEngine(
+            self.key, io.IOEngineConfig(host=self.options["host"], port=int(self.options["port"]))
+        )
+        backend = getattr(io.BackendType, str(self.options["backend"]), None)
+        if backend is None:
+            raise ValueError(f"mori backend {self.options['backend']!r} unknown")
+        self.engine.create_backend(backend)
+        self.rank = rank
+        self.label = f"{rank.label}@mori:{self.key}"
+        regions = kv_regions + aux_regions
+        self._descs = [self._register(r) for r in regions]
+        self.local = _Regions([(r.addr, r.length, d) for r, d in zip(regions, self._descs)])
+        self.regions = RegionSet(regions)
+        self.aux_regions = RegionSet(aux_regions)
+        self.receivers = RoomBook(self.label)
+        self.senders = RoomBook(self.label)
+        self._workers = PeerWorkers("kvbridge-mori-send")
+        self._peers: dict[str, tuple[Any, _Regions]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _register(self, region: MemoryRegion) -> Any:
+        gpu = region.device.startswith(("cuda", "hip"))
+        location = self.io.MemoryLocationType.GPU if gpu else self.io.MemoryLocationType.CPU
+        device_id = int(region.device.split(":")[1]) if ":" in region.device else -1
+        return self.engine.register_memory(region.addr, region.length, device_id, location)
+
+    @property
+    def endpoint(self) -> dict[str, Any]:
+        def b64(desc: Any) -> str:
+            return base64.b64encode(desc.pack()).decode()
+
+        return {
+            "key": self.key,
+            "engine": b64(self.engine.get_engine_desc()),
+            "regions": [
+                [int(s), int(e - s), b64(d)]
+                for s, e, d in zip(self.local.starts, self.local.ends, self.local.descs)
+            ],
+            "pid": os.getpid(),
+        }
+
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+        for peer in peers:
+            if not {"key", "engine", "regions"} <= set(peer):
+                raise ValueError(f"not a mori endpoint: {sorted(peer)}")
+            if book is self.senders and peer["key"] not in self._peers:
+                desc = self.io.EngineDesc.unpack(base64.b64decode(peer["engine"]))
+                self.engine.register_remote_engine(desc)
+                remote = _Regions(
+                    [
+                        (a, n, self.io.MemoryDesc.unpack(base64.b64decode(d)))
+                        for a, n, d in peer["regions"]
+                    ]
+                )
+                self._peers[peer["key"]] = (desc, remote)
+        book.init(room, peers)
+
+    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
+        return book.poll(rooms)
+
+    def send(self, room: int, chunk: SendChunk) -> None:
+        for write in chunk.writes:
+            self.regions.check_sources(room, write.descriptors, self.label)
+        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
+        if state is None:
+            return
+        for write in chunk.writes:
+            key = str(state.peers[write.peer]["key"])
+            self._workers.submit(
+                key,
+                lambda k=key, d=write.descriptors: self._write(state, room, k, d, chunk.is_last),
+            )
+
+    def _write(self, state: RoomState, room: int, key: str, d: Descriptors, is_last: bool) -> None:
+        error = None
+        if state.status != KVPoll.Failed:
+            try:
+                error = self._transfer(room, key, d)
+            except Exception as exc:  # mori raises on bad arguments; the room fails, not us
+                error = f"mori write of room {room} to {key} failed: {exc}"
+        self.senders.finish_job(state, error, is_last)
+
+    def _transfer(self, room: int, key: str, d: Descriptors) -> str | None:
+        _, remote = self._peers[key]
+        src_region = self.local.locate(d.src, d.lengths)
+        dst_region = remote.locate(d.dst, d.lengths)
+        if (dst_region < 0).any():
+            i = int(np.argmax(dst_region < 0))
+            return (
+                f"room {room}: destination [{int(d.dst[i]):#x}, +{int(d.lengths[i])}) is "
+                f"not in memory {key} registered"
+            )
+        is_aux = self.aux_regions.covers(d.src, d.lengths)
+        for part in (~is_aux, is_aux):  # KV pages first, the aux row (room stamp) last
+            pairs = sorted({(int(s), int(t)) for s, t in zip(src_region[part], dst_region[part])})
+            for s, t in pairs:
+                sel = part & (src_region == s) & (dst_region == t)
+                status = self.engine.batch_write(
+                    self.local.descs[s],
+                    (d.src[sel] - self.local.starts[s]).tolist(),
+                    remote.descs[t],
+                    (d.dst[sel] - remote.starts[t]).tolist(),
+                    d.lengths[sel].tolist(),
+                    self.engine.allocate_transfer_uid(),
+                )
+                deadline = time.monotonic() + float(self.options["io_timeout"])
+                while status.InProgress():
+                    if time.monotonic() > deadline:
+                        return f"mori write of room {room} to {key} timed out"
+                    time.sleep(0)
+                if not status.Succeeded():
+                    return (
+                        f"mori batch_write of room {room} to {key} failed: "
+                        f"{status.Code()} {status.Message()}"
+                    )
+        return None
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._workers.close()
+        for desc, _ in self._peers.values():
+            try:
+                self.engine.deregister_remote_engine(desc)
+            except Exception as exc:
+                log.debug("deregister_remote_engine: %s", exc)
+        for desc in self._descs:
+            self.engine.deregister_memory(desc)
+        self.engine = None
