@@ -34,11 +34,18 @@ POLL_INTERVAL = 0.001
 
 def raw_transfer(name: str, manager, session_or_agent: str, src, dst, lengths) -> None:
     if name == "mooncake":
-        ret = manager.engine.batch_transfer_sync_write(
-            session_or_agent, src.tolist(), dst.tolist(), lengths.tolist()
-        )
-        if ret != 0:
-            raise RuntimeError(f"raw mooncake write failed: {ret}")
+        # Mooncake's TCP transport rejects batches that overfill its lane queue, so the raw
+        # path slices exactly like the plugin does (same max_batch).
+        step = int(manager.options["max_batch"])
+        for i in range(0, len(src), step):
+            ret = manager.engine.batch_transfer_sync_write(
+                session_or_agent,
+                src[i : i + step].tolist(),
+                dst[i : i + step].tolist(),
+                lengths[i : i + step].tolist(),
+            )
+            if ret != 0:
+                raise RuntimeError(f"raw mooncake write failed: {ret}")
     elif name == "nixl":
         agent = manager.agent
         handle = agent.initialize_xfer(

@@ -187,7 +187,8 @@ class TransportRegistry:
         try:
             plugin = ep.load()
         except Exception as exc:
-            log.warning("kvbridge transport %r failed to import: %s", ep.name, exc)
+            # Shown by `kvbridge transports`; a missing optional library is not a warning.
+            log.info("kvbridge transport %r failed to import: %s", ep.name, exc)
             self._add(_record(ep, error=f"import failed: {type(exc).__name__}: {exc}"))
             return
         self.register(ep.name, plugin, entry_point=ep)

@@ -115,6 +115,24 @@ class TransportConformance:
         assert status == KVPoll.Success, reason
         assert rig.decode.aux_matches(5, room)
 
+    def test_a_chunk_of_thousands_of_unmerged_runs_arrives_intact(
+        self, transport: Transport, config: TransferConfig
+    ) -> None:
+        """Native batch APIs have queue limits; a big shuffled chunk must still land."""
+        rig = TransferRig(transport, config, num_pages=4096, page_bytes=512)
+        try:
+            room = 15
+            src = np.arange(4096, dtype=np.int64)
+            dst = np.random.default_rng(7).permutation(4096).astype(np.int64)
+            rig.open(room, dst, dst_slot=2)
+            rig.transfer(room, src, dst, src_slot=1, dst_slot=2)
+            status, reason = rig.wait_sender(room, self.timeout * 4)
+            assert status == KVPoll.Success, reason
+            assert rig.decode.mismatches(room, dst) == []
+            assert rig.decode.aux_matches(2, room)
+        finally:
+            rig.close()
+
     def test_last_chunk_without_any_write_succeeds(self, rig: TransferRig) -> None:
         """A rank that writes nothing for a room (it only takes part) still finishes it."""
         room = 14

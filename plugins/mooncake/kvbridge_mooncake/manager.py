@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,7 +28,12 @@ OPTIONS = {
     "device_name": "",
     "hostname": "127.0.0.1",
     "metadata_server": "P2PHANDSHAKE",
+    "retries": 2,
+    "max_batch": 256,
 }
+#: Pause before each retry. A write to a fresh peer now and then returns -1 and succeeds when
+#: repeated; a really dead peer still fails within ~60 ms.
+RETRY_DELAYS = (0.01, 0.05, 0.25)
 
 
 def load_engine_class() -> Any:
@@ -122,7 +128,7 @@ class MooncakeManager:
             for mask in (~is_aux, is_aux):
                 if not mask.any():
                     continue
-                ret = self.engine.batch_transfer_sync_write(
+                ret = self._write_batch(
                     session, d.src[mask].tolist(), d.dst[mask].tolist(), d.lengths[mask].tolist()
                 )
                 if ret != 0:
@@ -132,6 +138,30 @@ class MooncakeManager:
                     )
                     break
         self.senders.finish_job(state, error, is_last)
+
+    def _write_batch(self, session: str, src: list[int], dst: list[int], lengths: list[int]) -> int:
+        # The TCP transport rejects a batch that overfills its lane queue ("queue-full
+        # rejection", -1), so large batches go in bounded slices, in order.
+        step = max(int(self.options["max_batch"]), 1)
+        for i in range(0, len(src), step):
+            ret = self._write_slice(
+                session, src[i : i + step], dst[i : i + step], lengths[i : i + step]
+            )
+            if ret != 0:
+                return ret
+        return 0
+
+    def _write_slice(self, session: str, src: list[int], dst: list[int], lengths: list[int]) -> int:
+        ret = self.engine.batch_transfer_sync_write(session, src, dst, lengths)
+        for delay in RETRY_DELAYS[: int(self.options["retries"])]:
+            if ret == 0:
+                break
+            log.warning(
+                "mooncake write to %s returned %s; retrying in %.0f ms", session, ret, delay * 1e3
+            )
+            time.sleep(delay)
+            ret = self.engine.batch_transfer_sync_write(session, src, dst, lengths)
+        return ret
 
     def close(self) -> None:
         if self._closed:
