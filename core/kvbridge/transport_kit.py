@@ -5,6 +5,8 @@
   (forward only, sticky Failed, idempotent clear, late results for cleared rooms ignored).
 - :class:`PeerWorkers`: one thread per peer running blocking native calls in submission
   order, so ``send`` never blocks the scheduler and writes to one peer stay ordered.
+- :class:`BookedManager` + :class:`ManagerHooks`: a manager base class that uses all of the
+  above, and the hook implementations for it; a transport then writes only its native calls.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import attrs
 import numpy as np
 
 from kvbridge.errors import MemoryRegistrationError
+from kvbridge.hookspecs import hookimpl
 from kvbridge.status import KVPoll
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, SendChunk
 
@@ -222,3 +225,218 @@ class PeerWorkers:
         for t in threads:
             if t is not threading.current_thread():
                 t.join(timeout)
+
+
+class BookedManager:
+    """Base class for a transport manager: subclasses write only the native parts.
+
+    It keeps receivers and senders in :class:`RoomBook`\\ s, checks source memory, runs every
+    chunk for a peer as one job on :class:`PeerWorkers`, and calls :meth:`write` with the KV
+    runs first and the aux runs after them (so the room stamp never lands before the pages).
+    Override :meth:`peer_key` and :meth:`write`; optionally :meth:`check_peer`,
+    :meth:`connect_peer`, :meth:`release`, and the fault-injection hooks.
+    """
+
+    def __init__(
+        self, label: str, kv_regions: Sequence[MemoryRegion], aux_regions: Sequence[MemoryRegion]
+    ) -> None:
+        self.label = label
+        self.regions = RegionSet([*kv_regions, *aux_regions])
+        self.aux_regions = RegionSet(aux_regions)
+        self.receivers = RoomBook(label)
+        self.senders = RoomBook(label)
+        self._workers = PeerWorkers(f"kvbridge-send-{label}")
+        self._closed = False
+
+    # -- what a transport provides ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def peer_key(self, peer: Mapping[str, Any]) -> str:
+        """A stable name for a peer endpoint (one worker thread per key)."""
+        raise NotImplementedError
+
+    def check_peer(self, peer: Mapping[str, Any]) -> None:
+        """Raise ValueError if ``peer`` is not this transport's endpoint."""
+
+    def connect_peer(self, peer: Mapping[str, Any]) -> None:
+        """Sender side, at init: make the peer known to the library (must not block long)."""
+
+    def write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> str | None:
+        """Perform the writes (blocking is fine: this runs on the peer's worker thread).
+
+        Returns None on success or the failure reason.
+        """
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Deregister memory and free library resources (called once by :meth:`close`)."""
+
+    def init_delay(self) -> float:
+        return 0.0
+
+    def send_delay(self) -> float:
+        return 0.0
+
+    def injected_failure(self, room: int) -> str | None:
+        return None
+
+    # -- the shared mechanics --------------------------------------------------------------------
+
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+        for peer in peers:
+            self.check_peer(peer)
+            if book is self.senders:
+                self.connect_peer(peer)
+        book.init(room, peers, delay=self.init_delay())
+
+    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
+        return book.poll(rooms, self.injected_failure)
+
+    def send(self, room: int, chunk: SendChunk) -> None:
+        for write in chunk.writes:
+            self.regions.check_sources(room, write.descriptors, self.label)
+        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
+        if state is None:
+            return
+        ready_at = time.monotonic() + self.send_delay()
+        for write in chunk.writes:
+            peer = state.peers[write.peer]
+            self._workers.submit(
+                self.peer_key(peer),
+                lambda p=peer, d=write.descriptors: self._job(
+                    state, room, p, d, chunk.is_last, ready_at
+                ),
+            )
+
+    def _job(
+        self,
+        state: RoomState,
+        room: int,
+        peer: Mapping[str, Any],
+        d: Descriptors,
+        is_last: bool,
+        ready_at: float,
+    ) -> None:
+        wait = ready_at - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        error = None
+        if state.status != KVPoll.Failed:
+            is_aux = self.aux_regions.covers(d.src, d.lengths)
+            for aux, mask in ((False, ~is_aux), (True, is_aux)):
+                if not mask.any():
+                    continue
+                runs = Descriptors(d.src[mask], d.dst[mask], d.lengths[mask])
+                try:
+                    error = self.write(room, peer, runs, aux)
+                except Exception as exc:  # a failed write fails the room, never the thread
+                    error = f"{type(exc).__name__}: {exc}"
+                if error is not None:
+                    break
+        self.senders.finish_job(state, error, is_last)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._workers.close()
+        self.release()
+
+
+class ManagerHooks:
+    """Every operation hook of the contract, delegating to a :class:`BookedManager`.
+
+    A plugin module exposes one instance; its entry point names it::
+
+        plugin = ManagerHooks("mytransport", MyManager, capabilities={"cross_process"})
+        # [project.entry-points."kvbridge.transports"] mytransport = "my_pkg.plugin:plugin"
+
+    ``create(config, rank, kv_regions, aux_regions)`` builds the manager.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        create: Callable[..., BookedManager],
+        *,
+        capabilities: Sequence[str] = (),
+        description: str = "",
+    ) -> None:
+        from kvbridge.hookspecs import KVBRIDGE_API_VERSION
+        from kvbridge.types import TransportInfo
+
+        self.info = TransportInfo(name, KVBRIDGE_API_VERSION, frozenset(capabilities), description)
+        self.create = create
+
+    @hookimpl
+    def kvbridge_transport_info(self) -> Any:
+        return self.info
+
+    @hookimpl
+    def kvbridge_manager_create(
+        self, config: Any, rank: Any, kv_regions: Any, aux_regions: Any
+    ) -> BookedManager:
+        return self.create(config, rank, kv_regions, aux_regions)
+
+    @hookimpl
+    def kvbridge_manager_endpoint(self, manager: BookedManager) -> Any:
+        return manager.endpoint
+
+    @hookimpl
+    def kvbridge_manager_close(self, manager: BookedManager) -> None:
+        manager.close()
+
+    @hookimpl
+    def kvbridge_receiver_construct(self, manager: BookedManager, room: int) -> None:
+        manager.receivers.construct(room)
+
+    @hookimpl
+    def kvbridge_receiver_init(self, manager: BookedManager, room: int, peers: Any) -> None:
+        manager.init(manager.receivers, room, peers)
+
+    @hookimpl
+    def kvbridge_receiver_send_metadata(
+        self, manager: BookedManager, room: int, kv_indices: np.ndarray, aux_index: int
+    ) -> None:
+        manager.receivers.advance(room, KVPoll.Transferring)
+
+    @hookimpl
+    def kvbridge_receiver_poll(self, manager: BookedManager, rooms: np.ndarray) -> PollResult:
+        return manager.poll(manager.receivers, rooms)
+
+    @hookimpl
+    def kvbridge_receiver_abort(self, manager: BookedManager, room: int, reason: str) -> None:
+        manager.receivers.abort(room, reason)
+
+    @hookimpl
+    def kvbridge_receiver_clear(self, manager: BookedManager, room: int) -> None:
+        manager.receivers.clear(room)
+
+    @hookimpl
+    def kvbridge_sender_construct(self, manager: BookedManager, room: int) -> None:
+        manager.senders.construct(room)
+
+    @hookimpl
+    def kvbridge_sender_init(self, manager: BookedManager, room: int, peers: Any) -> None:
+        manager.init(manager.senders, room, peers)
+
+    @hookimpl
+    def kvbridge_sender_send(self, manager: BookedManager, room: int, chunk: SendChunk) -> None:
+        manager.send(room, chunk)
+
+    @hookimpl
+    def kvbridge_sender_poll(self, manager: BookedManager, rooms: np.ndarray) -> PollResult:
+        return manager.poll(manager.senders, rooms)
+
+    @hookimpl
+    def kvbridge_sender_abort(self, manager: BookedManager, room: int, reason: str) -> None:
+        manager.senders.abort(room, reason)
+
+    @hookimpl
+    def kvbridge_sender_clear(self, manager: BookedManager, room: int) -> None:
+        manager.senders.clear(room)

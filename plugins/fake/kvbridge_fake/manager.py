@@ -18,15 +18,15 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
 from kvbridge.config import TransferConfig
 from kvbridge.status import KVPoll
-from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
-from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+from kvbridge.transport_kit import BookedManager
+from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 from kvbridge_fake import wire
 from kvbridge_fake.faults import FaultPlan
 
@@ -37,7 +37,7 @@ _LOCAL_LOCK = threading.Lock()
 _DRAIN_CHUNK = 1 << 20
 
 
-class FakeManager:
+class FakeManager(BookedManager):
     def __init__(
         self,
         config: TransferConfig,
@@ -56,16 +56,12 @@ class FakeManager:
         self.tp_rank = rank.tp_rank
         self.io_timeout = float(options.get("io_timeout", 30.0))
         self.id = uuid.uuid4().hex
-        self.regions = RegionSet(kv_regions + aux_regions)
-        self.aux_regions = RegionSet(aux_regions)
         self._connections: dict[str, socket.socket] = {}
-        self._closed = threading.Event()
+        self._stopping = threading.Event()
 
         self._listener = socket.create_server((options.get("host", "127.0.0.1"), 0))
         self.host, self.port = self._listener.getsockname()[:2]
-        self.receivers = RoomBook(self.label)
-        self.senders = RoomBook(self.label)
-        self._workers = PeerWorkers(f"kvbridge-fake-send-{self.port}")
+        super().__init__(f"{rank.label}@{self.host}:{self.port}", kv_regions, aux_regions)
         self._threads = [
             threading.Thread(
                 target=self._accept_loop, name=f"kvbridge-fake-accept-{self.port}", daemon=True
@@ -80,17 +76,10 @@ class FakeManager:
     def endpoint(self) -> dict[str, Any]:
         return {"id": self.id, "host": self.host, "port": self.port, "pid": os.getpid()}
 
-    @property
-    def label(self) -> str:
-        return f"{self.rank.label}@{self.host}:{self.port}"
-
-    def close(self) -> None:
-        if self._closed.is_set():
-            return
-        self._closed.set()
+    def release(self) -> None:
+        self._stopping.set()
         with _LOCAL_LOCK:
             _LOCAL_MANAGERS.pop(self.id, None)
-        self._workers.close()
         with contextlib.suppress(OSError):
             # shutdown() wakes the thread blocked in accept(); close() alone does not.
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -102,83 +91,42 @@ class FakeManager:
             if t is not threading.current_thread():
                 t.join(timeout=5)
 
-    # -- rooms ---------------------------------------------------------------------------------
+    # -- what BookedManager asks of a transport --------------------------------------------------
 
-    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
-        for peer in peers:
-            if not {"id", "host", "port", "pid"} <= set(peer):
-                raise ValueError(f"not a fake transport endpoint: {peer!r}")
-        book.init(room, peers, delay=self.faults.delay_for("init", self.tp_rank))
+    def check_peer(self, peer: Mapping[str, Any]) -> None:
+        if not {"id", "host", "port", "pid"} <= set(peer):
+            raise ValueError(f"not a fake transport endpoint: {peer!r}")
 
-    def poll(self, book: RoomBook, wanted: np.ndarray) -> PollResult:
-        if not self.faults.fail_rooms:
-            return book.poll(wanted)
-        return book.poll(wanted, self._injected_failure)
+    def peer_key(self, peer: Mapping[str, Any]) -> str:
+        return str(peer["id"])
 
-    def _injected_failure(self, room: int) -> str | None:
-        if self.faults.fails(room, self.tp_rank):
+    def init_delay(self) -> float:
+        return self.faults.delay_for("init", self.tp_rank)
+
+    def send_delay(self) -> float:
+        return self.faults.delay_for("send", self.tp_rank)
+
+    def injected_failure(self, room: int) -> str | None:
+        if self.faults.fail_rooms and self.faults.fails(room, self.tp_rank):
             return "injected failure (fake transport fault plan)"
         return None
 
-    # -- sending -------------------------------------------------------------------------------
+    def write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> str | None:
+        flags = wire.FLAG_AUX if is_aux else 0
+        target = _LOCAL_MANAGERS.get(peer["id"]) if peer["pid"] == os.getpid() else None
+        if target is not None:
+            sources = iter(runs.src.tolist())
 
-    def send(self, room: int, chunk: SendChunk) -> None:
-        for write in chunk.writes:
-            self.regions.check_sources(room, write.descriptors, self.label)
-        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
-        if state is None:
-            return
-        ready_at = time.monotonic() + self.faults.delay_for("send", self.tp_rank)
-        for write in chunk.writes:
-            peer = state.peers[write.peer]
-            self._workers.submit(
-                str(peer["id"]),
-                lambda peer=peer, d=write.descriptors: self._run_job(
-                    state, room, peer, d, chunk.is_last, ready_at
-                ),
-            )
+            def copy_next(addr: int, n: int) -> None:
+                ctypes.memmove(addr, next(sources), n)
 
-    def _run_job(
-        self,
-        state: RoomState,
-        room: int,
-        peer: Mapping[str, Any],
-        d: Descriptors,
-        is_last: bool,
-        ready_at: float,
-    ) -> None:
-        wait = ready_at - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        error = None
-        if state.status != KVPoll.Failed:
-            try:
-                self._deliver(peer, room, d, is_last)
-            except Exception as exc:  # every delivery error fails the room, never the thread
-                error = str(exc)
-        self.senders.finish_job(state, error, is_last)
-
-    def _deliver(self, peer: Mapping[str, Any], room: int, d: Descriptors, is_last: bool) -> None:
-        # KV pages first, aux rows last: the room stamp must never land before the pages.
-        is_aux = self.aux_regions.covers(d.src, d.lengths)
-        for flags, mask in ((0, ~is_aux), (wire.FLAG_AUX, is_aux)):
-            if not mask.any():
-                continue
-            src, dst, lengths = d.src[mask], d.dst[mask], d.lengths[mask]
-            target = _LOCAL_MANAGERS.get(peer["id"]) if peer["pid"] == os.getpid() else None
-            if target is not None:
-                sources = iter(src.tolist())
-
-                def copy_next(addr: int, n: int, sources: Iterator[int] = sources) -> None:
-                    ctypes.memmove(addr, next(sources), n)
-
-                error = target.land(room, flags, dst, lengths, copy_next)
-                if error:
-                    raise RuntimeError(error)
-            elif peer["pid"] == os.getpid() and peer["id"] not in _LOCAL_MANAGERS:
-                raise ConnectionError(f"peer {peer['host']}:{peer['port']} is gone (closed)")
-            else:
-                self._deliver_remote(peer, room, flags, src, dst, lengths)
+            return target.land(room, flags, runs.dst, runs.lengths, copy_next)
+        if peer["pid"] == os.getpid():
+            return f"peer {peer['host']}:{peer['port']} is gone (closed)"
+        self._deliver_remote(peer, room, flags, runs.src, runs.dst, runs.lengths)
+        return None
 
     def _deliver_remote(
         self,
@@ -250,13 +198,13 @@ class FakeManager:
     def _land_later(self, room: int, staged: list[tuple[int, bytearray]]) -> None:
         with self.receivers.lock:
             state = self.receivers.rooms.get(room)
-            if self._closed.is_set() or state is None or state.status == KVPoll.Failed:
+            if self._stopping.is_set() or state is None or state.status == KVPoll.Failed:
                 return  # the room ended meanwhile: its slot may belong to someone else now
             for addr, buf in staged:
                 ctypes.memmove(addr, bytes(buf), len(buf))
 
     def _accept_loop(self) -> None:
-        while not self._closed.is_set():
+        while not self._stopping.is_set():
             try:
                 conn, _ = self._listener.accept()
             except OSError:
@@ -274,7 +222,7 @@ class FakeManager:
     def _serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
-            while not self._closed.is_set():
+            while not self._stopping.is_set():
                 try:
                     room, flags, dst, lengths = wire.decode_header(conn)
                 except (ConnectionError, OSError):

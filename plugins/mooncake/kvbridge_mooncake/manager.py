@@ -15,12 +15,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from kvbridge.config import TransferConfig
-from kvbridge.status import KVPoll
-from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
-from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+from kvbridge.transport_kit import BookedManager
+from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.mooncake")
 OPTIONS = {
@@ -48,7 +45,7 @@ def load_engine_class() -> Any:
     return TransferEngine
 
 
-class MooncakeManager:
+class MooncakeManager(BookedManager):
     def __init__(
         self,
         config: TransferConfig,
@@ -73,8 +70,7 @@ class MooncakeManager:
         if ret != 0:
             raise RuntimeError(f"mooncake TransferEngine.initialize({self.options}) returned {ret}")
         self.session = f"{self.options['hostname']}:{self.engine.get_rpc_port()}"
-        self.rank = rank
-        self.label = f"{rank.label}@mooncake:{self.session}"
+        super().__init__(f"{rank.label}@mooncake:{self.session}", kv_regions, aux_regions)
         regions = kv_regions + aux_regions
         self._registered = [r.addr for r in regions]
         if regions:
@@ -83,61 +79,31 @@ class MooncakeManager:
             )
             if ret != 0:
                 raise RuntimeError(f"mooncake could not register {len(regions)} regions ({ret})")
-        self.regions = RegionSet(regions)
-        self.aux_regions = RegionSet(aux_regions)
-        self.receivers = RoomBook(self.label)
-        self.senders = RoomBook(self.label)
-        self._workers = PeerWorkers("kvbridge-mooncake-send")
-        self._closed = False
 
     @property
     def endpoint(self) -> dict[str, Any]:
         return {"session": self.session, "protocol": self.options["protocol"], "pid": os.getpid()}
 
-    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
-        for peer in peers:
-            if not isinstance(peer.get("session"), str):
-                raise ValueError(f"not a mooncake endpoint: {peer!r}")
-        book.init(room, peers)
+    def check_peer(self, peer: Mapping[str, Any]) -> None:
+        if not isinstance(peer.get("session"), str):
+            raise ValueError(f"not a mooncake endpoint: {peer!r}")
 
-    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
-        return book.poll(rooms)
+    def peer_key(self, peer: Mapping[str, Any]) -> str:
+        return str(peer["session"])
 
-    def send(self, room: int, chunk: SendChunk) -> None:
-        for write in chunk.writes:
-            self.regions.check_sources(room, write.descriptors, self.label)
-        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
-        if state is None:
-            return
-        for write in chunk.writes:
-            session = str(state.peers[write.peer]["session"])
-            self._workers.submit(
-                session,
-                lambda s=session, d=write.descriptors: self._write(
-                    state, room, s, d, chunk.is_last
-                ),
+    def write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> str | None:
+        session = str(peer["session"])
+        ret = self._write_batch(
+            session, runs.src.tolist(), runs.dst.tolist(), runs.lengths.tolist()
+        )
+        if ret != 0:
+            return (
+                f"mooncake write of room {room} to {session} failed ({ret}): peer gone or "
+                "memory not registered there"
             )
-
-    def _write(
-        self, state: RoomState, room: int, session: str, d: Descriptors, is_last: bool
-    ) -> None:
-        error = None
-        if state.status != KVPoll.Failed:
-            # KV pages first, then the aux row: the room stamp must never land before the pages.
-            is_aux = self.aux_regions.covers(d.src, d.lengths)
-            for mask in (~is_aux, is_aux):
-                if not mask.any():
-                    continue
-                ret = self._write_batch(
-                    session, d.src[mask].tolist(), d.dst[mask].tolist(), d.lengths[mask].tolist()
-                )
-                if ret != 0:
-                    error = (
-                        f"mooncake write of room {room} to {session} failed ({ret}): peer "
-                        "gone or memory not registered there"
-                    )
-                    break
-        self.senders.finish_job(state, error, is_last)
+        return None
 
     def _write_batch(self, session: str, src: list[int], dst: list[int], lengths: list[int]) -> int:
         # The TCP transport rejects a batch that overfills its lane queue ("queue-full
@@ -163,11 +129,7 @@ class MooncakeManager:
             ret = self.engine.batch_transfer_sync_write(session, src, dst, lengths)
         return ret
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._workers.close()
+    def release(self) -> None:
         if self._registered:
             ret = self.engine.batch_unregister_memory(self._registered)
             if ret != 0:

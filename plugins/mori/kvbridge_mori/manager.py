@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -22,9 +21,8 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.status import KVPoll
-from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
-from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+from kvbridge.transport_kit import BookedManager
+from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.mori")
 OPTIONS = {"backend": "RDMA", "host": "127.0.0.1", "port": 0, "io_timeout": 30.0}
@@ -48,7 +46,7 @@ class _Regions:
         return np.where(ok, idx, -1)
 
 
-class MoriManager:
+class MoriManager(BookedManager):
     def __init__(
         self,
         io: ModuleType,
@@ -65,26 +63,18 @@ class MoriManager:
         self.options = {**OPTIONS, **config.transport_options}
         self.io = io
         self.key = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
-        self.engine = io.IOEngine(
-            self.key, io.IOEngineConfig(host=self.options["host"], port=int(self.options["port"]))
-        )
         backend = getattr(io.BackendType, str(self.options["backend"]), None)
         if backend is None:
             raise ValueError(f"mori backend {self.options['backend']!r} unknown")
+        self.engine = io.IOEngine(
+            self.key, io.IOEngineConfig(host=self.options["host"], port=int(self.options["port"]))
+        )
         self.engine.create_backend(backend)
-        self.rank = rank
-        self.label = f"{rank.label}@mori:{self.key}"
+        super().__init__(f"{rank.label}@mori:{self.key}", kv_regions, aux_regions)
         regions = kv_regions + aux_regions
         self._descs = [self._register(r) for r in regions]
         self.local = _Regions([(r.addr, r.length, d) for r, d in zip(regions, self._descs)])
-        self.regions = RegionSet(regions)
-        self.aux_regions = RegionSet(aux_regions)
-        self.receivers = RoomBook(self.label)
-        self.senders = RoomBook(self.label)
-        self._workers = PeerWorkers("kvbridge-mori-send")
         self._peers: dict[str, tuple[Any, _Regions]] = {}
-        self._lock = threading.Lock()
-        self._closed = False
 
     def _register(self, region: MemoryRegion) -> Any:
         gpu = region.device.startswith(("cuda", "hip"))
@@ -107,87 +97,60 @@ class MoriManager:
             "pid": os.getpid(),
         }
 
-    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
-        for peer in peers:
-            if not {"key", "engine", "regions"} <= set(peer):
-                raise ValueError(f"not a mori endpoint: {sorted(peer)}")
-            if book is self.senders and peer["key"] not in self._peers:
-                desc = self.io.EngineDesc.unpack(base64.b64decode(peer["engine"]))
-                self.engine.register_remote_engine(desc)
-                remote = _Regions(
-                    [
-                        (a, n, self.io.MemoryDesc.unpack(base64.b64decode(d)))
-                        for a, n, d in peer["regions"]
-                    ]
-                )
-                self._peers[peer["key"]] = (desc, remote)
-        book.init(room, peers)
+    def check_peer(self, peer: Mapping[str, Any]) -> None:
+        if not {"key", "engine", "regions"} <= set(peer):
+            raise ValueError(f"not a mori endpoint: {sorted(peer)}")
 
-    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
-        return book.poll(rooms)
+    def peer_key(self, peer: Mapping[str, Any]) -> str:
+        return str(peer["key"])
 
-    def send(self, room: int, chunk: SendChunk) -> None:
-        for write in chunk.writes:
-            self.regions.check_sources(room, write.descriptors, self.label)
-        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
-        if state is None:
+    def connect_peer(self, peer: Mapping[str, Any]) -> None:
+        if peer["key"] in self._peers:
             return
-        for write in chunk.writes:
-            key = str(state.peers[write.peer]["key"])
-            self._workers.submit(
-                key,
-                lambda k=key, d=write.descriptors: self._write(state, room, k, d, chunk.is_last),
-            )
+        desc = self.io.EngineDesc.unpack(base64.b64decode(peer["engine"]))
+        self.engine.register_remote_engine(desc)
+        remote = _Regions(
+            [(a, n, self.io.MemoryDesc.unpack(base64.b64decode(d))) for a, n, d in peer["regions"]]
+        )
+        self._peers[peer["key"]] = (desc, remote)
 
-    def _write(self, state: RoomState, room: int, key: str, d: Descriptors, is_last: bool) -> None:
-        error = None
-        if state.status != KVPoll.Failed:
-            try:
-                error = self._transfer(room, key, d)
-            except Exception as exc:  # mori raises on bad arguments; the room fails, not us
-                error = f"mori write of room {room} to {key} failed: {exc}"
-        self.senders.finish_job(state, error, is_last)
-
-    def _transfer(self, room: int, key: str, d: Descriptors) -> str | None:
+    def write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> str | None:
+        key = str(peer["key"])
         _, remote = self._peers[key]
-        src_region = self.local.locate(d.src, d.lengths)
-        dst_region = remote.locate(d.dst, d.lengths)
+        src_region = self.local.locate(runs.src, runs.lengths)
+        dst_region = remote.locate(runs.dst, runs.lengths)
         if (dst_region < 0).any():
             i = int(np.argmax(dst_region < 0))
             return (
-                f"room {room}: destination [{int(d.dst[i]):#x}, +{int(d.lengths[i])}) is "
-                f"not in memory {key} registered"
+                f"room {room}: destination [{int(runs.dst[i]):#x}, +{int(runs.lengths[i])})"
+                f" is not in memory {key} registered"
             )
-        is_aux = self.aux_regions.covers(d.src, d.lengths)
-        for part in (~is_aux, is_aux):  # KV pages first, the aux row (room stamp) last
-            pairs = sorted({(int(s), int(t)) for s, t in zip(src_region[part], dst_region[part])})
-            for s, t in pairs:
-                sel = part & (src_region == s) & (dst_region == t)
-                status = self.engine.batch_write(
-                    self.local.descs[s],
-                    (d.src[sel] - self.local.starts[s]).tolist(),
-                    remote.descs[t],
-                    (d.dst[sel] - remote.starts[t]).tolist(),
-                    d.lengths[sel].tolist(),
-                    self.engine.allocate_transfer_uid(),
+        # mori.io addresses (descriptor, offset): one batch_write per region pair.
+        for s, t in sorted({(int(a), int(b)) for a, b in zip(src_region, dst_region)}):
+            sel = (src_region == s) & (dst_region == t)
+            status = self.engine.batch_write(
+                self.local.descs[s],
+                (runs.src[sel] - self.local.starts[s]).tolist(),
+                remote.descs[t],
+                (runs.dst[sel] - remote.starts[t]).tolist(),
+                runs.lengths[sel].tolist(),
+                self.engine.allocate_transfer_uid(),
+            )
+            deadline = time.monotonic() + float(self.options["io_timeout"])
+            while status.InProgress():
+                if time.monotonic() > deadline:
+                    return f"mori write of room {room} to {key} timed out"
+                time.sleep(0)
+            if not status.Succeeded():
+                return (
+                    f"mori batch_write of room {room} to {key} failed: "
+                    f"{status.Code()} {status.Message()}"
                 )
-                deadline = time.monotonic() + float(self.options["io_timeout"])
-                while status.InProgress():
-                    if time.monotonic() > deadline:
-                        return f"mori write of room {room} to {key} timed out"
-                    time.sleep(0)
-                if not status.Succeeded():
-                    return (
-                        f"mori batch_write of room {room} to {key} failed: "
-                        f"{status.Code()} {status.Message()}"
-                    )
         return None
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._workers.close()
+    def release(self) -> None:
         for desc, _ in self._peers.values():
             try:
                 self.engine.deregister_remote_engine(desc)

@@ -20,9 +20,8 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.status import KVPoll
-from kvbridge.transport_kit import PeerWorkers, RegionSet, RoomBook, RoomState
-from kvbridge.types import Descriptors, MemoryRegion, PollResult, RankIdentity, SendChunk
+from kvbridge.transport_kit import BookedManager
+from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.nixl")
 OPTIONS = {"backend": "UCX", "mem_type": "DRAM", "device_id": 0, "io_timeout": 30.0}
@@ -39,7 +38,7 @@ def load_nixl() -> tuple[Any, Any]:
     return nixl_agent, nixl_agent_config
 
 
-class NixlManager:
+class NixlManager(BookedManager):
     def __init__(
         self,
         config: TransferConfig,
@@ -57,8 +56,7 @@ class NixlManager:
         agent_cls, config_cls = load_nixl()
         self.name = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
         self.agent = agent_cls(self.name, config_cls(backends=[self.options["backend"]]))
-        self.rank = rank
-        self.label = f"{rank.label}@nixl:{self.name}"
+        super().__init__(f"{rank.label}@nixl:{self.name}", kv_regions, aux_regions)
         self.mem_type = self.options["mem_type"]
         regions = kv_regions + aux_regions
         self._reg = None
@@ -68,45 +66,26 @@ class NixlManager:
                 [(r.addr, r.length, dev, "") for r in regions], self.mem_type
             )
             self._reg = self.agent.register_memory(descs)
-        self.regions = RegionSet(regions)
-        self.aux_regions = RegionSet(aux_regions)
-        self.receivers = RoomBook(self.label)
-        self.senders = RoomBook(self.label)
-        self._workers = PeerWorkers("kvbridge-nixl-send")
         self._lock = threading.Lock()
         self._remote: set[str] = set()
-        self._closed = False
 
     @property
     def endpoint(self) -> dict[str, Any]:
         metadata = base64.b64encode(self.agent.get_agent_metadata()).decode()
         return {"agent": self.name, "metadata": metadata, "pid": os.getpid()}
 
-    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
-        for peer in peers:
-            if not isinstance(peer.get("agent"), str) or not isinstance(peer.get("metadata"), str):
-                raise ValueError(f"not a nixl endpoint: {sorted(peer)}")
-            if book is self.senders and peer["agent"] not in self._remote:
-                with self._lock:
-                    self.agent.add_remote_agent(base64.b64decode(peer["metadata"]))
-                self._remote.add(peer["agent"])
-        book.init(room, peers)
+    def check_peer(self, peer: Mapping[str, Any]) -> None:
+        if not isinstance(peer.get("agent"), str) or not isinstance(peer.get("metadata"), str):
+            raise ValueError(f"not a nixl endpoint: {sorted(peer)}")
 
-    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
-        return book.poll(rooms)
+    def peer_key(self, peer: Mapping[str, Any]) -> str:
+        return str(peer["agent"])
 
-    def send(self, room: int, chunk: SendChunk) -> None:
-        for write in chunk.writes:
-            self.regions.check_sources(room, write.descriptors, self.label)
-        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
-        if state is None:
-            return
-        for write in chunk.writes:
-            agent = str(state.peers[write.peer]["agent"])
-            self._workers.submit(
-                agent,
-                lambda a=agent, d=write.descriptors: self._write(state, room, a, d, chunk.is_last),
-            )
+    def connect_peer(self, peer: Mapping[str, Any]) -> None:
+        if peer["agent"] not in self._remote:
+            with self._lock:
+                self.agent.add_remote_agent(base64.b64decode(peer["metadata"]))
+            self._remote.add(peer["agent"])
 
     def _descs(self, addrs: np.ndarray, lengths: np.ndarray) -> Any:
         table = np.empty((len(addrs), 3), dtype=np.uint64)
@@ -115,19 +94,10 @@ class NixlManager:
         table[:, 2] = int(self.options["device_id"])
         return self.agent.get_xfer_descs(table, self.mem_type)
 
-    def _write(
-        self, state: RoomState, room: int, agent: str, d: Descriptors, is_last: bool
-    ) -> None:
-        error = None
-        if state.status != KVPoll.Failed:
-            # KV pages first, then the aux row: the room stamp must never land before the pages.
-            is_aux = self.aux_regions.covers(d.src, d.lengths)
-            for mask in (~is_aux, is_aux):
-                if mask.any():
-                    error = self._transfer(room, agent, d.src[mask], d.dst[mask], d.lengths[mask])
-                    if error:
-                        break
-        self.senders.finish_job(state, error, is_last)
+    def write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> str | None:
+        return self._transfer(room, str(peer["agent"]), runs.src, runs.dst, runs.lengths)
 
     def _transfer(
         self, room: int, agent: str, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray
@@ -159,11 +129,7 @@ class NixlManager:
                     except Exception as exc:
                         log.debug("release_xfer_handle: %s", exc)
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._workers.close()
+    def release(self) -> None:
         with self._lock:
             for agent in self._remote:
                 try:
