@@ -26,6 +26,16 @@ from kvbridge.status import KVPoll
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, SendChunk
 
 
+def transport_options(
+    name: str, given: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Merge a transport's options over its defaults; unknown keys are a clear error."""
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown {name} transport option(s) {unknown}; known: {sorted(defaults)}")
+    return {**defaults, **given}
+
+
 class RegionSet:
     """Fast membership test of (addr, length) runs against registered regions."""
 

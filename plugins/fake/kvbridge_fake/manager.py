@@ -25,7 +25,7 @@ import numpy as np
 
 from kvbridge.config import TransferConfig
 from kvbridge.status import KVPoll
-from kvbridge.transport_kit import BookedManager
+from kvbridge.transport_kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 from kvbridge_fake import wire
 from kvbridge_fake.faults import FaultPlan
@@ -35,6 +35,7 @@ log = logging.getLogger("kvbridge.fake")
 _LOCAL_MANAGERS: dict[str, FakeManager] = {}
 _LOCAL_LOCK = threading.Lock()
 _DRAIN_CHUNK = 1 << 20
+OPTIONS = {"faults": {}, "host": "127.0.0.1", "io_timeout": 30.0}
 
 
 class FakeManager(BookedManager):
@@ -46,11 +47,7 @@ class FakeManager(BookedManager):
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
         options = config.transport_options
-        unknown = sorted(set(options) - {"faults", "host", "io_timeout"})
-        if unknown:
-            raise ValueError(
-                f"unknown fake transport option(s) {unknown}; known: faults, host, io_timeout"
-            )
+        options = transport_options("fake", options, OPTIONS)
         self.faults = FaultPlan.from_options(options)
         self.rank = rank
         self.tp_rank = rank.tp_rank

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvbridge.config import TransferConfig
-from kvbridge.transport_kit import BookedManager
+from kvbridge.transport_kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.mooncake")
@@ -53,12 +53,7 @@ class MooncakeManager(BookedManager):
         kv_regions: tuple[MemoryRegion, ...],
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
-        unknown = sorted(set(config.transport_options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown mooncake transport option(s) {unknown}; known: {sorted(OPTIONS)}"
-            )
-        self.options = {**OPTIONS, **config.transport_options}
+        self.options = transport_options("mooncake", config.transport_options, OPTIONS)
         os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
         self.engine = load_engine_class()()
         ret = self.engine.initialize(

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.transport_kit import BookedManager
+from kvbridge.transport_kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.mori")
@@ -55,12 +55,7 @@ class MoriManager(BookedManager):
         kv_regions: tuple[MemoryRegion, ...],
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
-        unknown = sorted(set(config.transport_options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown mori transport option(s) {unknown}; known: {sorted(OPTIONS)}"
-            )
-        self.options = {**OPTIONS, **config.transport_options}
+        self.options = transport_options("mori", config.transport_options, OPTIONS)
         self.io = io
         self.key = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
         backend = getattr(io.BackendType, str(self.options["backend"]), None)

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.transport_kit import BookedManager
+from kvbridge.transport_kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.nixl")
@@ -46,12 +46,7 @@ class NixlManager(BookedManager):
         kv_regions: tuple[MemoryRegion, ...],
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
-        unknown = sorted(set(config.transport_options) - set(OPTIONS))
-        if unknown:
-            raise ValueError(
-                f"unknown nixl transport option(s) {unknown}; known: {sorted(OPTIONS)}"
-            )
-        self.options = {**OPTIONS, **config.transport_options}
+        self.options = transport_options("nixl", config.transport_options, OPTIONS)
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         agent_cls, config_cls = load_nixl()
         self.name = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
