@@ -85,7 +85,7 @@ class DemoPlan:
         """(room, prompt tokens, prefill DP rank): identical in every process."""
         rng = random.Random(self.seed)
         rooms: set[int] = set()
-        out = []
+        out: list[tuple[int, int, int]] = []
         while len(out) < self.requests:
             room = rng.getrandbits(62) + 1
             if room in rooms:
@@ -212,7 +212,9 @@ def prefill_main(
                 pages = pool.alloc(plan.pages_of(tokens[room]))
                 if pages is None:
                     raise RuntimeError("prefill KV pool exhausted")
-                slot = int(slots.alloc(1)[0])
+                slot_ids = slots.alloc(1)
+                assert slot_ids is not None  # one slot per request, sized for all of them
+                slot = int(slot_ids[0])
                 buffers.fill(room, pages)
                 buffers.write_aux(slot, room)
                 forward[room] = [pages, 0, slot]
@@ -232,8 +234,8 @@ def prefill_main(
                 if last:
                     out["done_at"][room] = time.time()
             for room in list(result.finished) + [a.room for a in result.aborted]:
-                entry = forward.pop(room, None)
-                if entry is not None:
+                if room in forward:
+                    entry = forward.pop(room)
                     pool.free(entry[0])
                     slots.free([entry[2]])
             for a in result.aborted:

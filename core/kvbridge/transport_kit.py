@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -316,12 +317,10 @@ class BookedManager:
         ready_at = time.monotonic() + self.send_delay()
         for write in chunk.writes:
             peer = state.peers[write.peer]
-            self._workers.submit(
-                self.peer_key(peer),
-                lambda p=peer, d=write.descriptors: self._job(
-                    state, room, p, d, chunk.is_last, ready_at
-                ),
+            job = functools.partial(
+                self._job, state, room, peer, write.descriptors, chunk.is_last, ready_at
             )
+            self._workers.submit(self.peer_key(peer), job)
 
     def _job(
         self,
@@ -380,7 +379,9 @@ class ManagerHooks:
         from kvbridge.hookspecs import KVBRIDGE_API_VERSION
         from kvbridge.types import TransportInfo
 
-        self.info = TransportInfo(name, KVBRIDGE_API_VERSION, frozenset(capabilities), description)
+        self.info = TransportInfo(
+            name, KVBRIDGE_API_VERSION, frozenset(str(c) for c in capabilities), description
+        )
         self.create = create
 
     @hookimpl

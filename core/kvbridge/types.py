@@ -7,7 +7,7 @@ that a transport cannot reach into an engine and an engine can change without br
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -110,13 +110,17 @@ class MemoryRegion:
         return cls(addr=addr, length=length, item_bytes=item_bytes, device=device)
 
 
+def _names(values: Iterable[str]) -> frozenset[str]:
+    return frozenset(str(v) for v in values)
+
+
 @attrs.frozen
 class TransportInfo:
     """What a transport says about itself (returned by ``kvbridge_transport_info``)."""
 
     name: str
     api_version: str
-    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
+    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
     description: str = ""
 
 
@@ -182,5 +186,5 @@ class PollResult:
     ``failures`` maps a failed room to its reason; rooms missing from it get a generic reason.
     """
 
-    statuses: Sequence[int]
+    statuses: Sequence[int] | np.ndarray
     failures: Mapping[int, str] = attrs.field(factory=dict)

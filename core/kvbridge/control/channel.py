@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import zmq
 
@@ -24,7 +25,7 @@ class ControlReceiver:
     """Binds ``tcp://host:*`` and delivers every well-formed message to ``on_message``."""
 
     def __init__(self, on_message: Callable[[Message], None], host: str = "127.0.0.1") -> None:
-        self._context = zmq.Context.instance()
+        self._context: Any = zmq.Context.instance()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, _MAX_FRAME)
@@ -71,7 +72,7 @@ class ControlSender:
     """PUSH sockets to peers' receivers, created on first use and reused."""
 
     def __init__(self) -> None:
-        self._context = zmq.Context.instance()
+        self._context: Any = zmq.Context.instance()
         self._sockets: dict[str, zmq.Socket] = {}
         self.sent = 0
         self.failed = 0

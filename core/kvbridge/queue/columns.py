@@ -8,6 +8,7 @@ not a Python loop over requests. Rare per-request data (page arrays, reasons) li
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class Columns:
     def index_of(self, room: int) -> int | None:
         return self._index.get(room)
 
-    def append(self, rooms: Sequence[int], local: int, deadline: float) -> None:
+    def append(self, rooms: Sequence[int], local: int | np.integer[Any], deadline: float) -> None:
         n = len(rooms)
         self.rooms = np.concatenate([self.rooms, np.asarray(rooms, dtype=np.uint64)])
         self.stage = np.concatenate([self.stage, np.zeros(n, dtype=np.uint8)])

@@ -235,8 +235,12 @@ class DecodeQueue:
                 aborted.append(self._abort(i))
                 remove.append(i)
 
-        commits = np.flatnonzero(key == _COMMIT_KEY) if key.max() == _COMMIT_KEY else ()
-        for i in commits.tolist() if len(commits) else ():
+        commits = (
+            np.flatnonzero(key == _COMMIT_KEY)
+            if len(key) and key.max() == _COMMIT_KEY
+            else np.zeros(0, dtype=np.int64)
+        )
+        for i in commits.tolist():
             room, slot = int(cols.rooms[i]), int(cols.slot[i])
             stamp = int(self.stamps[slot])
             if stamp != room:  # unreachable while the gate holds; never retry, never diverge
@@ -253,7 +257,7 @@ class DecodeQueue:
         # key in 2..4, tested with one wrapping uint8 subtraction and one comparison.
         is_ready = (key - np.uint8(WAITING)) <= np.uint8(SUCCESS - WAITING)
         first = int(is_ready.argmax()) if len(key) else 0
-        ready: np.ndarray | tuple[()] = ()
+        ready = np.zeros(0, dtype=np.int64)
         # Usually the head of the line does not fit and nothing else needs looking at.
         if (
             len(key)
@@ -264,21 +268,21 @@ class DecodeQueue:
         for k in range(len(ready)):
             i = int(ready[k])
             room = int(cols.rooms[i])
-            pages = self.pages.alloc(self.requests[room].num_pages)
-            if pages is None:
+            new_pages = self.pages.alloc(self.requests[room].num_pages)
+            if new_pages is None:
                 break  # FIFO: nobody overtakes the first request that does not fit
-            slot = self.aux_slots.alloc(1)
-            if slot is None:
-                self.pages.free(pages)
+            slots = self.aux_slots.alloc(1)
+            if slots is None:
+                self.pages.free(new_pages)
                 break
-            self.allocated[room] = pages
+            self.allocated[room] = new_pages
             cols.stage[i] = TRANSFER
             cols.floor[i] = SUCCESS
-            cols.slot[i] = int(slot[0])
+            cols.slot[i] = int(slots[0])
             if cols.local[i] != FAILED:
                 cols.local[i] = TRANSFERRING
             cols.set_deadline(i, now + self.waiting_timeout)
-            to_send.append(MetadataToSend(room, pages, int(slot[0])))
+            to_send.append(MetadataToSend(room, new_pages, int(slots[0])))
 
         if remove:
             keep = np.ones(len(cols), dtype=bool)

@@ -173,9 +173,9 @@ class DecodeSession:
         for failed in step.aborted:
             self.manager.receiver_abort(failed.room, failed.reason)
             self.manager.receiver_clear(failed.room)
-            target = self._targets.pop(failed.room, None)
+            lost: PrefillTarget | None = self._targets.pop(failed.room, None)
             if self.send_abort is not None:
-                self.send_abort(failed.room, target, failed.reason)
+                self.send_abort(failed.room, lost, failed.reason)
             self._unresolved = [r for r in self._unresolved if r.room != failed.room]
             level = logging.INFO if failed.from_other_rank else logging.WARNING
             log.log(level, "decode room %d aborted: %s", failed.room, failed.reason)

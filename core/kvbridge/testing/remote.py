@@ -24,7 +24,7 @@ _IDLE_LIMIT = 120.0
 def _serve(conn: Connection, name: str, options: dict[str, Any], shape: dict[str, int]) -> None:
     transport = Transport(TransportRegistry.discover().get(name))
     config = TransferConfig(transport=name, transport_options=options)
-    buffers = RankBuffers.allocate(**shape)
+    buffers = RankBuffers.allocate(**shape)  # type: ignore[arg-type]
     manager = transport.create_manager(
         config, RankIdentity(Role.DECODE), buffers.kv_regions, buffers.aux_regions
     )

@@ -65,9 +65,12 @@ class TransferRig:
     ) -> None:
         self.transport = transport
         self.config = config
-        shape = {"num_pages": num_pages, "page_bytes": page_bytes, "num_slots": num_slots}
-        self.decode = RankBuffers.allocate(**shape)
-        self.prefill = RankBuffers.allocate(**shape)
+        self.decode = RankBuffers.allocate(
+            num_pages=num_pages, page_bytes=page_bytes, num_slots=num_slots
+        )
+        self.prefill = RankBuffers.allocate(
+            num_pages=num_pages, page_bytes=page_bytes, num_slots=num_slots
+        )
         self.receiver = transport.create_manager(
             config, RankIdentity(Role.DECODE), self.decode.kv_regions, self.decode.aux_regions
         )

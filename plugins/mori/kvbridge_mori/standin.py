@@ -80,10 +80,20 @@ class _Packed:
 
 class EngineDesc(_Packed):
     FIELDS = ("key", "hostname", "host", "port")
+    key: str
+    hostname: str
+    host: str
+    port: int
 
 
 class MemoryDesc(_Packed):
     FIELDS = ("engine_key", "id", "data", "size", "device_id", "loc")
+    engine_key: str
+    id: int
+    data: int
+    size: int
+    device_id: int
+    loc: str
 
 
 class TransferStatus:
