@@ -27,7 +27,7 @@ from kvbridge.plugins import ObserverRelay
 from kvbridge.queue.collective import Reducer
 from kvbridge.queue.columns import SUCCESS
 from kvbridge.queue.decode import DecodeQueue, DecodeRequest, MetadataToSend, PageAllocator
-from kvbridge.queue.outcomes import DecodeStep, PrefillStep
+from kvbridge.queue.outcomes import Aborted, DecodeStep, PrefillStep
 from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.status import KVPoll
 from kvbridge.transports import TransportManager
@@ -53,6 +53,12 @@ class PrefillTarget:
 class PrefillDirectory(Protocol):
     def resolve(self, requests: Sequence[DecodeRequest]) -> Mapping[int, PrefillTarget | str]:
         """Non-blocking: the targets known now; a string is a failure reason; absent = later."""
+
+
+def _log_abort(side: str, failed: Aborted) -> None:
+    # The rank that saw the cause warns; ranks that only followed the reduction say so quietly.
+    level = logging.INFO if failed.from_other_rank else logging.WARNING
+    log.log(level, "%s room %d aborted: %s", side, failed.room, failed.reason)
 
 
 MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
@@ -177,8 +183,7 @@ class DecodeSession:
             if self.send_abort is not None:
                 self.send_abort(failed.room, lost, failed.reason)
             self._unresolved = [r for r in self._unresolved if r.room != failed.room]
-            level = logging.INFO if failed.from_other_rank else logging.WARNING
-            log.log(level, "decode room %d aborted: %s", failed.room, failed.reason)
+            _log_abort("decode", failed)
             self._finished(failed.room, KVPoll.Failed, failed.reason, failed.from_other_rank)
         self.observers.call(
             "kvbridge_step",
@@ -267,6 +272,10 @@ class PrefillSession:
         self._offsets: dict[int, int] = {}
         self._notified: set[int] = set()
         self._events: collections.deque[tuple[str, Any]] = collections.deque()
+        # Decode may hear of a request before this prefill rank does: its metadata or abort
+        # waits here (with its arrival time) until add() brings the room, or expires.
+        self._early: dict[int, tuple[float, list[tuple[str, Any]]]] = {}
+        self._early_ttl = config.bootstrap_timeout
 
     @property
     def authoritative(self) -> bool:
@@ -280,6 +289,14 @@ class PrefillSession:
         if self.manager is not None:
             for r in requests:
                 self.manager.sender_construct(r.room)
+        for r in requests:
+            if r.room in self._early:
+                for kind, payload in self._early.pop(r.room)[1]:
+                    self._apply_event(kind, payload)
+
+    def pending_early(self) -> int:
+        """Rooms with messages waiting for this rank to add them."""
+        return len(self._early)
 
     def register_decode_peer(self, key: Any, peer: DecodePeer) -> None:
         """Thread-safe."""
@@ -300,13 +317,9 @@ class PrefillSession:
 
     def prepare(self) -> np.ndarray:
         while self._events:
-            kind, payload = self._events.popleft()
-            if kind == "peer":
-                self.decode_peers[payload[0]] = payload[1]
-            elif kind == "meta":
-                self._take_metadata(payload)
-            else:
-                self.queue.fail(payload[0], f"decode aborted: {payload[1]}")
+            self._apply_event(*self._events.popleft())
+        if self._early:
+            self._expire_early()
         queue = self.queue
         if not len(queue):
             return np.zeros(0, dtype=np.uint8)
@@ -318,9 +331,32 @@ class PrefillSession:
             self._announce_completions(statuses)
         return queue.local_statuses(statuses, failures, self.clock())
 
+    def _apply_event(self, kind: str, payload: Any) -> None:
+        if kind == "peer":
+            self.decode_peers[payload[0]] = payload[1]
+            return
+        room = payload.room if kind == "meta" else payload[0]
+        if self.queue.cols.index_of(room) is None:
+            entry = self._early.setdefault(room, (self.clock(), []))
+            entry[1].append((kind, payload))
+        elif kind == "meta":
+            self._take_metadata(payload)
+        else:
+            self.queue.fail(room, f"decode aborted: {payload[1]}")
+
+    def _expire_early(self) -> None:
+        limit = self.clock() - self._early_ttl
+        for room in [r for r, (t, _) in self._early.items() if t < limit]:
+            del self._early[room]
+            log.warning(
+                "dropped decode messages for room %d: it was not queued on this "
+                "prefill rank within bootstrap_timeout (never added, or already ended)",
+                room,
+            )
+
     def _take_metadata(self, meta: DecodeMetadata) -> None:
-        if self.manager is None or self.queue.cols.index_of(meta.room) is None:
-            log.debug("metadata for room %d ignored (not queued here)", meta.room)
+        if self.manager is None:
+            log.debug("metadata for room %d ignored (no-op CP rank)", meta.room)
             return
         if meta.decode_rank not in self.decode_peers:
             self.queue.fail(meta.room, f"metadata from unknown decode rank {meta.decode_rank!r}")
@@ -414,8 +450,7 @@ class PrefillSession:
                     self.notify_decode(
                         failed.room, tuple(p for p, _ in targets), False, failed.reason
                     )
-            level = logging.INFO if failed.from_other_rank else logging.WARNING
-            log.log(level, "prefill room %d aborted: %s", failed.room, failed.reason)
+            _log_abort("prefill", failed)
         if self.manager is not None:
             self.observers.call(
                 "kvbridge_step",

@@ -27,11 +27,12 @@ import numpy as np
 import pytest
 
 from kvbridge.config import TransferConfig
+from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.status import KVPoll
 from kvbridge.testing.remote import RemoteReceiver
 from kvbridge.testing.rig import TransferRig, require_transport, wait_until_terminal
 from kvbridge.transports import Transport
-from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, SendChunk
+from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, RankIdentity, Role, SendChunk
 
 
 def _pages(*values: int) -> np.ndarray:
@@ -296,8 +297,6 @@ class TransportConformance:
         buffer = np.zeros((4, 64), dtype=np.uint8)
         region = MemoryRegion.of(buffer)
         with pytest.raises(ValueError):
-            from kvbridge.types import RankIdentity, Role
-
             transport.create_manager(config, RankIdentity(Role.DECODE), (region, region), ())
 
     # -- vanished peers ------------------------------------------------------------------------
@@ -310,59 +309,54 @@ class TransportConformance:
         status, reason = rig.wait_sender(room, self.timeout)
         assert status == KVPoll.Failed and reason
 
-    def test_bytes_cross_a_process_boundary(self, rig: TransferRig, transport: Transport) -> None:
+    @pytest.fixture
+    def remote(self, transport: Transport) -> Iterator[RemoteReceiver]:
+        """A receiver manager in another process (needs the ``cross_process`` capability)."""
         self.needs(transport, "cross_process")
-        remote = RemoteReceiver(
+        receiver = RemoteReceiver(
             self.transport_name,
             dict(self.transport_options),
             num_pages=self.num_pages,
             page_bytes=self.page_bytes,
         )
-        try:
-            room = 81
-            src, dst = np.arange(8, dtype=np.int64), _pages(50, 51, 52, 3, 9, 10, 11, 60)
-            remote.open(room, rig.sender.endpoint, dst, 9)
-            rig.sender.sender_construct(room)
-            rig.sender.sender_init(room, (remote.endpoint,))
-            rig.prefill.fill(room, src)
-            rig.prefill.write_aux(0, room)
-            from kvbridge.memory import aux_descriptors, kv_descriptors
+        yield receiver
+        receiver.close()
 
-            d = Descriptors.concat(
-                [
-                    kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, src, dst),
-                    aux_descriptors(rig.prefill.aux_regions, remote.aux_regions, 0, 9),
-                ]
-            )
-            rig.sender.sender_send(room, SendChunk((PeerWrite(0, d),), is_last=True))
-            status, reason = rig.wait_sender(room, self.timeout)
-            assert status == KVPoll.Success, reason
-            mismatches, aux_ok = remote.verify(room, dst, 9)
-            assert mismatches == [] and aux_ok
-        finally:
-            remote.close()
+    @staticmethod
+    def _send_to(
+        rig: TransferRig, remote: RemoteReceiver, room: int, pages: np.ndarray, slot: int
+    ) -> None:
+        remote.open(room, rig.sender.endpoint, pages, slot)
+        rig.sender.sender_construct(room)
+        rig.sender.sender_init(room, (remote.endpoint,))
 
-    def test_killed_peer_process_gives_failed(self, rig: TransferRig, transport: Transport) -> None:
-        self.needs(transport, "cross_process")
-        remote = RemoteReceiver(
-            self.transport_name,
-            dict(self.transport_options),
-            num_pages=self.num_pages,
-            page_bytes=self.page_bytes,
+    def test_bytes_cross_a_process_boundary(self, rig: TransferRig, remote: RemoteReceiver) -> None:
+        room = 81
+        src, dst = np.arange(8, dtype=np.int64), _pages(50, 51, 52, 3, 9, 10, 11, 60)
+        self._send_to(rig, remote, room, dst, 9)
+        rig.prefill.fill(room, src)
+        rig.prefill.write_aux(0, room)
+        d = Descriptors.concat(
+            [
+                kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, src, dst),
+                aux_descriptors(rig.prefill.aux_regions, remote.aux_regions, 0, 9),
+            ]
         )
-        try:
-            room, pages = 82, np.arange(16, dtype=np.int64)
-            remote.open(room, rig.sender.endpoint, pages, 1)
-            rig.sender.sender_construct(room)
-            rig.sender.sender_init(room, (remote.endpoint,))
-            from kvbridge.memory import kv_descriptors
+        rig.sender.sender_send(room, SendChunk((PeerWrite(0, d),), is_last=True))
+        status, reason = rig.wait_sender(room, self.timeout)
+        assert status == KVPoll.Success, reason
+        mismatches, aux_ok = remote.verify(room, dst, 9)
+        assert mismatches == [] and aux_ok
 
-            first = kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, pages[:8], pages[:8])
-            rig.sender.sender_send(room, SendChunk((PeerWrite(0, first),), is_last=False))
-            remote.kill()
-            rest = kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, pages[8:], pages[8:])
-            rig.sender.sender_send(room, SendChunk((PeerWrite(0, rest),), is_last=True))
-            status, reason = wait_until_terminal(rig.sender.sender_poll, room, self.timeout)
-            assert status == KVPoll.Failed and reason
-        finally:
-            remote.close()
+    def test_killed_peer_process_gives_failed(
+        self, rig: TransferRig, remote: RemoteReceiver
+    ) -> None:
+        room, pages = 82, np.arange(16, dtype=np.int64)
+        self._send_to(rig, remote, room, pages, 1)
+        first = kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, pages[:8], pages[:8])
+        rig.sender.sender_send(room, SendChunk((PeerWrite(0, first),), is_last=False))
+        remote.kill()
+        rest = kv_descriptors(rig.prefill.kv_regions, remote.kv_regions, pages[8:], pages[8:])
+        rig.sender.sender_send(room, SendChunk((PeerWrite(0, rest),), is_last=True))
+        status, reason = wait_until_terminal(rig.sender.sender_poll, room, self.timeout)
+        assert status == KVPoll.Failed and reason
