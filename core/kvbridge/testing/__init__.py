@@ -1,12 +1,34 @@
 """Test helpers and the conformance kit for transport authors.
 
-Importing this module needs pytest (``pip install kvbridge[test]``).
+Two kinds of module live here:
+
+- pytest-free helpers, safe on an install without the test extras (the demo and the
+  benchmarks use them): :mod:`~kvbridge.testing.buffers` (``RankBuffers``, ``page_pattern``),
+  :mod:`~kvbridge.testing.rig` (``TransferRig``, ``wait_until_terminal``) and
+  :mod:`~kvbridge.testing.remote` (``RemoteReceiver``);
+- the conformance kit, :mod:`~kvbridge.testing.conformance` (``TransportConformance``), which
+  needs pytest (``pip install "kvbridge[test]"``).
+
+Names are imported on first use, so ``import kvbridge.testing.buffers`` (or
+``from kvbridge.testing import RankBuffers``) never imports pytest.
 """
 
-from kvbridge.testing.buffers import RankBuffers, page_pattern
-from kvbridge.testing.conformance import TransportConformance
-from kvbridge.testing.remote import RemoteReceiver
-from kvbridge.testing.rig import ENV_REQUIRE, TransferRig, require_transport, wait_until_terminal
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ENV_REQUIRE": "kvbridge.testing.rig",
+    "RankBuffers": "kvbridge.testing.buffers",
+    "RemoteReceiver": "kvbridge.testing.remote",
+    "TransferRig": "kvbridge.testing.rig",
+    "TransportConformance": "kvbridge.testing.conformance",
+    "TransportHang": "kvbridge.testing.rig",
+    "page_pattern": "kvbridge.testing.buffers",
+    "require_transport": "kvbridge.testing.rig",
+    "wait_until_terminal": "kvbridge.testing.rig",
+}
 
 __all__ = [
     "ENV_REQUIRE",
@@ -14,7 +36,33 @@ __all__ = [
     "RemoteReceiver",
     "TransferRig",
     "TransportConformance",
+    "TransportHang",
     "page_pattern",
     "require_transport",
     "wait_until_terminal",
 ]
+
+if TYPE_CHECKING:
+    from kvbridge.testing.buffers import RankBuffers, page_pattern
+    from kvbridge.testing.conformance import TransportConformance
+    from kvbridge.testing.remote import RemoteReceiver
+    from kvbridge.testing.rig import (
+        ENV_REQUIRE,
+        TransferRig,
+        TransportHang,
+        require_transport,
+        wait_until_terminal,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kvbridge.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

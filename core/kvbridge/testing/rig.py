@@ -1,4 +1,8 @@
-"""Drive a transport through the real plugin loading and hook dispatch, without the engine."""
+"""Drive a transport through the real plugin loading and hook dispatch, without the engine.
+
+Nothing here imports pytest: the demo and the benchmarks use these helpers on installs without
+the test extras. Only :func:`require_transport` (called from tests) imports pytest, when called.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pytest
 
 from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
@@ -23,13 +26,39 @@ from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, RankIdentity, R
 ENV_REQUIRE = "KVBRIDGE_REQUIRE_TRANSPORTS"
 
 
+class TransportHang(AssertionError):
+    """A transfer did not reach a terminal status in time (a test failure, not an error)."""
+
+
+def required_transports(environ: Mapping[str, str] | None = None) -> frozenset[str]:
+    """The names in ``ENV_REQUIRE`` (``all`` stands for every transport)."""
+    value = (os.environ if environ is None else environ).get(ENV_REQUIRE, "")
+    return frozenset(p.strip() for p in value.split(",") if p.strip())
+
+
 def require_transport(name: str, registry: TransportRegistry | None = None) -> LoadedTransport:
-    """Return the loaded transport, or skip the test (fail it where ``ENV_REQUIRE`` names it)."""
+    """Return the loaded transport for a test.
+
+    - no transport of that name is installed at all: the test **fails** (a typo in
+      ``transport_name``, or the plugin's distribution is not installed in this environment);
+    - it is installed but did not load (say its native library is missing): the test is
+      skipped with the reason, or fails where ``ENV_REQUIRE`` names it (or ``all``).
+    """
+    import pytest  # only tests call this; the rest of the module stays pytest-free
+
     registry = registry or TransportRegistry.discover()
     try:
         return registry.get(name)
     except LookupError as exc:
-        required = {p.strip() for p in os.environ.get(ENV_REQUIRE, "").split(",")}
+        installed = {r.name for r in registry.records()}
+        if name not in installed:
+            pytest.fail(
+                f"no transport named {name!r} is installed (installed: "
+                f"{', '.join(sorted(installed)) or 'none'}): check transport_name and that "
+                f"your package is installed (pip install -e .) with its entry point in the "
+                f"group 'kvbridge.transports'"
+            )
+        required = required_transports()
         if name in required or "all" in required:
             pytest.fail(f"transport {name!r} is required here ({ENV_REQUIRE}) but: {exc}")
         pytest.skip(str(exc))
@@ -47,7 +76,9 @@ def wait_until_terminal(
         if status in (KVPoll.Success, KVPoll.Failed):
             return status, failures.get(room)
         if time.monotonic() > deadline:
-            pytest.fail(f"{what} {room} still {status.name} after {timeout}s: the transport hangs")
+            raise TransportHang(
+                f"{what} {room} still {status.name} after {timeout}s: the transport hangs"
+            )
         time.sleep(0.001)
 
 
@@ -135,5 +166,6 @@ class TransferRig:
 
 
 def load(name: str, options: Mapping[str, Any] | None = None) -> tuple[Transport, TransferConfig]:
+    """The transport ``name`` and a config for it; LookupError (with the reason) if unusable."""
     config = TransferConfig(transport=name, transport_options=dict(options or {}))
-    return Transport(require_transport(name)), config
+    return Transport(TransportRegistry.discover().get(name)), config
