@@ -25,8 +25,8 @@ from kvbridge.control import (
         Register(
             "dec-1",
             {"id": "x", "port": 5},
-            ((4096, 8192, 1024),),
-            ((1, 24, 24),),
+            ((4096, 8192, 1024, "cuda:1"),),
+            ((1, 24, 24, "cpu"),),
             "tcp://127.0.0.1:5000",
         ),
         Abort(7, "dec-1", "timed out"),

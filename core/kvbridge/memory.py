@@ -134,6 +134,11 @@ class AuxSlotPool(IndexPool):
         self.stamps[np.asarray(indices, dtype=np.int64)] = 0
 
 
+def _devices(regions: Sequence[MemoryRegion]) -> np.ndarray:
+    """Each region's device code (-1 host, N for ``cuda:N``), as :class:`Descriptors` holds."""
+    return np.array([r.device_index for r in regions], dtype=np.int32)
+
+
 def page_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> tuple[np.ndarray, ...]:
     """Merge page pairs into runs where both sides are contiguous.
 
@@ -194,6 +199,8 @@ def kv_descriptors(
         src=(src_base + s_start * src_item).reshape(-1),
         dst=(dst_base + d_start * dst_item).reshape(-1),
         lengths=np.broadcast_to(run * src_item, (len(src_regions), run.size)).reshape(-1).copy(),
+        src_device=np.repeat(_devices(src_regions), run.size),
+        dst_device=np.repeat(_devices(dst_regions), run.size),
     )
 
 
@@ -225,6 +232,8 @@ def _sliced_descriptors(
         src=(src_base + src * src_item + src_offset).reshape(-1),
         dst=(dst_base + dst * dst_item + dst_offset).reshape(-1),
         lengths=np.full(count, length, dtype=np.int64),
+        src_device=np.repeat(_devices(src_regions), src.size),
+        dst_device=np.repeat(_devices(dst_regions), src.size),
     )
 
 
@@ -235,6 +244,10 @@ def aux_descriptors(
     dst_slot: int,
 ) -> Descriptors:
     """One write per aux region copying a whole row (room stamp included)."""
+    if len(src_regions) != len(dst_regions):
+        raise ValueError(
+            f"{len(src_regions)} source aux regions but {len(dst_regions)} destination regions"
+        )
     src = [r.addr + src_slot * r.item_bytes for r in src_regions]
     dst = [r.addr + dst_slot * r.item_bytes for r in dst_regions]
     lengths = [r.item_bytes for r in src_regions]
@@ -242,4 +255,6 @@ def aux_descriptors(
         np.array(src, dtype=np.int64),
         np.array(dst, dtype=np.int64),
         np.array(lengths, dtype=np.int64),
+        src_device=_devices(src_regions),
+        dst_device=_devices(dst_regions),
     )

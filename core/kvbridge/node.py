@@ -44,12 +44,12 @@ from kvbridge.types import MemoryRegion, RankIdentity
 log = logging.getLogger("kvbridge")
 
 
-def _regions_wire(regions: Sequence[MemoryRegion]) -> tuple[tuple[int, int, int], ...]:
-    return tuple((r.addr, r.length, r.item_bytes) for r in regions)
+def _regions_wire(regions: Sequence[MemoryRegion]) -> tuple[tuple[int, int, int, str], ...]:
+    return tuple((r.addr, r.length, r.item_bytes, r.device) for r in regions)
 
 
-def _regions_from_wire(wire: Sequence[tuple[int, int, int]]) -> tuple[MemoryRegion, ...]:
-    return tuple(MemoryRegion(a, n, i) for a, n, i in wire)
+def _regions_from_wire(wire: Sequence[tuple[int, int, int, str]]) -> tuple[MemoryRegion, ...]:
+    return tuple(MemoryRegion(a, n, i, d) for a, n, i, d in wire)
 
 
 class PrefillNode:

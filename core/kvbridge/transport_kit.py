@@ -340,7 +340,7 @@ class BookedManager:
             for aux, mask in ((False, ~is_aux), (True, is_aux)):
                 if not mask.any():
                     continue
-                runs = Descriptors(d.src[mask], d.dst[mask], d.lengths[mask])
+                runs = d.select(mask)  # devices travel with the runs
                 try:
                     error = self.write(room, peer, runs, aux)
                 except Exception as exc:  # a failed write fails the room, never the thread

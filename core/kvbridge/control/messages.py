@@ -14,6 +14,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS
+
 MAGIC = b"KVB"
 VERSION = 1
 
@@ -28,8 +30,8 @@ class Register:
 
     decode_key: str
     endpoint: dict[str, Any]
-    kv_regions: tuple[tuple[int, int, int], ...]  # (addr, length, item_bytes)
-    aux_regions: tuple[tuple[int, int, int], ...]
+    kv_regions: tuple[tuple[int, int, int, str], ...]  # (addr, length, item_bytes, device)
+    aux_regions: tuple[tuple[int, int, int, str], ...]
     control: str  # where this decode rank receives Status/AbortAck
 
 
@@ -113,18 +115,28 @@ def _str(header: dict[str, Any], key: str, optional: bool = False) -> str:
     return value
 
 
-def _regions(value: Any, key: str) -> tuple[tuple[int, int, int], ...]:
+def _regions(value: Any, key: str) -> tuple[tuple[int, int, int, str], ...]:
+    """``[addr, length, item_bytes, device]`` entries; a 3-entry form (older peers) is ``cpu``."""
     if not isinstance(value, list) or len(value) > 100_000:
-        raise MalformedFrame(f"{key} must be a list of [addr, length, item_bytes]")
+        raise MalformedFrame(f"{key} must be a list of [addr, length, item_bytes, device]")
     out = []
     for item in value:
         if (
             not isinstance(item, list)
-            or len(item) != 3
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)
+            or len(item) not in (3, 4)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item[:3])
         ):
-            raise MalformedFrame(f"{key} entries must be three positive integers, got {item!r}")
-        out.append((item[0], item[1], item[2]))
+            raise MalformedFrame(
+                f"{key} entries must be three positive integers and a device, got {item!r:.200}"
+            )
+        device = item[3] if len(item) == 4 else "cpu"
+        if (
+            not isinstance(device, str)
+            or len(device) > MAX_DEVICE_CHARS
+            or not DEVICE_PATTERN.fullmatch(device)
+        ):
+            raise MalformedFrame(f"{key} device must be 'cpu' or 'cuda:N', got {device!r:.40}")
+        out.append((item[0], item[1], item[2], device))
     return tuple(out)
 
 
