@@ -42,6 +42,8 @@ def _cmd_transports(args: argparse.Namespace) -> int:
     for r in records:
         if r.error:
             print(f"\n{r.name}: {r.error}")
+            for fix in r.fixes:
+                print(f"  fix: {fix}")
     return 0
 
 

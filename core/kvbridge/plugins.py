@@ -24,6 +24,7 @@ from kvbridge.hookspecs import (
     ObserverSpec,
     TransportSpec,
 )
+from kvbridge.native import NativeLibraryMissing
 from kvbridge.types import TransportInfo
 
 log = logging.getLogger("kvbridge")
@@ -47,6 +48,8 @@ class TransportRecord:
     capabilities: frozenset[str] = frozenset()
     description: str = ""
     error: str | None = None
+    #: Commands that fix ``error`` (a missing native library), when the plugin said so.
+    fixes: tuple[str, ...] = ()
 
     @property
     def loaded(self) -> bool:
@@ -63,6 +66,7 @@ class TransportRecord:
             "entry_point": self.entry_point,
             "loaded": self.loaded,
             "error": self.error,
+            "fixes": list(self.fixes),
         }
 
 
@@ -186,6 +190,10 @@ class TransportRegistry:
     def _load(self, ep: importlib.metadata.EntryPoint) -> None:
         try:
             plugin = ep.load()
+        except NativeLibraryMissing as exc:
+            log.info("kvbridge transport %r: native library missing: %s", ep.name, exc)
+            self._add(attrs.evolve(_record(ep, error=str(exc)), fixes=exc.fixes))
+            return
         except Exception as exc:
             # Shown by `kvbridge transports`; a missing optional library is not a warning.
             log.info("kvbridge transport %r failed to import: %s", ep.name, exc)
@@ -234,8 +242,9 @@ class TransportRegistry:
             return self._loaded[name]
         failed = [r for r in self._records.values() if r.name == name]
         if failed:
+            fixes = "".join(f"; fix: {fix}" for fix in failed[0].fixes)
             raise TransportNotFoundError(
-                f"transport {name!r} is installed but unusable: {failed[0].error}"
+                f"transport {name!r} is installed but unusable: {failed[0].error}{fixes}"
             )
         installed = ", ".join(self.names()) or "none"
         raise TransportNotFoundError(

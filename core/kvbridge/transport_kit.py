@@ -362,10 +362,16 @@ class ManagerHooks:
 
     A plugin module exposes one instance; its entry point names it::
 
-        plugin = ManagerHooks("mytransport", MyManager, capabilities={"cross_process"})
+        API_VERSION = "1.1"  # the kvbridge plugin API this plugin was written for
+        plugin = ManagerHooks(
+            "mytransport", MyManager, api_version=API_VERSION, capabilities={"cross_process"}
+        )
         # [project.entry-points."kvbridge.transports"] mytransport = "my_pkg.plugin:plugin"
 
-    ``create(config, rank, kv_regions, aux_regions)`` builds the manager.
+    ``create(config, rank, kv_regions, aux_regions)`` builds the manager. ``api_version`` is
+    required and is reported as is: it must be the version the plugin was *written for* (a
+    literal in the plugin), never the running core's ``KVBRIDGE_API_VERSION``, or the load-time
+    check could not refuse a plugin written for another API.
     """
 
     def __init__(
@@ -373,14 +379,14 @@ class ManagerHooks:
         name: str,
         create: Callable[..., BookedManager],
         *,
+        api_version: str,
         capabilities: Sequence[str] = (),
         description: str = "",
     ) -> None:
-        from kvbridge.hookspecs import KVBRIDGE_API_VERSION
         from kvbridge.types import TransportInfo
 
         self.info = TransportInfo(
-            name, KVBRIDGE_API_VERSION, frozenset(str(c) for c in capabilities), description
+            name, str(api_version), frozenset(str(c) for c in capabilities), description
         )
         self.create = create
 

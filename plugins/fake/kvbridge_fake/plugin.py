@@ -6,6 +6,8 @@ This is the shape third-party transports copy: a manager class that subclasses
 
     [project.entry-points."kvbridge.transports"]
     fake = "kvbridge_fake.plugin:plugin"
+
+The Fake has no native library, so it has no :func:`kvbridge.native.check_native` call.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from __future__ import annotations
 from kvbridge.transport_kit import ManagerHooks
 from kvbridge_fake.manager import FakeManager
 
+#: The kvbridge plugin API this plugin was written for (not the running core's version).
+API_VERSION = "1.1"
+
 plugin = ManagerHooks(
     "fake",
     FakeManager,
+    api_version=API_VERSION,
     capabilities=("cross_process", "fault_injection", "rejects_unregistered_memory"),
     description="CPU transport over memmove and loopback TCP, with fault injection",
 )

@@ -1,4 +1,4 @@
-"""Which ``mori.io`` implementation the plugin talks to, decided when the plugin loads."""
+"""Which ``mori.io`` implementation the plugin talks to, imported when a manager is created."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ ENV_MODULE = "KVBRIDGE_MORI_IO_MODULE"
 DEFAULT_MODULE = "mori.io"
 
 
-def load_io_module() -> ModuleType:
-    """Import the mori.io API (or the module named by ``KVBRIDGE_MORI_IO_MODULE``).
+def load_io_module(name: str | None = None) -> ModuleType:
+    """Import the mori.io API (default: the module named by ``KVBRIDGE_MORI_IO_MODULE``).
 
-    Raises ImportError with the reason, so ``kvbridge transports`` shows mori as not loaded.
+    Raises ImportError with the reason (the manager's creation then fails with it).
     """
-    name = os.environ.get(ENV_MODULE, DEFAULT_MODULE)
+    name = name or os.environ.get(ENV_MODULE, DEFAULT_MODULE)
     try:
         module = importlib.import_module(name)
     except Exception as exc:

@@ -27,15 +27,32 @@ log = logging.getLogger("kvbridge.nixl")
 OPTIONS = {"backend": "UCX", "mem_type": "DRAM", "device_id": 0, "io_timeout": 30.0}
 
 
+#: Where the NIXL agent API lives: the ``nixl`` meta package (it picks the CUDA build at run
+#: time) or, without it, a backend wheel imported directly (``kvbridge-nixl[cpu]`` installs
+#: only nixl-cu12: the meta package also pulls nixl-cu13 and an unpinned torch).
+NIXL_MODULES = ("nixl", "nixl_cu12", "nixl_cu13")
+
+
 def load_nixl() -> tuple[Any, Any]:
-    try:
-        from nixl._api import nixl_agent, nixl_agent_config
-    except ImportError as exc:
-        raise RuntimeError(
-            f"NIXL is not importable ({exc}); install nixl-cu12 (with torch==2.13.0 in the same "
-            "pip command on CPU hosts) and `pip install --no-deps nixl`"
-        ) from None
-    return nixl_agent, nixl_agent_config
+    import importlib
+
+    errors = []
+    for name in NIXL_MODULES:
+        try:
+            api = importlib.import_module(f"{name}._api")
+        except ModuleNotFoundError as exc:
+            if exc.name not in (name, f"{name}._api"):
+                raise
+            errors.append(f"{name}: not installed")
+            continue
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        return api.nixl_agent, api.nixl_agent_config
+    raise RuntimeError(
+        f"NIXL is not importable ({'; '.join(errors)}); install it with "
+        '`pip install "kvbridge-nixl[cpu]"` (CUDA hosts: "kvbridge-nixl[gpu]")'
+    )
 
 
 class NixlManager(BookedManager):
