@@ -59,8 +59,18 @@ class TransferConfig:
     heartbeat_interval: float = attrs.field(default=5.0, validator=_positive_number)
     #: ...and fails its unfinished rooms after this many misses in a row.
     heartbeat_max_misses: int = attrs.field(default=2, validator=_positive_number)
-    #: Bounded attempts for bootstrap look-ups (prefill info, DP rank of a room).
+    #: Bootstrap look-ups answered with a definitive error (4xx other than 503) are tried this
+    #: often before the address fails; "starting" (503) and unreachable answers are retried
+    #: with back-off until ``bootstrap_timeout`` instead.
     bootstrap_max_attempts: int = attrs.field(default=5, validator=_positive_number)
+    #: Timeout of every bootstrap HTTP request (connect, send, answer), prefill and decode side.
+    bootstrap_http_timeout: float = attrs.field(default=2.0, validator=_positive_number)
+    #: Longest pause between two retries of a bootstrap look-up or registration (the pause
+    #: doubles from 50 ms up to this).
+    bootstrap_backoff_max: float = attrs.field(default=5.0, validator=_positive_number)
+    #: A prefill address that failed is refused for this long, then tried again for new
+    #: requests (so a restarted prefill serves again).
+    bootstrap_retry_after: float = attrs.field(default=10.0, validator=_positive_number)
     #: Shared secret for the bootstrap server; None disables authentication.
     bootstrap_token: str | None = None
     #: Check before every collective that all ranks hold identical queues (costs a collective).
@@ -129,6 +139,9 @@ _FIELD_TYPES = {
     "heartbeat_interval": float,
     "heartbeat_max_misses": int,
     "bootstrap_max_attempts": int,
+    "bootstrap_http_timeout": float,
+    "bootstrap_backoff_max": float,
+    "bootstrap_retry_after": float,
     "debug_lockstep": bool,
     "bootstrap_token": str,
 }

@@ -1,18 +1,26 @@
 """Bootstrap client (blocking HTTP, stdlib only) and the decode side's prefill directory.
 
-The directory answers the scheduler without blocking: what is known now is returned, what is
-not is fetched by one background thread, which also health-checks every prefill address in use.
+:class:`BootstrapClient` opens one connection per request and closes it, so it holds no
+socket between requests. On prefill it also keeps its rank registrations and published room
+assignments and, on a background thread, re-registers when the bootstrap server lost them (the
+server's ``instance`` changed: it restarted) and re-publishes recent rooms.
+
+:class:`BootstrapDirectory` answers the scheduler without blocking: what is known now is
+returned, what is not is fetched by one background thread, which also watches every prefill
+address in use for re-registration (see :meth:`BootstrapDirectory._on_health`).
 """
 
 from __future__ import annotations
 
 import collections
+import http.client
+import itertools
 import json
 import logging
+import random
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,69 +35,327 @@ from kvbridge.queue.session import PrefillTarget
 
 log = logging.getLogger("kvbridge.bootstrap")
 
+#: Largest answer read from a bootstrap server (4096 ranks with 16 KiB endpoints fit).
+MAX_ANSWER = 128 << 20
+#: Rooms per PUT (the server's per-request limit).
+MAX_BATCH = 65_536
+#: First pause of a back-off; it doubles per failure up to ``bootstrap_backoff_max``.
+BACKOFF_START = 0.05
+
+
+def backoff(failures: int, ceiling: float) -> float:
+    """Pause after ``failures`` failures in a row: doubling from 50 ms, capped, +-20% jitter."""
+    base = min(ceiling, BACKOFF_START * 2 ** min(max(failures - 1, 0), 30))
+    return base * random.uniform(0.8, 1.2)
+
 
 class BootstrapError(KVBridgeError):
-    pass
+    """A bootstrap request failed; ``status`` is the HTTP status (None: no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def transient(self) -> bool:
+        """Worth retrying until a deadline: no answer, starting (503) or a server error."""
+        return self.status is None or self.status >= 500
 
 
 class BootstrapNotReady(BootstrapError):
-    pass
+    """503: the prefill instance is starting (not every rank registered yet)."""
+
+
+class BootstrapUnreachable(BootstrapError):
+    """No answer: refused, reset, timed out."""
+
+
+def split_address(addr: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) -> ``(host, port)``; BootstrapError if malformed."""
+    try:
+        parts = urllib.parse.urlsplit(f"http://{addr}")
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host = port = None
+    if not host or port is None or port == 0 or parts.path or parts.query or parts.username:
+        raise BootstrapError(f"bootstrap address {addr!r} is not host:port", status=400)
+    return host, port
 
 
 class BootstrapClient:
-    def __init__(self, token: str | None = None, timeout: float = 2.0) -> None:
+    """Blocking requests to bootstrap servers; optional background upkeep for prefill ranks.
+
+    ``timeout`` bounds each request; ``backoff_max`` bounds retry pauses; every
+    ``check_interval`` the upkeep thread (started by the first ``register_rank(keep=True)`` or
+    :meth:`publish_rooms`) checks each server it registered with and re-registers if the
+    server's ``instance`` changed; rooms published within ``republish_horizon`` seconds are
+    published again then. :meth:`close` ends the thread.
+    """
+
+    def __init__(
+        self,
+        token: str | None = None,
+        timeout: float = 2.0,
+        *,
+        backoff_max: float = 5.0,
+        check_interval: float = 5.0,
+        republish_horizon: float = 300.0,
+        max_pending_rooms: int = 1 << 20,
+    ) -> None:
         self.token = token
         self.timeout = timeout
+        self.backoff_max = backoff_max
+        self.check_interval = check_interval
+        self.republish_horizon = republish_horizon
+        self.max_pending_rooms = max_pending_rooms
+        self._lock = threading.Lock()
+        #: (addr, rank coordinates) -> entry, for every registration to keep.
+        self._kept: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
+        #: addr -> the server instance that holds our registrations (None: not registered).
+        self._instances: dict[str, str | None] = {}
+        self._pending_rooms: dict[str, dict[int, int]] = collections.defaultdict(dict)
+        self._published: dict[str, collections.OrderedDict[int, tuple[int, float]]] = (
+            collections.defaultdict(collections.OrderedDict)
+        )
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def from_config(cls, config: TransferConfig) -> BootstrapClient:
+        return cls(
+            config.bootstrap_token,
+            config.bootstrap_http_timeout,
+            backoff_max=config.bootstrap_backoff_max,
+            check_interval=config.heartbeat_interval,
+            republish_horizon=config.bootstrap_timeout,
+        )
+
+    # -- requests --------------------------------------------------------------------------------
 
     def request(self, method: str, addr: str, path: str, body: Any = None) -> Any:
+        host, port = split_address(addr)
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{addr}{path}", data=data, method=method)
-        req.add_header("Content-Type", "application/json")
+        headers = {"Content-Type": "application/json", "Connection": "close"}
         if self.token:
-            req.add_header("Authorization", f"Bearer {self.token}")
+            headers["Authorization"] = f"Bearer {self.token}"
+        conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                return json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as exc:
-            try:
-                message = json.loads(exc.read()).get("error", exc.reason)
-            except (ValueError, AttributeError):
-                message = exc.reason
-            if exc.code == 503:
-                raise BootstrapNotReady(f"{addr}: {message}") from None
-            raise BootstrapError(f"bootstrap {addr}{path} answered {exc.code}: {message}") from None
-        except (OSError, ValueError) as exc:
-            raise BootstrapError(f"bootstrap {addr} unreachable: {exc}") from None
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            raw = resp.read(MAX_ANSWER + 1)
+            status = resp.status
+        except (OSError, http.client.HTTPException) as exc:
+            raise BootstrapUnreachable(f"bootstrap {addr} unreachable: {exc}") from None
+        finally:
+            conn.close()  # one connection per request: nothing stays open between requests
+        if len(raw) > MAX_ANSWER:
+            raise BootstrapError(f"bootstrap {addr}{path} answered more than {MAX_ANSWER} bytes")
+        try:
+            answer = json.loads(raw or b"null")
+        except (ValueError, RecursionError):
+            answer = None
+            if status < 300:
+                raise BootstrapError(f"bootstrap {addr}{path} answered invalid JSON") from None
+        if status < 300:
+            return answer
+        message = answer.get("error") if isinstance(answer, dict) else None
+        message = str(message)[:300] if message else http.client.responses.get(status, "")
+        if status == 503:
+            raise BootstrapNotReady(f"{addr}: {message}", status)
+        raise BootstrapError(f"bootstrap {addr}{path} answered {status}: {message}", status)
 
     def register_rank(
-        self, addr: str, entry: Mapping[str, Any], *, attempts: int = 50, interval: float = 0.1
+        self,
+        addr: str,
+        entry: Mapping[str, Any],
+        *,
+        attempts: int = 50,
+        interval: float = 0.1,
+        keep: bool = False,
     ) -> Any:
-        """Register a prefill rank, retrying while the server is starting."""
+        """Register a prefill rank, retrying while the server is unreachable.
+
+        With ``keep``, the registration is also kept: re-sent whenever the server restarted,
+        and, if the server is still unreachable after ``attempts``, sent by the background
+        thread once it answers (this returns None then instead of raising). Definitive errors
+        (a conflicting or invalid registration) always raise.
+        """
+        entry = dict(entry)
+        coords = tuple(int(entry[k]) for k in ("dp_rank", "pp_rank", "cp_rank", "tp_rank"))
+        if keep:
+            with self._lock:
+                self._kept[(addr, coords)] = entry
+                self._instances.setdefault(addr, None)
         for attempt in range(attempts):
             try:
-                return self.request("PUT", addr, "/v1/ranks", dict(entry))
-            except BootstrapError as exc:
-                if "unreachable" not in str(exc) or attempt == attempts - 1:
+                answer = self.request("PUT", addr, "/v1/ranks", entry)
+            except BootstrapUnreachable as exc:
+                if attempt < attempts - 1:
+                    time.sleep(interval)
+                    continue
+                if not keep:
                     raise
-                time.sleep(interval)
+                log.warning("%s; the registration will be sent when it answers", exc)
+                self._start()
+                return None
+            if keep:
+                self._note_instance(addr, answer)
+                self._start()
+            return answer
         raise AssertionError("unreachable")
 
     def put_rooms(self, addr: str, dp_ranks: Mapping[int, int]) -> None:
         self.request("PUT", addr, "/v1/rooms", {"rooms": {str(k): v for k, v in dp_ranks.items()}})
 
+    def publish_rooms(self, addr: str, dp_ranks: Mapping[int, int]) -> None:
+        """Non-blocking :meth:`put_rooms`: queued for the background thread, retried with
+        back-off, and re-published if the server restarts within ``republish_horizon``."""
+        with self._lock:
+            pending = self._pending_rooms[addr]
+            pending.update(dp_ranks)
+            while len(pending) > self.max_pending_rooms:  # the oldest go first
+                room = next(iter(pending))
+                del pending[room]
+                log.warning("bootstrap %s: dropped unpublished room %d (queue full)", addr, room)
+        self._start()
+        self._wake.set()
+
     def info(self, addr: str) -> dict[str, Any]:
-        return self.request("GET", addr, "/v1/info")
+        answer = self.request("GET", addr, "/v1/info")
+        if not isinstance(answer, dict) or not isinstance(answer.get("ranks"), list):
+            raise BootstrapError(f"bootstrap {addr}/v1/info answered no rank list")
+        return answer
 
     def query_rooms(self, addr: str, rooms: Sequence[int]) -> dict[int, int | None]:
         answer = self.request("POST", addr, "/v1/rooms/query", {"rooms": list(rooms)})
-        return {int(k): v for k, v in answer["dp_ranks"].items()}
+        try:
+            return {int(k): v for k, v in answer["dp_ranks"].items()}
+        except (TypeError, KeyError, AttributeError, ValueError):
+            raise BootstrapError(f"bootstrap {addr} answered a malformed room query") from None
+
+    def status(self, addr: str) -> dict[str, Any]:
+        """``/health``'s answer (``instance``, ``generation``, ...); raises if no answer."""
+        answer = self.request("GET", addr, "/health")
+        if not isinstance(answer, dict):
+            raise BootstrapError(f"bootstrap {addr}/health answered no object")
+        return answer
 
     def health(self, addr: str) -> bool:
         try:
-            self.request("GET", addr, "/health")
+            self.status(addr)
             return True
         except BootstrapError:
             return False
+
+    # -- background upkeep (prefill side) --------------------------------------------------------
+
+    def _note_instance(self, addr: str, answer: Any) -> None:
+        instance = answer.get("instance") if isinstance(answer, dict) else None
+        with self._lock:
+            self._instances[addr] = str(instance) if instance is not None else ""
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None or self._stop.is_set():
+                return
+            self._thread = threading.Thread(
+                target=self._upkeep, name="kvbridge-bootstrap-upkeep", daemon=True
+            )
+            self._thread.start()
+
+    def close(self) -> None:
+        """End the background thread (waits at most about one request timeout)."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None:
+            thread.join(self.timeout + 5)
+
+    def _upkeep(self) -> None:
+        failures: dict[str, int] = collections.defaultdict(int)
+        retry_at: dict[str, float] = {}
+        next_check: dict[str, float] = {}
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            now = time.monotonic()
+            with self._lock:
+                kept = set(self._instances)
+                addresses = kept | {a for a, p in self._pending_rooms.items() if p}
+            for addr in sorted(addresses):
+                if self._stop.is_set():
+                    return
+                if retry_at.get(addr, 0.0) > now:
+                    continue
+                try:
+                    if addr in kept and next_check.get(addr, 0.0) <= now:
+                        self._check_registration(addr, now)
+                        next_check[addr] = now + self.check_interval
+                    self._publish_pending(addr, now)
+                except BootstrapError as exc:
+                    failures[addr] += 1
+                    if failures[addr] == 1 or failures[addr] % 20 == 0:
+                        log.warning("bootstrap upkeep %s: %s", addr, exc)
+                    retry_at[addr] = now + backoff(failures[addr], self.backoff_max)
+                    continue
+                if failures.pop(addr, 0):
+                    log.info("bootstrap upkeep %s: answering again", addr)
+
+    def _check_registration(self, addr: str, now: float) -> None:
+        """Register this client's ranks at ``addr`` again if the server lost them."""
+        with self._lock:
+            kept = [e for (a, _), e in self._kept.items() if a == addr]
+            known = self._instances.get(addr)
+        if known is not None and str(self.status(addr).get("instance", "")) == known:
+            return
+        if known is not None:
+            log.warning("bootstrap %s restarted: registering %d rank(s) again", addr, len(kept))
+        answer = None
+        for entry in kept:
+            answer = self.request("PUT", addr, "/v1/ranks", entry)
+        self._note_instance(addr, answer)
+        if known is not None:
+            self._republish(addr, now)
+
+    def _publish_pending(self, addr: str, now: float) -> None:
+        with self._lock:
+            batch = dict(itertools.islice(self._pending_rooms.get(addr, {}).items(), MAX_BATCH))
+        if not batch:
+            return
+        try:
+            self.put_rooms(addr, batch)
+        except BootstrapError as exc:
+            if exc.transient:
+                raise
+            log.error("bootstrap %s refused %d room assignment(s): %s", addr, len(batch), exc)
+            with self._lock:
+                pending = self._pending_rooms[addr]
+                for room in batch:
+                    pending.pop(room, None)
+            return
+        with self._lock:
+            pending = self._pending_rooms[addr]
+            published = self._published[addr]
+            for room, dp in batch.items():
+                if pending.get(room) == dp:
+                    del pending[room]
+                published.pop(room, None)
+                published[room] = (dp, now)
+            while published and (
+                next(iter(published.values()))[1] < now - self.republish_horizon
+                or len(published) > self.max_pending_rooms
+            ):
+                published.popitem(last=False)
+
+    def _republish(self, addr: str, now: float) -> None:
+        with self._lock:
+            published = self._published[addr]
+            horizon = now - self.republish_horizon
+            again = {r: dp for r, (dp, at) in published.items() if at >= horizon}
+            pending = self._pending_rooms[addr]
+            for room, dp in again.items():
+                pending.setdefault(room, dp)
 
 
 @attrs.frozen
@@ -137,16 +403,55 @@ def check_compatible(info: Mapping[str, Any], mine: DecodeExpectation) -> None:
 
 @attrs.define
 class _Address:
+    """What the directory knows about one prefill bootstrap address."""
+
+    last_used: float
     info: dict[str, Any] | None = None
+    #: ``(instance, generation)`` of ``info``: another value on /health means re-registration.
+    version: tuple[str, int] | None = None
+    #: Whether a target of this address was ever handed out (see ``on_lost``).
+    served: bool = False
+    #: Set while the address is refused: new requests fail with it until ``retry_at``.
     failure: str | None = None
-    attempts: int = 0
+    retry_at: float = 0.0
+    #: Since when requests have been waiting for ``info``.
+    waiting_since: float = 0.0
+    errors: int = 0
+    definitive: int = 0
     next_try: float = 0.0
     misses: int = 0
+    next_health: float = 0.0
     targets: dict[int, PrefillTarget | str] = attrs.Factory(dict)
+
+    def need_info(self, now: float) -> None:
+        self.info = self.version = None
+        self.targets.clear()
+        self.failure = None
+        self.waiting_since = self.next_try = now
+        self.errors = self.definitive = self.misses = 0
+
+
+@attrs.define
+class _RoomWait:
+    """A room whose prefill DP rank is being asked for."""
+
+    since: float
+    next_try: float = 0.0
+    errors: int = 0
+    definitive: int = 0
 
 
 class BootstrapDirectory:
-    """:class:`~kvbridge.queue.session.PrefillDirectory` backed by bootstrap servers."""
+    """:class:`~kvbridge.queue.session.PrefillDirectory` backed by bootstrap servers.
+
+    Look-ups that get "starting" (503) or no answer are retried with back-off (up to
+    ``bootstrap_backoff_max``) until ``bootstrap_timeout``; definitive errors (401, 400, ...)
+    ``bootstrap_max_attempts`` times. An address that failed refuses new requests for
+    ``bootstrap_retry_after`` seconds, then its info is fetched afresh, so a restarted prefill
+    serves new requests. What health checks do is :meth:`_on_health`'s policy. Addresses no
+    request asked for in ``bootstrap_timeout + bootstrap_retry_after`` are forgotten (the
+    client holds no socket between requests).
+    """
 
     def __init__(
         self,
@@ -163,15 +468,15 @@ class BootstrapDirectory:
         self.decode_rank = decode_rank
         self.decode_tp = decode_tp
         self.expectation = expectation
-        self.client = client or BootstrapClient(config.bootstrap_token)
+        self.client = client or BootstrapClient.from_config(config)
         self.on_lost = on_lost
         self.dp_follows_room = dp_follows_room
+        self.forget_after = config.bootstrap_timeout + config.bootstrap_retry_after
         self._lock = threading.Lock()
         self._addresses: dict[str, _Address] = {}
         self._room_dp: dict[int, int] = {}
         self._room_failures: dict[int, str] = {}
-        self._wanted_rooms: dict[str, set[int]] = collections.defaultdict(set)
-        self._room_attempts: dict[int, int] = {}
+        self._wanted_rooms: dict[str, dict[int, _RoomWait]] = {}
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -182,13 +487,20 @@ class BootstrapDirectory:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(5)
+        self._thread.join(self.config.bootstrap_http_timeout + 5)
+
+    @property
+    def addresses(self) -> list[str]:
+        """The prefill addresses currently remembered (for tests and diagnostics)."""
+        with self._lock:
+            return sorted(self._addresses)
 
     # -- called by the scheduler thread ---------------------------------------------------------
 
     def resolve(self, requests: Sequence[DecodeRequest]) -> dict[int, PrefillTarget | str]:
         found: dict[int, PrefillTarget | str] = {}
         wake = False
+        now = time.monotonic()
         with self._lock:
             for request in requests:
                 addr = request.bootstrap_addr
@@ -197,11 +509,17 @@ class BootstrapDirectory:
                     continue
                 state = self._addresses.get(addr)
                 if state is None:
-                    state = self._addresses[addr] = _Address()
+                    state = self._addresses[addr] = _Address(last_used=now)
+                    state.need_info(now)
                     wake = True
+                state.last_used = now
                 if state.failure is not None:
-                    found[request.room] = state.failure
-                    continue
+                    if now < state.retry_at:
+                        found[request.room] = state.failure
+                        continue
+                    log.info("trying prefill bootstrap %s again", addr)
+                    state.need_info(now)  # a restarted prefill may answer now
+                    wake = True
                 if state.info is None:
                     continue
                 dp = self._dp_rank_of(request, state.info)
@@ -209,11 +527,15 @@ class BootstrapDirectory:
                     failure = self._room_failures.get(request.room)
                     if failure is not None:
                         found[request.room] = failure
-                    elif request.room not in self._wanted_rooms[addr]:
-                        self._wanted_rooms[addr].add(request.room)
+                        continue
+                    waits = self._wanted_rooms.setdefault(addr, {})
+                    if request.room not in waits:
+                        waits[request.room] = _RoomWait(since=now, next_try=now)
                         wake = True
                     continue
-                found[request.room] = self._target(addr, state, dp)
+                target = self._target(addr, state, dp)
+                state.served = state.served or isinstance(target, PrefillTarget)
+                found[request.room] = target
         if wake:
             self._wake.set()
         return found
@@ -277,97 +599,209 @@ class BootstrapDirectory:
     # -- background thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        next_health = time.monotonic() + self.config.heartbeat_interval
         while not self._stop.is_set():
             self._wake.wait(0.05)
             self._wake.clear()
             now = time.monotonic()
             with self._lock:
-                pending = [
+                self._forget_idle(now)
+                fetch = [
                     (a, s)
                     for a, s in self._addresses.items()
                     if s.info is None and s.failure is None and s.next_try <= now
                 ]
-                queries = {a: sorted(r) for a, r in self._wanted_rooms.items() if r}
-            for addr, state in pending:
-                self._fetch_info(addr, state)
+                queries = {
+                    a: sorted(r for r, w in waits.items() if w.next_try <= now)
+                    for a, waits in self._wanted_rooms.items()
+                }
+                health = [
+                    (a, s)
+                    for a, s in self._addresses.items()
+                    if s.info is not None and s.failure is None and s.next_health <= now
+                ]
+            for addr, state in fetch:
+                if not self._stop.is_set():
+                    self._fetch_info(addr, state)
             for addr, rooms in queries.items():
-                self._query_rooms(addr, rooms)
-            if now >= next_health:
-                next_health = now + self.config.heartbeat_interval
-                self._check_health()
+                if rooms and not self._stop.is_set():
+                    self._query_rooms(addr, rooms)
+            for addr, state in health:
+                if self._stop.is_set():
+                    break
+                try:
+                    answer: dict[str, Any] | None = self.client.status(addr)
+                    error = None
+                except BootstrapError as exc:
+                    answer, error = None, exc
+                with self._lock:
+                    self._on_health(addr, state, answer, error, time.monotonic())
+
+    def _forget_idle(self, now: float) -> None:
+        for addr, state in list(self._addresses.items()):
+            if now - state.last_used > self.forget_after and not self._wanted_rooms.get(addr):
+                del self._addresses[addr]
+                self._wanted_rooms.pop(addr, None)
+                log.info("forgot prefill bootstrap %s (no request for it)", addr)
 
     def _fetch_info(self, addr: str, state: _Address) -> None:
+        lost = None
         try:
             info = self.client.info(addr)
             check_compatible(info, self.expectation)
         except ConfigError as exc:
             with self._lock:
-                state.failure = f"prefill {addr} refused: {exc}"
-            log.error(state.failure)
-            return
+                lost = self._fail_address(addr, state, f"prefill {addr} refused: {exc}")
         except BootstrapError as exc:
             with self._lock:
-                state.attempts += 1
-                if state.attempts >= self.config.bootstrap_max_attempts:
-                    state.failure = (
-                        f"prefill bootstrap {addr} not usable after "
-                        f"{state.attempts} attempts: {exc}"
-                    )
-                    log.error(state.failure)
-                else:  # back off: limited in rate as well as in count
-                    state.next_try = time.monotonic() + min(0.1 * 2**state.attempts, 5.0)
-            return
-        with self._lock:
-            state.info = info
-            state.attempts = 0
+                lost = self._lookup_failed(addr, state, exc)
+        except (KeyError, TypeError, AttributeError) as exc:  # an answer without the fields
+            with self._lock:
+                lost = self._lookup_failed(
+                    addr, state, BootstrapError(f"bootstrap {addr} answered malformed info: {exc}")
+                )
+        else:
+            now = time.monotonic()
+            with self._lock:
+                if state.failure is None:
+                    state.need_info(now)
+                    state.info = info
+                    state.version = (str(info.get("instance")), int(info.get("generation", 0)))
+                    state.next_health = now + self.config.heartbeat_interval
+        if lost is not None and self.on_lost is not None:
+            self.on_lost(addr, lost)
+
+    def _lookup_failed(self, addr: str, state: _Address, exc: BootstrapError) -> str | None:
+        now = time.monotonic()
+        state.errors += 1
+        if not exc.transient:
+            state.definitive += 1
+        waited = now - state.waiting_since
+        if state.definitive >= self.config.bootstrap_max_attempts:
+            reason = f"prefill bootstrap {addr} not usable after {state.definitive} attempts: {exc}"
+            return self._fail_address(addr, state, reason)
+        if waited >= self.config.bootstrap_timeout:
+            reason = (
+                f"prefill bootstrap {addr} not usable after {waited:.1f}s "
+                f"({state.errors} attempts): {exc}"
+            )
+            return self._fail_address(addr, state, reason)
+        state.next_try = now + backoff(state.errors, self.config.bootstrap_backoff_max)
+        if state.errors == 1 or state.errors % 10 == 0:
+            log.info("prefill bootstrap %s not ready (retrying): %s", addr, exc)
+        return None
+
+    def _fail_address(self, addr: str, state: _Address, reason: str) -> str | None:
+        """Refuse ``addr`` for ``bootstrap_retry_after``; the reason goes to waiting rooms.
+
+        Returns the reason for ``on_lost`` only when no target of this address was ever
+        handed out: then every queued room of the address is one still waiting, and failing
+        them all fails nothing that was resolved.
+        """
+        state.need_info(time.monotonic())
+        state.failure = reason
+        state.retry_at = time.monotonic() + self.config.bootstrap_retry_after
+        self._wanted_rooms.pop(addr, None)  # resolve() answers their rooms with the reason
+        log.error(
+            "%s; new requests for it fail for %gs, then it is tried again",
+            reason,
+            self.config.bootstrap_retry_after,
+        )
+        return None if state.served else reason
 
     def _query_rooms(self, addr: str, rooms: list[int]) -> None:
+        error: BootstrapError | None = None
         try:
             answer = self.client.query_rooms(addr, rooms)
         except BootstrapError as exc:
-            answer = {}
-            error = str(exc)
-        else:
-            error = "prefill has no DP rank registered for it"
+            answer, error = {}, exc
+        now = time.monotonic()
         with self._lock:
+            waits = self._wanted_rooms.get(addr, {})
             for room in rooms:
-                dp = answer.get(room)
-                if dp is not None:
-                    self._room_dp[room] = dp
-                    self._wanted_rooms[addr].discard(room)
+                wait = waits.get(room)
+                if wait is None:
                     continue
-                attempts = self._room_attempts[room] = self._room_attempts.get(room, 0) + 1
-                if attempts >= self.config.bootstrap_max_attempts:
+                dp = answer.get(room)
+                if isinstance(dp, int) and not isinstance(dp, bool):
+                    self._room_dp[room] = dp
+                    del waits[room]
+                    continue
+                wait.errors += 1
+                if error is not None and not error.transient:
+                    wait.definitive += 1
+                waited = now - wait.since
+                if (
+                    wait.definitive >= self.config.bootstrap_max_attempts
+                    or waited >= self.config.bootstrap_timeout
+                ):
+                    why = str(error) if error is not None else "no DP rank published for it"
                     self._room_failures[room] = (
-                        f"DP rank of room {room} unknown at {addr} "
-                        f"after {attempts} queries: {error}"
+                        f"DP rank of room {room} unknown at {addr} after {waited:.1f}s "
+                        f"({wait.errors} queries): {why}"
                     )
-                    self._wanted_rooms[addr].discard(room)
-        time.sleep(0.02)  # rate limit per batch of queries
+                    del waits[room]
+                else:
+                    wait.next_try = now + backoff(wait.errors, self.config.bootstrap_backoff_max)
 
-    def _check_health(self) -> None:
-        with self._lock:
-            addresses = [a for a, s in self._addresses.items() if s.info is not None]
-        for addr in addresses:
-            alive = self.client.health(addr)
-            with self._lock:
-                state = self._addresses[addr]
-                state.misses = 0 if alive else state.misses + 1
-                lost = state.misses == self.config.heartbeat_max_misses
-                if lost:
-                    state.failure = f"lost connection to prefill {addr}"
-            if lost:
-                log.error(
-                    "lost connection to prefill %s after %d missed health checks",
+    def _on_health(
+        self,
+        addr: str,
+        state: _Address,
+        answer: dict[str, Any] | None,
+        error: BootstrapError | None,
+        now: float,
+    ) -> None:
+        """The bootstrap liveness policy, in one place (called under the lock).
+
+        A bootstrap server's ``/health`` is a change detector for a prefill address, not the
+        liveness signal of its rooms:
+
+        - Same ``(instance, generation)`` as the info in use: nothing to do.
+        - Another one (the prefill or its bootstrap server restarted, or ranks registered
+          again): the info is fetched afresh; new requests wait for it and get the new ranks.
+          Rooms already resolved keep their targets.
+        - No answer: counted; after ``heartbeat_max_misses`` in a row a warning is logged once.
+          Nothing fails because of it: rooms already resolved carry on (their liveness is the
+          control channel's and the transport's: prefill status and heartbeats, transfer
+          failures, ``waiting_timeout``), and new requests are still resolved from the info in
+          use, since a bootstrap server can die while its prefill ranks live. Rooms still
+          waiting for their DP rank keep being queried with back-off and fail only after
+          ``bootstrap_timeout``.
+
+        ``on_lost(addr, reason)`` is called only when an address that never served a target
+        cannot be resolved (see :meth:`_fail_address`).
+        """
+        state.next_health = now + self.config.heartbeat_interval
+        if answer is None:
+            state.misses += 1
+            if state.misses == self.config.heartbeat_max_misses:
+                log.warning(
+                    "prefill bootstrap %s missed %d health checks (%s); resolved rooms carry "
+                    "on, new requests use the ranks registered before",
                     addr,
-                    self.config.heartbeat_max_misses,
+                    state.misses,
+                    error,
                 )
-                if self.on_lost is not None:
-                    self.on_lost(addr, f"lost connection to prefill {addr}")
+            return
+        if state.misses >= self.config.heartbeat_max_misses:
+            log.info("prefill bootstrap %s answers again", addr)
+        state.misses = 0
+        try:
+            version = (str(answer.get("instance")), int(answer.get("generation", 0)))
+        except (TypeError, ValueError):
+            return
+        if version != state.version:
+            log.info(
+                "prefill %s changed registration (instance %s generation %d): fetching its ranks",
+                addr,
+                version[0],
+                version[1],
+            )
+            state.need_info(now)
 
     def forget_room(self, room: int) -> None:
         with self._lock:
             self._room_dp.pop(room, None)
             self._room_failures.pop(room, None)
-            self._room_attempts.pop(room, None)
+            for waits in self._wanted_rooms.values():
+                waits.pop(room, None)

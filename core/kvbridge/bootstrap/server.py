@@ -1,35 +1,48 @@
 """The bootstrap server: one per prefill instance, where ranks register and decode looks up.
 
 Routes (JSON in, JSON out; every bad request gets a 4xx with ``{"error": message}`` and
-changes nothing):
+changes nothing; no input gets a 5xx):
 
-- ``GET /health``: liveness; never needs the token.
+- ``GET /health``: liveness, plus ``instance`` (random per server start) and ``generation``
+  (bumped by every registration that changes the rank table); never needs the token.
 - ``PUT /v1/ranks``: a prefill rank registers (parallel ranks and sizes, control and transport
   endpoints, page size, KV dtype and layout, plugin API version).
-- ``GET /v1/info``: everything decode needs; 503 until every rank has registered.
+- ``GET /v1/info``: everything decode needs, with ``instance`` and ``generation``; 503 until
+  every rank has registered.
 - ``GET /v1/ranks/{dp}/{pp}/{cp}/{tp}``: one rank's registration.
 - ``PUT /v1/rooms``: ``{"rooms": {"<room>": dp_rank}}``, which DP replica serves a room
-  (entries expire after ``room_ttl`` seconds).
+  (entries expire ``room_ttl`` seconds later, removed by a timer task).
 - ``POST /v1/rooms/query``: ``{"rooms": [room, ...]}`` -> ``{"dp_ranks": {"<room>": dp|null}}``.
 
 With a token, every route but ``/health`` needs ``Authorization: Bearer <token>``.
+
+Limits (:class:`ServerLimits`): body size, JSON nesting depth, endpoint size, rank and room
+table sizes, and an idle timeout that closes connections which send nothing (or too slowly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import hmac
+import ipaddress
+import json
 import logging
+import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import attrs
 from aiohttp import web
 
 log = logging.getLogger("kvbridge.bootstrap")
 
 MAX_BODY = 1 << 20
+#: Rooms in one PUT or query (not the table size: see :class:`ServerLimits`).
 MAX_ROOMS = 65_536
 SIZE_KEYS = ("dp_size", "pp_size", "cp_size", "tp_size")
 RANK_KEYS = ("dp_rank", "pp_rank", "cp_rank", "tp_rank")
@@ -45,6 +58,27 @@ SHARED_KEYS = (
 )
 
 
+@attrs.frozen
+class ServerLimits:
+    """What one bootstrap server accepts; every limit answers a clear 4xx (or 503 when full)."""
+
+    #: Largest request body in bytes (413 above).
+    max_body: int = MAX_BODY
+    #: Deepest JSON nesting of a body (400 above; the parser itself stops at Python's
+    #: recursion limit, so a deeper body never recurses further).
+    max_json_depth: int = 32
+    #: Largest transport endpoint of one rank, as compact JSON bytes (400 above).
+    max_endpoint_bytes: int = 16 * 1024
+    #: Most ranks in one prefill instance: dp*pp*cp*tp above this is refused (400).
+    max_ranks: int = 4096
+    #: Most room entries held at once (503 "room table full" above; expiry frees space).
+    max_rooms: int = 1_000_000
+    #: Seconds a connection may sit idle, or take to send a request, before it is closed.
+    idle_timeout: float = 30.0
+    #: Seconds between two sweeps of expired room entries.
+    sweep_interval: float = 5.0
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
@@ -54,23 +88,86 @@ class BadRequest(Exception):
 def _int_field(data: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 20) -> int:
     value = data.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise BadRequest(f"{key} must be an integer in [{lo}, {hi}], got {value!r}")
+        raise BadRequest(f"{key} must be an integer in [{lo}, {hi}], got {_short(value)}")
     return value
 
 
 def _str_field(data: dict[str, Any], key: str) -> str:
     value = data.get(key)
     if not isinstance(value, str) or not value or len(value) > 1024:
-        raise BadRequest(f"{key} must be a non-empty string, got {value!r}")
+        raise BadRequest(f"{key} must be a non-empty string of at most 1024 characters")
     return value
 
 
-def validate_registration(data: Any) -> dict[str, Any]:
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def parse_control(address: Any) -> tuple[str, int]:
+    """Validate a control-channel address ``tcp://host:port``; return ``(host, port)``.
+
+    ``host`` is an IPv4 address, a bracketed IPv6 address or a DNS name; wildcard addresses
+    (``*``, ``0.0.0.0``, ``::``) are refused because nobody can connect to them. ``port`` is
+    1..65535. Raises :class:`BadRequest` naming what is wrong.
+    """
+    if not isinstance(address, str) or not address.startswith("tcp://") or len(address) > 270:
+        raise BadRequest(f"control must be 'tcp://host:port', got {_short(address)}")
+    rest = address[len("tcp://") :]
+    host, sep, port_text = rest.rpartition(":")
+    if not sep or not host:
+        raise BadRequest(f"control {_short(address)} has no host:port")
+    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise BadRequest(f"control {_short(address)}: port must be 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise BadRequest(f"control {_short(address)}: bad IPv6 address") from None
+    else:
+        try:
+            ip = ipaddress.IPv4Address(host)
+        except ValueError:
+            if not host.isascii() or len(host) > 253 or not _HOSTNAME.match(host):
+                raise BadRequest(f"control {_short(address)}: bad host name") from None
+            if host.replace(".", "").isdigit():
+                raise BadRequest(f"control {_short(address)}: bad IPv4 address") from None
+            return host, int(port_text)
+    if ip.is_unspecified or ip.is_multicast:
+        raise BadRequest(f"control {_short(address)}: {ip} is not a connectable address")
+    return host, int(port_text)
+
+
+def json_depth(value: Any) -> int:
+    """Deepest nesting of lists and dicts in a parsed JSON value (iterative: no recursion)."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item if isinstance(child, (list, dict)))
+    return deepest
+
+
+def validate_registration(data: Any, limits: ServerLimits | None = None) -> dict[str, Any]:
+    limits = limits or ServerLimits()
     if not isinstance(data, dict):
         raise BadRequest("registration must be a JSON object")
     entry: dict[str, Any] = {}
     for key in SIZE_KEYS:
         entry[key] = _int_field(data, key, 1, 4096)
+    total = entry["dp_size"] * entry["pp_size"] * entry["cp_size"] * entry["tp_size"]
+    if total > limits.max_ranks:
+        raise BadRequest(
+            f"dp_size*pp_size*cp_size*tp_size is {total}, more than the {limits.max_ranks} "
+            "ranks this bootstrap server accepts"
+        )
     for key, size in zip(RANK_KEYS, SIZE_KEYS):
         entry[key] = _int_field(data, key, 0, entry[size] - 1)
     entry["page_bytes"] = _int_field(data, "page_bytes", 1, 1 << 40)
@@ -78,25 +175,46 @@ def validate_registration(data: Any) -> dict[str, Any]:
     entry["num_kv_regions"] = _int_field(data, "num_kv_regions", 1, 1 << 20)
     for key in ("control", "kv_dtype", "kv_layout", "api_version", "transport"):
         entry[key] = _str_field(data, key)
+    parse_control(entry["control"])
     endpoint = data.get("endpoint")
     if not isinstance(endpoint, dict):
         raise BadRequest("endpoint must be a JSON object (the transport's endpoint)")
+    endpoint_bytes = len(json.dumps(endpoint, separators=(",", ":")))
+    if endpoint_bytes > limits.max_endpoint_bytes:
+        raise BadRequest(
+            f"endpoint is {endpoint_bytes} bytes of JSON, more than {limits.max_endpoint_bytes}"
+        )
     entry["endpoint"] = endpoint
     entry["authoritative"] = entry["cp_rank"] == 0
     unknown = sorted(set(data) - set(entry) - {"authoritative"})
     if unknown:
-        raise BadRequest(f"unknown registration field(s): {', '.join(unknown)}")
+        raise BadRequest(f"unknown registration field(s): {_short(', '.join(unknown))}")
     return entry
 
 
 class BootstrapState:
-    """All registrations and room assignments; mutated only after validation succeeds."""
+    """All registrations and room assignments; mutated only after validation succeeds.
 
-    def __init__(self, room_ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    Rooms live in insertion order with one TTL for all, so the oldest entry is always first:
+    :meth:`sweep` removes expired entries from the front without scanning the rest, and a
+    look-up is one dict access (an expired entry not yet swept reads as absent).
+    """
+
+    def __init__(
+        self,
+        room_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self.room_ttl = room_ttl
         self.clock = clock
+        self.limits = limits or ServerLimits()
+        self.instance = uuid.uuid4().hex
+        self.generation = 0
         self.ranks: dict[tuple[int, int, int, int], dict[str, Any]] = {}
-        self.rooms: dict[int, tuple[int, float]] = {}
+        self.rooms: collections.OrderedDict[int, tuple[int, float]] = collections.OrderedDict()
+        #: Requests that raised something unexpected (a bug, logged with its traceback).
+        self.internal_errors = 0
 
     @property
     def expected(self) -> int | None:
@@ -114,15 +232,20 @@ class BootstrapState:
             for key in SIZE_KEYS + SHARED_KEYS:
                 if first[key] != entry[key]:
                     raise BadRequest(
-                        f"{key} {entry[key]!r} conflicts with {first[key]!r} registered by "
-                        f"the other ranks of this prefill instance",
+                        f"{key} {_short(entry[key])} conflicts with {_short(first[key])} "
+                        "registered by the other ranks of this prefill instance",
                         status=409,
                     )
-        self.ranks[tuple(entry[k] for k in RANK_KEYS)] = entry  # a restarted rank replaces
+        coords = (entry["dp_rank"], entry["pp_rank"], entry["cp_rank"], entry["tp_rank"])
+        if self.ranks.get(coords) != entry:
+            self.ranks[coords] = entry  # a restarted rank replaces
+            self.generation += 1
 
     def info(self) -> dict[str, Any]:
         first = next(iter(self.ranks.values()))
         return {
+            "instance": self.instance,
+            "generation": self.generation,
             "sizes": {k: first[k] for k in SIZE_KEYS},
             **{k: first[k] for k in SHARED_KEYS},
             "ranks": sorted(self.ranks.values(), key=lambda e: tuple(e[k] for k in RANK_KEYS)),
@@ -137,17 +260,28 @@ class BootstrapState:
         dp_size = next(iter(self.ranks.values()))["dp_size"] if self.ranks else 4096
         parsed = {}
         for key, dp in rooms.items():
-            try:
-                room = int(key)
-            except ValueError:
-                raise BadRequest(f"room {key!r} is not an integer") from None
+            if not key.isascii() or not key.isdigit() or len(key) > 20:
+                raise BadRequest(f"room {_short(key)} is not a decimal integer")
+            room = int(key)
             if not 0 < room < 2**64:
                 raise BadRequest(f"room {room} out of range 1..2**64-1")
             if not isinstance(dp, int) or isinstance(dp, bool) or not 0 <= dp < dp_size:
-                raise BadRequest(f"dp_rank for room {room} must be in 0..{dp_size - 1}, got {dp!r}")
+                raise BadRequest(
+                    f"dp_rank for room {room} must be in 0..{dp_size - 1}, got {_short(dp)}"
+                )
             parsed[room] = dp
+        new = sum(1 for room in parsed if room not in self.rooms)
+        if len(self.rooms) + new > self.limits.max_rooms:
+            self.sweep(None)
+            if len(self.rooms) + new > self.limits.max_rooms:
+                raise BadRequest(
+                    f"room table full ({len(self.rooms)} of {self.limits.max_rooms} entries); "
+                    f"entries expire after {self.room_ttl:g}s, retry later",
+                    status=503,
+                )
         expires = self.clock() + self.room_ttl
         for room, dp in parsed.items():
+            self.rooms.pop(room, None)  # re-inserted at the end: the order stays by expiry
             self.rooms[room] = (dp, expires)
         return len(parsed)
 
@@ -162,55 +296,109 @@ class BootstrapState:
                 f'body must be {{"rooms": [room, ...]}} with at most {MAX_ROOMS} integer rooms'
             )
         now = self.clock()
-        for room, (_, expires) in list(self.rooms.items()):
-            if expires < now:
-                del self.rooms[room]
-        return {str(r): (self.rooms[r][0] if r in self.rooms else None) for r in rooms}
+        answer: dict[str, int | None] = {}
+        for room in rooms:
+            found = self.rooms.get(room)
+            answer[str(room)] = found[0] if found is not None and found[1] >= now else None
+        return answer
+
+    def sweep(self, budget: int | None = 10_000) -> int:
+        """Remove expired rooms from the front, at most ``budget`` of them; return how many."""
+        now = self.clock()
+        removed = 0
+        while self.rooms and (budget is None or removed < budget):
+            room, (_, expires) = next(iter(self.rooms.items()))
+            if expires >= now:
+                break
+            del self.rooms[room]
+            removed += 1
+        return removed
 
 
 STATE: web.AppKey[BootstrapState] = web.AppKey("state", BootstrapState)
 
 
-def build_app(token: str | None = None, room_ttl: float = 600.0) -> web.Application:
-    state = BootstrapState(room_ttl)
+def _authorized(given: str, token: str) -> bool:
+    # Header bytes that are not UTF-8 arrive as surrogates: compare them as raw bytes.
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode())
+
+
+def build_app(
+    token: str | None = None, room_ttl: float = 600.0, limits: ServerLimits | None = None
+) -> web.Application:
+    limits = limits or ServerLimits()
+    state = BootstrapState(room_ttl, limits=limits)
 
     @web.middleware
     async def guard(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if token is not None and request.path != "/health":
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return web.json_response({"error": "missing or wrong bootstrap token"}, status=401)
         try:
+            if (
+                token is not None
+                and request.path != "/health"
+                and not _authorized(request.headers.get("Authorization", ""), token)
+            ):
+                return web.json_response({"error": "missing or wrong bootstrap token"}, status=401)
             return await handler(request)
         except BadRequest as exc:
             return web.json_response({"error": str(exc)}, status=exc.status)
         except web.HTTPException as exc:
             return web.json_response({"error": exc.reason}, status=exc.status)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: logged with its traceback, counted in /health
+            state.internal_errors += 1
+            log.exception("bootstrap %s %s raised", request.method, request.rel_url)
+            return web.json_response(
+                {"error": f"request could not be processed ({type(exc).__name__})"}, status=400
+            )
 
     async def body(request: web.Request) -> Any:
         try:
-            raw = await request.read()
+            raw = await asyncio.wait_for(request.read(), limits.idle_timeout)
         except web.HTTPRequestEntityTooLarge:
-            raise BadRequest(f"body larger than {MAX_BODY} bytes", status=413) from None
+            raise BadRequest(f"body larger than {limits.max_body} bytes", status=413) from None
+        except asyncio.TimeoutError:
+            raise BadRequest(
+                f"body not received within {limits.idle_timeout:g}s", status=408
+            ) from None
         try:
-            import json
-
-            return json.loads(raw)
+            data = json.loads(raw)
+        except RecursionError:  # the C parser stops at the interpreter's recursion limit
+            raise BadRequest(f"JSON nested more than {limits.max_json_depth} deep") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not valid JSON: {exc}") from None
+            raise BadRequest(f"body is not valid JSON: {_short(str(exc))}") from None
+        depth = json_depth(data)
+        if depth > limits.max_json_depth:
+            raise BadRequest(f"JSON nested {depth} deep, more than {limits.max_json_depth}")
+        return data
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response(
-            {"status": "ok", "registered": len(state.ranks), "expected": state.expected}
+            {
+                "status": "ok",
+                "registered": len(state.ranks),
+                "expected": state.expected,
+                "instance": state.instance,
+                "generation": state.generation,
+                "rooms": len(state.rooms),
+                "internal_errors": state.internal_errors,
+            }
         )
 
     async def put_rank(request: web.Request) -> web.Response:
-        entry = validate_registration(await body(request))
+        entry = validate_registration(await body(request), limits)
         state.register(entry)
         log.info("registered prefill rank %s", {k: entry[k] for k in RANK_KEYS})
-        return web.json_response({"registered": len(state.ranks), "expected": state.expected})
+        return web.json_response(
+            {
+                "registered": len(state.ranks),
+                "expected": state.expected,
+                "instance": state.instance,
+                "generation": state.generation,
+            }
+        )
 
     async def info(request: web.Request) -> web.Response:
         expected = state.expected
@@ -226,10 +414,10 @@ def build_app(token: str | None = None, room_ttl: float = 600.0) -> web.Applicat
         return web.json_response(state.info())
 
     async def get_rank(request: web.Request) -> web.Response:
-        try:
-            key = tuple(int(request.match_info[k]) for k in ("dp", "pp", "cp", "tp"))
-        except ValueError:
-            raise BadRequest("rank coordinates must be integers") from None
+        texts = [request.match_info[k] for k in ("dp", "pp", "cp", "tp")]
+        if not all(t.isascii() and t.isdigit() and len(t) <= 6 for t in texts):
+            raise BadRequest("rank coordinates must be small non-negative integers")
+        key = tuple(int(t) for t in texts)
         entry = state.ranks.get(key)  # type: ignore[arg-type]
         if entry is None:
             return web.json_response(
@@ -243,8 +431,22 @@ def build_app(token: str | None = None, room_ttl: float = 600.0) -> web.Applicat
     async def query_rooms(request: web.Request) -> web.Response:
         return web.json_response({"dp_ranks": state.query_rooms(await body(request))})
 
-    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    async def sweeper(app: web.Application) -> AsyncIterator[None]:
+        async def run() -> None:
+            while True:
+                await asyncio.sleep(limits.sweep_interval)
+                while state.sweep() == 10_000:  # a big backlog: yield between chunks
+                    await asyncio.sleep(0)
+
+        task = asyncio.get_running_loop().create_task(run())
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = web.Application(middlewares=[guard], client_max_size=limits.max_body)
     app[STATE] = state
+    app.cleanup_ctx.append(sweeper)
     app.router.add_get("/health", health)
     app.router.add_put("/v1/ranks", put_rank)
     app.router.add_get("/v1/info", info)
@@ -264,9 +466,11 @@ class BootstrapServer:
         *,
         token: str | None = None,
         room_ttl: float = 600.0,
+        limits: ServerLimits | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self.app = build_app(token, room_ttl)
+        self.limits = limits or ServerLimits()
+        self.app = build_app(token, room_ttl, self.limits)
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
@@ -304,7 +508,11 @@ class BootstrapServer:
         self._loop.close()
 
     async def _serve(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # keepalive_timeout closes a connection that sends no complete request in time, from
+        # its start as well as between requests (aiohttp's RequestHandler).
+        self._runner = web.AppRunner(
+            self.app, access_log=None, keepalive_timeout=self.limits.idle_timeout
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
