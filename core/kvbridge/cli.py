@@ -63,6 +63,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             max_prompt_tokens=args.max_prompt_tokens,
             seed=args.seed,
             timeout=args.timeout,
+            metrics_port=args.metrics_port,
         )
     except (ValueError, TypeError) as exc:
         print(f"kvbridge demo: {exc}", file=sys.stderr)
@@ -75,7 +76,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except LookupError as exc:
         print(f"kvbridge demo: {exc}", file=sys.stderr)
         return 2
-    return main(plan)
+    return main(plan, metrics_linger=args.metrics_linger)
 
 
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -120,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-prompt-tokens", type=int, default=2048)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    demo.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve every demo process's kvbridge metrics (Prometheus) on this port",
+    )
+    demo.add_argument(
+        "--metrics-linger",
+        type=float,
+        default=0.0,
+        help="keep serving metrics this many seconds after the report",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     boot = sub.add_parser("bootstrap", help="run a bootstrap server on its own")

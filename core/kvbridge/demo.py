@@ -20,6 +20,7 @@ import random
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -53,6 +54,8 @@ class DemoPlan:
     heartbeat_interval: float = 1.0
     heartbeat_max_misses: int = 3
     kill_prefill_after: int | None = None  # testing: kill prefill once this many committed
+    #: Serve every process's kvbridge metrics (Prometheus) on this port while the demo runs.
+    metrics_port: int | None = None
 
     def __attrs_post_init__(self) -> None:
         for name in (
@@ -132,6 +135,49 @@ def _buffers(plan: DemoPlan, tp: int, tp_rank: int, num_slots: int) -> Any:
     return buffers
 
 
+_PATTERNS = 251  # distinct page contents per region (prime: rooms spread over all of them)
+
+
+class Patterns:
+    """Page contents for the demo, generated once per process and reused by every request.
+
+    Page ``position`` of ``room`` in KV region ``r`` is row ``(room + position) % 251`` of a
+    random table (the same in every process: seeded), with a stamp of (room, position, region)
+    in the first 8 bytes of every head, so a page landing in the wrong place never verifies.
+    Filling and verifying a request is a few whole-array numpy operations per region.
+    """
+
+    def __init__(self, plan: DemoPlan, tp: int, tp_rank: int) -> None:
+        rng = np.random.default_rng(plan.seed + 0x5EED)
+        per_rank = plan.heads // tp
+        heads = slice(tp_rank * per_rank, (tp_rank + 1) * per_rank)
+        shape = (_PATTERNS, plan.heads, HEAD_BYTES)
+        self.tables = [
+            rng.integers(0, 256, shape, dtype=np.uint8)[:, heads].copy() for _ in range(plan.layers)
+        ]
+
+    def expected(self, region: int, room: int, count: int) -> np.ndarray:
+        positions = np.arange(count, dtype=np.uint64)
+        pages = self.tables[region][(room % _PATTERNS + positions) % _PATTERNS]
+        stamp = np.uint64(room) ^ (positions * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(region)
+        pages.view(np.uint64)[:, :, 0] = stamp[:, None]
+        return pages.reshape(count, -1)
+
+    def fill(self, kv: list[np.ndarray], room: int, pages: np.ndarray) -> None:
+        for r, region in enumerate(kv):
+            region[pages] = self.expected(r, room, len(pages))
+
+    def mismatches(self, kv: list[np.ndarray], room: int, pages: np.ndarray) -> list[str]:
+        bad = []
+        for r, region in enumerate(kv):
+            want = self.expected(r, room, len(pages))
+            got = region[pages]
+            if not np.array_equal(got, want):
+                for i in np.flatnonzero((got != want).any(axis=1)).tolist():
+                    bad.append(f"region {r} page {int(pages[i])} (position {i})")
+        return bad
+
+
 def _orphaned(parent: int) -> bool:
     return os.getppid() != parent
 
@@ -184,6 +230,7 @@ def prefill_main(
             dp_size=plan.prefill_dp,
         )
         buffers = _buffers(plan, plan.prefill_tp, tp, num_slots=max(plan.requests, 1))
+        patterns = Patterns(plan, plan.prefill_tp, tp)
         config = _config(plan)
         node = PrefillNode(
             config=config,
@@ -215,7 +262,7 @@ def prefill_main(
                 slot_ids = slots.alloc(1)
                 assert slot_ids is not None  # one slot per request, sized for all of them
                 slot = int(slot_ids[0])
-                buffers.fill(room, pages)
+                patterns.fill(buffers.kv, room, pages)
                 buffers.write_aux(slot, room)
                 forward[room] = [pages, 0, slot]
             for room, entry in list(forward.items()):
@@ -270,6 +317,7 @@ def decode_main(
         "committed": {},
         "aborted": {},
         "bytes": 0,
+        "verify_seconds": 0.0,
     }
     node = None
     try:
@@ -279,6 +327,7 @@ def decode_main(
 
         _gloo(d, plan.decode_tp, ports["decode_gloo"])
         buffers = _buffers(plan, plan.decode_tp, d, num_slots=max(plan.requests // 2, 8))
+        patterns = Patterns(plan, plan.decode_tp, d)
         pool = PagePool(buffers.kv[0].shape[0])
         node = DecodeNode(
             config=_config(plan),
@@ -304,8 +353,9 @@ def decode_main(
                 )
             result = node.step()
             now = time.time()
+            verify_started = time.perf_counter()
             for c in result.committed:
-                bad = buffers.mismatches(c.room, c.pages)
+                bad = patterns.mismatches(buffers.kv, c.room, c.pages)
                 if bad:
                     out["errors"].append(f"room {c.room}: {len(bad)} pages differ, e.g. {bad[0]}")
                 if int(c.aux_row["output_token_id"]) != c.room % 50_000:
@@ -314,6 +364,7 @@ def decode_main(
                 out["bytes"] += len(c.pages) * buffers.page_bytes * plan.layers
                 out["bytes"] += buffers.layout.row_bytes
                 pool.free(c.pages)  # decoding done
+            out["verify_seconds"] += time.perf_counter() - verify_started
             for a in result.aborted:
                 out["aborted"][a.room] = a.reason
             ended += len(result.committed) + len(result.aborted)
@@ -356,6 +407,16 @@ class DemoReport:
     pools_full: bool = True
     #: Every distinct failure reason seen on any decode rank.
     reasons: frozenset[str] = frozenset()
+    #: The demo's own work on decode (verifying bytes), included in ``elapsed``.
+    verify_seconds: float = 0.0
+    #: Seconds from the first commit to the last (start-up and bootstrap excluded).
+    commit_span: float = 0.0
+
+    def steady_rate(self) -> float:
+        """Bytes/s between the first and the last commit (the first request's bytes left out)."""
+        if self.committed < 2 or self.commit_span <= 0:
+            return 0.0
+        return self.bytes_moved * (self.committed - 1) / self.committed / self.commit_span
 
     @property
     def ok(self) -> bool:
@@ -379,8 +440,11 @@ class DemoReport:
                 "bytes verified",
                 "all" if not self.verify_errors else f"{len(self.verify_errors)} ERRORS",
             ),
-            ("bytes moved", f"{self.bytes_moved / 1e6:.1f} MB"),
+            ("bytes moved", f"{self.bytes_moved / 1e6:.1f} MB ({self.bytes_moved} bytes)"),
             ("throughput", f"{rate:.1f} MB/s over {self.elapsed:.2f} s"),
+            ("requests/s", f"{self.committed / self.elapsed if self.elapsed else 0.0:.1f}"),
+            ("steady throughput", f"{self.steady_rate() / 1e6:.1f} MB/s (first to last commit)"),
+            ("demo's own verify time", f"{self.verify_seconds:.2f} s (in the elapsed time)"),
             ("handoff latency p50", f"{self.percentile(50):.1f} ms"),
             ("handoff latency p99", f"{self.percentile(99):.1f} ms"),
             ("pages and aux slots", "all returned" if self.pools_full else "LEAKED"),
@@ -502,10 +566,39 @@ def _report(plan: DemoPlan, outs: list[dict[str, Any]]) -> DemoReport:
         failures=dict(failures),
         pools_full=all(o.get("pages_free") and o.get("slots_free") for o in decode),
         reasons=frozenset(r for o in decode for r in o["aborted"].values()),
+        verify_seconds=max((o.get("verify_seconds", 0.0) for o in decode), default=0.0),
+        commit_span=max(committed.values()) - min(committed.values()) if committed else 0.0,
     )
 
 
-def main(plan: DemoPlan, stream: Any = sys.stderr) -> int:
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextlib.contextmanager
+def metrics_server(port: int) -> Any:
+    """Serve the metrics of every demo process started inside the block on ``port``.
+
+    The processes write to a fresh ``PROMETHEUS_MULTIPROC_DIR`` (inherited at spawn); this
+    process aggregates the directory on each scrape.
+    """
+    from kvbridge.metrics import serve
+
+    old = os.environ.get(MULTIPROC_ENV)
+    with tempfile.TemporaryDirectory(prefix="kvbridge-metrics-") as path:
+        os.environ[MULTIPROC_ENV] = path
+        server = serve(port, multiprocess_dir=path)
+        try:
+            yield server
+        finally:
+            server.shutdown()
+            server.server_close()
+            if old is None:
+                os.environ.pop(MULTIPROC_ENV, None)
+            else:
+                os.environ[MULTIPROC_ENV] = old
+
+
+def main(plan: DemoPlan, stream: Any = sys.stderr, metrics_linger: float = 0.0) -> int:
     def show(update: tuple) -> None:
         committed, failed, total, moved, elapsed = update
         stream.write(
@@ -520,15 +613,28 @@ def main(plan: DemoPlan, stream: Any = sys.stderr) -> int:
         f"transport {plan.transport}",
         file=stream,
     )
+    serving = (
+        metrics_server(plan.metrics_port)
+        if plan.metrics_port is not None
+        else contextlib.nullcontext()
+    )
     try:
-        report = run_demo(plan, show)
+        with serving:
+            report = run_demo(plan, show)
+            stream.write("\n")
+            print(report.table(plan), flush=True)
+            for error in report.verify_errors[:10]:
+                print(f"  error: {error.strip().splitlines()[-1]}", file=stream)
+            for room, reason in list(report.failures.items())[:10]:
+                print(f"  failed room {room}: {reason}", file=stream)
+            if plan.metrics_port is not None and metrics_linger > 0:
+                print(
+                    f"  metrics on http://127.0.0.1:{plan.metrics_port}/metrics for "
+                    f"{metrics_linger:g} s more",
+                    flush=True,
+                )
+                time.sleep(metrics_linger)
     except KeyboardInterrupt:
         stream.write("\ninterrupted; all demo processes stopped\n")
         return 130
-    stream.write("\n")
-    print(report.table(plan))
-    for error in report.verify_errors[:10]:
-        print(f"  error: {error.strip().splitlines()[-1]}", file=stream)
-    for room, reason in list(report.failures.items())[:10]:
-        print(f"  failed room {room}: {reason}", file=stream)
     return 0 if report.ok else 1

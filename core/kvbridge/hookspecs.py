@@ -262,5 +262,60 @@ class ObserverSpec:
         """A request left kvbridge's queues on this rank: committed (``Success``) or aborted."""
 
     @hookspec
-    def kvbridge_step(self, role: Role, rank: RankIdentity, queued: int, reduced: int) -> None:
-        """A scheduler step ran: ``queued`` live requests, ``reduced`` statuses all-reduced."""
+    def kvbridge_step(
+        self, role: Role, rank: RankIdentity, queued: int, reduced: int, stages: np.ndarray
+    ) -> None:
+        """A scheduler step ran: ``queued`` live requests, ``reduced`` statuses all-reduced.
+
+        :param stages: the queue's stage column (uint8, one entry per live request, in queue
+            order): decode ``0`` waiting for resolution or memory, ``8`` transferring; prefill
+            ``0`` waiting for decode metadata, ``1`` in flight. Read-only and only valid during
+            the call: count it (``np.count_nonzero``), never keep or modify it.
+
+        Called by the sessions at the end of every step that reduced something (decode every
+        rank; prefill the ranks that own a transport manager), on the scheduler thread. Runs
+        once per step for the whole queue: keep it to a few microseconds.
+        """
+
+    @hookspec
+    def kvbridge_transfer_finished(
+        self, role: Role, rank: RankIdentity, room: int, nbytes: int, seconds: float
+    ) -> None:
+        """One request's KV and aux row moved completely on this rank.
+
+        :param nbytes: decode: bytes received (pages x page bytes over every KV region, plus
+            the aux row); prefill: bytes this rank wrote (the sum of its descriptors).
+        :param seconds: decode: from sending the metadata (memory allocated) to the commit;
+            prefill: from the first ``send`` of the room to the step that finished it.
+
+        Called by ``DecodeSession`` for each commit and by an authoritative
+        ``PrefillSession`` for each finished room, on the scheduler thread, in the step that
+        reports them, before ``kvbridge_request_finished``. Must not block and must not keep
+        references to the room's pages.
+        """
+
+    @hookspec
+    def kvbridge_resolved(
+        self, role: Role, rank: RankIdentity, room: int, seconds: float, ok: bool
+    ) -> None:
+        """Decode learned which prefill ranks serve ``room`` (bootstrap look-up, DP rank).
+
+        :param seconds: from ``add`` to the resolution (or to the resolution failure).
+        :param ok: False when resolution failed; the room is then failed locally.
+
+        Called by ``DecodeSession`` on the scheduler thread, once per room, in the step that
+        resolved it (possibly different steps on different ranks). Must not block.
+        """
+
+    @hookspec
+    def kvbridge_control_dropped(
+        self, role: Role, rank: RankIdentity, count: int, cause: str
+    ) -> None:
+        """Control frames were lost since the previous step: ``count`` of them.
+
+        :param cause: ``"malformed"`` (an incoming frame that did not decode) or
+            ``"send_failed"`` (an outgoing frame ZMQ refused to queue).
+
+        Called by the nodes on the scheduler thread at the start of a step, only when the
+        control channel's counters grew. Must not block.
+        """

@@ -27,6 +27,8 @@ from kvbridge.control import (
 )
 from kvbridge.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.mapping import AUTHORITATIVE_CP_RANK
+from kvbridge.observe import ControlLosses
+from kvbridge.plugins import ObserverRelay
 from kvbridge.queue.collective import Reducer
 from kvbridge.queue.decode import DecodeRequest, MetadataToSend, PageAllocator
 from kvbridge.queue.outcomes import DecodeStep, PrefillStep
@@ -69,6 +71,7 @@ class PrefillNode:
         kv_layout: str = "head_sharded",
         transport: Transport | None = None,
         host: str = "127.0.0.1",
+        observers: ObserverRelay | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
@@ -88,10 +91,14 @@ class PrefillNode:
             aux_regions=aux_regions,
             reducer=reducer,
             notify_decode=self._notify,
+            observers=observers if observers is not None else ObserverRelay(discover=True),
         )
         self._out = ControlSender()  # scheduler thread only
         self._acks = ControlSender()  # control thread only (ZMQ sockets are single-threaded)
         self.control = ControlReceiver(self._on_message, host)
+        self._losses = ControlLosses(
+            self.session.observers, rank, self.control, (self._out, self._acks)
+        )
         self.client = BootstrapClient(config.bootstrap_token)
         self.client.register_rank(
             bootstrap_addr,
@@ -157,6 +164,7 @@ class PrefillNode:
         self.client.put_rooms(self.bootstrap_addr, dp_ranks)
 
     def step(self) -> PrefillStep:
+        self._losses.check()
         return self.session.step()
 
     def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
@@ -188,6 +196,7 @@ class DecodeNode:
         transport: Transport | None = None,
         host: str = "127.0.0.1",
         dp_follows_room: bool = False,
+        observers: ObserverRelay | None = None,
     ) -> None:
         self.config = config
         self.rank = rank
@@ -225,7 +234,10 @@ class DecodeNode:
             directory=self.directory,
             send_metadata=self._send_metadata,
             send_abort=self._send_abort,
+            observers=observers if observers is not None else ObserverRelay(discover=True),
+            page_bytes=sum(r.item_bytes for r in self.kv_regions),
         )
+        self._losses = ControlLosses(self.session.observers, rank, self.control, (self._out,))
 
     def _on_message(self, message: Message) -> None:
         if isinstance(message, Status):
@@ -271,6 +283,7 @@ class DecodeNode:
         self.session.add(requests)
 
     def step(self) -> DecodeStep:
+        self._losses.check()
         result = self.session.step()
         for done in result.committed:
             self.directory.forget_room(done.room)

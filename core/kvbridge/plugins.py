@@ -279,6 +279,8 @@ class ObserverRelay:
             for ep in importlib.metadata.entry_points(group=OBSERVER_GROUP):
                 try:
                     self.plugin_manager.register(ep.load(), name=ep.name)
+                except ImportError as exc:  # an optional extra that is not installed
+                    log.info("kvbridge observer %r not loaded: %s", ep.name, exc)
                 except Exception as exc:
                     log.warning("kvbridge observer %r not loaded: %s", ep.name, exc)
         for observer in observers:

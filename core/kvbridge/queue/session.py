@@ -82,10 +82,14 @@ class DecodeSession:
         aux_slots: AuxSlotPool | None = None,
         clock: Clock = time.monotonic,
         observers: ObserverRelay | None = None,
+        page_bytes: int = 0,
     ) -> None:
         self.manager = manager
         self.reducer = reducer
         self.directory = directory
+        #: Bytes one page occupies over every KV region of this rank (for observers).
+        self.page_bytes = page_bytes
+        self._since: dict[int, float] = {}  # observers only: room -> add, then metadata time
         self.send_metadata = send_metadata
         self.send_abort = send_abort
         self.clock = clock
@@ -107,7 +111,10 @@ class DecodeSession:
 
     def add(self, requests: Sequence[DecodeRequest]) -> None:
         """Enqueue requests; the same ones, in the same order, on every rank of the group."""
-        self.queue.add(requests, self.clock())
+        now = self.clock()
+        self.queue.add(requests, now)
+        if self.observers.active:
+            self._since.update((r.room, now) for r in requests)
         for r in requests:
             self.manager.receiver_construct(r.room)
         self._unresolved.extend(requests)
@@ -157,7 +164,9 @@ class DecodeSession:
                 still.append(request)
             elif isinstance(outcome, str):
                 self.queue.fail(request.room, outcome)
+                self._observe_resolved(request.room, False)
             else:
+                self._observe_resolved(request.room, True)
                 self._targets[request.room] = outcome
                 self.manager.receiver_init(request.room, outcome.peers)
                 self.queue.initialised(request.room, len(outcome.peers))
@@ -171,10 +180,21 @@ class DecodeSession:
             target = self._targets[meta.room]
             self.manager.receiver_send_metadata(meta.room, meta.pages, meta.aux_slot)
             self.send_metadata(meta, target)
+            if self.observers.active:
+                self._since[meta.room] = self.clock()
         step = decisions.step
         for done in step.committed:
             self.manager.receiver_clear(done.room)
             self._targets.pop(done.room, None)
+            if self.observers.active:
+                self.observers.call(
+                    "kvbridge_transfer_finished",
+                    role=Role.DECODE,
+                    rank=self.manager.rank,
+                    room=done.room,
+                    nbytes=len(done.pages) * self.page_bytes + done.aux_row.nbytes,
+                    seconds=self.clock() - self._since.pop(done.room, self.clock()),
+                )
             self._finished(done.room, KVPoll.Success, None, False)
         for failed in step.aborted:
             self.manager.receiver_abort(failed.room, failed.reason)
@@ -184,6 +204,7 @@ class DecodeSession:
                 self.send_abort(failed.room, lost, failed.reason)
             self._unresolved = [r for r in self._unresolved if r.room != failed.room]
             _log_abort("decode", failed)
+            self._since.pop(failed.room, None)
             self._finished(failed.room, KVPoll.Failed, failed.reason, failed.from_other_rank)
         self.observers.call(
             "kvbridge_step",
@@ -191,8 +212,20 @@ class DecodeSession:
             rank=self.manager.rank,
             queued=len(self.queue),
             reduced=len(reduced),
+            stages=self.queue.cols.stage,
         )
         return step
+
+    def _observe_resolved(self, room: int, ok: bool) -> None:
+        if self.observers.active:
+            self.observers.call(
+                "kvbridge_resolved",
+                role=Role.DECODE,
+                rank=self.manager.rank,
+                room=room,
+                seconds=self.clock() - self._since.get(room, self.clock()),
+                ok=ok,
+            )
 
     def _finished(self, room: int, status: KVPoll, reason: str | None, other: bool) -> None:
         self.observers.call(
@@ -271,6 +304,7 @@ class PrefillSession:
         self._targets: dict[int, tuple[tuple[DecodePeer, DecodeMetadata], ...]] = {}
         self._offsets: dict[int, int] = {}
         self._notified: set[int] = set()
+        self._sent: dict[int, list[float]] = {}  # observers only: room -> [first send, bytes]
         self._events: collections.deque[tuple[str, Any]] = collections.deque()
         # Decode may hear of a request before this prefill rank does: its metadata or abort
         # waits here (with its arrival time) until add() brings the room, or expires.
@@ -430,6 +464,9 @@ class PrefillSession:
                 )
             writes.append(PeerWrite(peer_index, Descriptors.concat(parts)))
         self._offsets[room] = offset + len(pages)
+        if self.observers.active:
+            sent = self._sent.setdefault(room, [self.clock(), 0])
+            sent[1] += sum(int(w.descriptors.lengths.sum()) for w in writes)
         self.manager.sender_send(room, SendChunk(tuple(writes), is_last))
 
     def finish(self, reduced: np.ndarray) -> PrefillStep:
@@ -437,6 +474,16 @@ class PrefillSession:
             return PrefillStep()
         step = self.queue.apply(reduced)
         for room in step.finished:
+            sent = self._sent.get(room)
+            if sent is not None and self.manager is not None:
+                self.observers.call(
+                    "kvbridge_transfer_finished",
+                    role=Role.PREFILL,
+                    rank=self.manager.rank,
+                    room=room,
+                    nbytes=sent[1],
+                    seconds=self.clock() - sent[0],
+                )
             self._drop(room)
             if self.manager is not None:
                 self.manager.sender_clear(room)
@@ -458,10 +505,12 @@ class PrefillSession:
                 rank=self.manager.rank,
                 queued=len(self.queue),
                 reduced=len(reduced),
+                stages=self.queue.cols.stage,
             )
         return step
 
     def _drop(self, room: int) -> None:
+        self._sent.pop(room, None)
         self._metadata.pop(room, None)
         self._targets.pop(room, None)
         self._offsets.pop(room, None)

@@ -1,0 +1,49 @@
+"""Small helpers that feed the observer hooks from the nodes (see ``ObserverSpec``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kvbridge.plugins import ObserverRelay
+from kvbridge.types import RankIdentity
+
+
+class ControlLosses:
+    """Turns the control channel's loss counters into ``kvbridge_control_dropped`` calls.
+
+    The counters grow on the control thread (malformed frames) and the scheduler thread
+    (refused sends); :meth:`check` runs on the scheduler thread once per step and costs two
+    attribute reads when nothing was lost.
+    """
+
+    def __init__(
+        self, observers: ObserverRelay, rank: RankIdentity, receiver: Any, senders: Sequence[Any]
+    ) -> None:
+        self.observers = observers
+        self.rank = rank
+        self.receiver = receiver
+        self.senders = tuple(senders)
+        self._malformed = 0
+        self._send_failed = 0
+
+    def check(self) -> None:
+        if not self.observers.active:
+            return
+        malformed = self.receiver.dropped
+        if malformed != self._malformed:
+            self._report(malformed - self._malformed, "malformed")
+            self._malformed = malformed
+        send_failed = sum(s.failed for s in self.senders)
+        if send_failed != self._send_failed:
+            self._report(send_failed - self._send_failed, "send_failed")
+            self._send_failed = send_failed
+
+    def _report(self, count: int, cause: str) -> None:
+        self.observers.call(
+            "kvbridge_control_dropped",
+            role=self.rank.role,
+            rank=self.rank,
+            count=count,
+            cause=cause,
+        )
