@@ -99,7 +99,8 @@ class PrefillNode:
         self._losses = ControlLosses(
             self.session.observers, rank, self.control, (self._out, self._acks)
         )
-        self.client = BootstrapClient(config.bootstrap_token)
+        # Kept registration: sent again by the client's upkeep thread if bootstrap restarts.
+        self.client = BootstrapClient.from_config(config)
         self.client.register_rank(
             bootstrap_addr,
             {
@@ -121,6 +122,7 @@ class PrefillNode:
                 "transport": config.transport,
                 "num_kv_regions": max(len(kv_regions), 1),
             },
+            keep=True,
         )
 
     def _on_message(self, message: Message) -> None:
@@ -160,8 +162,10 @@ class PrefillNode:
         self.session.add(requests)
 
     def publish_dp_ranks(self, dp_ranks: Mapping[int, int]) -> None:
-        """Tell bootstrap which DP replica serves which rooms (the router's choice)."""
-        self.client.put_rooms(self.bootstrap_addr, dp_ranks)
+        """Tell bootstrap which DP replica serves which rooms (the router's choice).
+
+        Non-blocking: sent (and retried) by the bootstrap client's background thread."""
+        self.client.publish_rooms(self.bootstrap_addr, dp_ranks)
 
     def step(self) -> PrefillStep:
         self._losses.check()
@@ -171,6 +175,7 @@ class PrefillNode:
         self.session.send(room, pages, is_last=is_last, aux_slot=aux_slot)
 
     def close(self) -> None:
+        self.client.close()
         self.control.close()
         self._out.close()
         self._acks.close()
