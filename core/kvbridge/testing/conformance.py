@@ -1,28 +1,46 @@
 """The conformance kit: abstract tests every transport must pass.
 
-Subclass :class:`TransportConformance` in your plugin's test suite and set ``transport_name``::
+Subclass :class:`TransportConformance` in your plugin's test suite and set ``transport_name``;
+override the ``transport_options`` fixture when your transport needs options (the default,
+``{}``, runs every transport on its own defaults)::
 
+    import pytest
     from kvbridge.testing import TransportConformance
 
     class TestMyTransport(TransportConformance):
         transport_name = "mytransport"
-        transport_options = {"protocol": "tcp"}
+
+        @pytest.fixture
+        def transport_options(self):
+            return {"backend": "TCP"}
 
 The kit loads the transport through the installed entry point (the same path an engine uses)
-and calls it only through the core's dispatch. Tests that need an optional capability run only
-when the transport declares it in ``TransportInfo.capabilities``:
+and calls it only through the core's dispatch. A ``transport_name`` that no installed package
+provides fails every test (a typo must not pass as "skipped"); a transport that is installed
+but does not load (its native library is missing) is skipped with the reason, or fails where
+``KVBRIDGE_REQUIRE_TRANSPORTS`` names it. Every failure message starts with the rule it broke.
+
+Capabilities a transport declares in ``TransportInfo.capabilities`` switch tests on, or say
+which promise is tested:
 
 - ``cross_process``: bytes move between processes (tests spawn a receiver process);
 - ``rejects_unregistered_memory``: a write to unregistered *destination* memory fails the room
-  (every transport must reject unregistered *source* memory).
+  (every transport must reject unregistered *source* memory);
+- ``one_sided_writes``: the receiver cannot refuse a write (RDMA). Without it, the kit checks
+  that no byte lands after ``receiver_abort`` or ``receiver_clear``, nor for a room the receiver
+  never constructed. With it, the kit checks the sender's half of the abort fence instead:
+  once ``kvbridge_sender_drained`` reports an aborted room drained, no byte of it lands.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
+import attrs
 import numpy as np
 import pytest
 
@@ -30,7 +48,7 @@ from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.status import KVPoll
 from kvbridge.testing.remote import RemoteReceiver
-from kvbridge.testing.rig import TransferRig, require_transport, wait_until_terminal
+from kvbridge.testing.rig import TransferRig, TransportHang, require_transport, wait_until_terminal
 from kvbridge.transports import Transport
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, RankIdentity, Role, SendChunk
 
@@ -39,27 +57,73 @@ def _pages(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+def _expect_terminal(
+    poll: Callable[[np.ndarray], Any], room: int, want: KVPoll, rule: str, timeout: float
+) -> str | None:
+    """Wait until ``room`` is terminal; fail naming ``rule`` unless it ended in ``want``."""
+    try:
+        status, reason = wait_until_terminal(poll, room, timeout)
+    except TransportHang as exc:
+        pytest.fail(f"[{rule}] expected {want.name} within {timeout}s, but {exc}")
+    if status != want:
+        pytest.fail(f"[{rule}] expected {want.name}, got {status.name} ({reason or 'no reason'})")
+    return reason
+
+
+def _watch_stamp(
+    buffers: Any, room: int, slot: int, done: threading.Event, seen: list[list[np.ndarray]]
+) -> None:
+    """Copy the destination KV the moment ``room``'s stamp appears in aux row ``slot``."""
+    stamps = buffers.stamps
+    while not done.is_set():
+        if int(stamps[slot]) == room:
+            seen.append([region.copy() for region in buffers.kv])
+            return
+        time.sleep(0)
+
+
+def _snapshot(buffers: Any) -> list[np.ndarray]:
+    return [region.copy() for region in buffers.kv] + [buffers.aux.copy()]
+
+
+def _changed(before: list[np.ndarray], buffers: Any) -> list[str]:
+    now = [*buffers.kv, buffers.aux]
+    where = [f"KV region {i}" for i in range(len(buffers.kv))] + ["aux rows"]
+    return [w for w, a, b in zip(where, before, now) if not np.array_equal(a, b)]
+
+
 class TransportConformance:
     """Abstract conformance tests; a subclass names the transport under test."""
 
     transport_name: ClassVar[str] = ""
-    transport_options: ClassVar[dict[str, Any]] = {}
     #: Seconds a transfer may take before the kit calls it a hang.
     timeout: ClassVar[float] = 30.0
+    #: Seconds a refused write (or an aborted room) may take to be reported Failed / drained.
+    refusal_timeout: ClassVar[float] = 10.0
+    #: Seconds the kit watches destination memory for bytes that must not land.
+    watch_seconds: ClassVar[float] = 0.5
     page_bytes: ClassVar[int] = 4096
     num_pages: ClassVar[int] = 64
 
     @pytest.fixture
+    def transport_options(self) -> dict[str, Any]:
+        """The transport's options for every test; override it in your subclass."""
+        return {}
+
+    @pytest.fixture
     def transport(self) -> Transport:
         if not self.transport_name:
-            pytest.skip("abstract conformance class: set transport_name")
+            pytest.fail("set transport_name on your TransportConformance subclass")
         return Transport(require_transport(self.transport_name))
 
     @pytest.fixture
-    def config(self) -> TransferConfig:
-        return TransferConfig(
-            transport=self.transport_name, transport_options=dict(self.transport_options)
-        )
+    def config(self, transport_options: dict[str, Any]) -> TransferConfig:
+        if not isinstance(transport_options, dict):
+            pytest.fail(
+                "transport_options must be a fixture returning a dict (a class attribute "
+                "named transport_options hides the kit's fixture)"
+            )
+        return TransferConfig(transport=self.transport_name, transport_options=transport_options)
 
     @pytest.fixture
     def rig(self, transport: Transport, config: TransferConfig) -> Iterator[TransferRig]:
@@ -207,17 +271,28 @@ class TransportConformance:
             rig.transfer(room, pages, pages, src_slot=2, dst_slot=2, chunks=2)
         rig.receiver.receiver_abort(room, "test abort")
         rig.sender.sender_abort(room, "test abort")
+        first: dict[str, int] = {}
         for _ in range(20):
-            for poll in (rig.receiver.receiver_poll, rig.sender.sender_poll):
+            for side, poll in (
+                ("receiver", rig.receiver.receiver_poll),
+                ("sender", rig.sender.sender_poll),
+            ):
                 statuses, failures = poll(rooms)
-                if (
-                    stage == "sent"
-                    and statuses[0] == KVPoll.Success
-                    and poll == rig.sender.sender_poll
-                ):
-                    continue  # the writes may have finished before the abort arrived
-                assert statuses[0] == KVPoll.Failed, (stage, KVPoll(int(statuses[0])))
-                assert failures.get(room), "a failed room must come with a reason"
+                status = int(statuses[0])
+                first.setdefault(side, status)
+                # Writes of a sent room may finish before the abort arrives: then Success (an
+                # advisory one on the receiver) may stay. Either way the status never changes.
+                allowed = (KVPoll.Failed, KVPoll.Success) if stage == "sent" else (KVPoll.Failed,)
+                assert status in allowed, (
+                    f"[abort fails the room] {side} of a room aborted when {stage} reports "
+                    f"{KVPoll(status).name}"
+                )
+                assert status == first[side], (
+                    f"[terminal statuses are sticky] {side} went from "
+                    f"{KVPoll(first[side]).name} to {KVPoll(status).name} after the abort"
+                )
+                if status == KVPoll.Failed:
+                    assert failures.get(room), "[a failed room comes with a reason]"
         rig.receiver.receiver_clear(room)
         rig.sender.sender_clear(room)
 
@@ -291,13 +366,172 @@ class TransportConformance:
         assert status == KVPoll.Failed and reason
         assert not stray.any()
 
-    def test_registering_nothing_sensible_is_refused(
+    def test_an_unknown_option_is_an_error_naming_it(
         self, transport: Transport, config: TransferConfig
     ) -> None:
-        buffer = np.zeros((4, 64), dtype=np.uint8)
-        region = MemoryRegion.of(buffer)
-        with pytest.raises(ValueError):
-            transport.create_manager(config, RankIdentity(Role.DECODE), (region, region), ())
+        """A misspelt option is an error, never ignored (``transport_kit.transport_options``)."""
+        rig_buffers = np.zeros((4, 64), dtype=np.uint8)
+        region = MemoryRegion.of(rig_buffers, 64)
+        options = {**config.transport_options, "kvbridge_kit_no_such_option": 1}
+        bad = TransferConfig(transport=config.transport, transport_options=options)
+        try:
+            manager = transport.create_manager(bad, RankIdentity(Role.DECODE), (region,), ())
+        except Exception as exc:
+            assert "kvbridge_kit_no_such_option" in str(exc), (
+                f"[unknown options are errors naming them] the error does not name it: {exc}"
+            )
+            return
+        manager.close()
+        pytest.fail(
+            "[unknown options are errors naming them] a manager was created with the unknown "
+            "option 'kvbridge_kit_no_such_option'"
+        )
+
+    # -- writes that must not land -------------------------------------------------------------
+
+    def _refuses(self, transport: Transport) -> None:
+        if "one_sided_writes" in transport.info.capabilities:
+            pytest.skip(
+                f"transport {transport.name!r} declares 'one_sided_writes': its receiver cannot "
+                "refuse writes; the kit checks the sender's abort fence instead"
+            )
+
+    def _send_unwanted(self, rig: TransferRig, room: int, rule: str) -> None:
+        """Send a room's KV and aux row; the receiver must refuse them: nothing lands."""
+        pages = _pages(3, 4, 5, 6)
+        before = _snapshot(rig.decode)
+        rig.transfer(room, pages, pages, src_slot=2, dst_slot=2, chunks=2)
+        _expect_terminal(rig.sender.sender_poll, room, KVPoll.Failed, rule, self.refusal_timeout)
+        deadline = time.monotonic() + self.watch_seconds
+        while time.monotonic() < deadline:
+            changed = _changed(before, rig.decode)
+            assert not changed, f"[{rule}] bytes landed in {', '.join(changed)}"
+            time.sleep(0.01)
+
+    def test_no_write_lands_after_receiver_abort(
+        self, rig: TransferRig, transport: Transport
+    ) -> None:
+        self._refuses(transport)
+        room = 91
+        rig.open(room, _pages(3, 4, 5, 6), dst_slot=2)
+        rig.receiver.receiver_abort(room, "kit: decode gave up")
+        self._send_unwanted(rig, room, "no write lands after receiver_abort")
+
+    def test_no_write_lands_after_receiver_clear(
+        self, rig: TransferRig, transport: Transport
+    ) -> None:
+        self._refuses(transport)
+        room = 92
+        rig.open(room, _pages(3, 4, 5, 6), dst_slot=2)
+        rig.receiver.receiver_clear(room)  # the pages may belong to another request now
+        self._send_unwanted(rig, room, "no write lands after receiver_clear")
+
+    def test_no_write_lands_for_a_room_the_receiver_never_constructed(
+        self, rig: TransferRig, transport: Transport
+    ) -> None:
+        self._refuses(transport)
+        room = 93
+        rig.sender.sender_construct(room)
+        rig.sender.sender_init(room, (rig.receiver.endpoint,))
+        self._send_unwanted(rig, room, "no write lands for a room the receiver never constructed")
+
+    def test_no_write_lands_once_an_aborted_room_is_drained(
+        self, rig: TransferRig, transport: Transport
+    ) -> None:
+        """The sender's half of the abort fence (API 1.1): after ``sender_abort`` no write of
+        the room starts, and once ``kvbridge_sender_drained`` says so, no byte of it lands."""
+        rule = "no write lands once sender_drained reports the aborted room"
+        hook = rig.sender._hook.kvbridge_sender_drained
+        if not hook.get_hookimpls():
+            if "one_sided_writes" in transport.info.capabilities:
+                pytest.fail(
+                    f"[{rule}] the transport declares 'one_sided_writes' but does not implement "
+                    "kvbridge_sender_drained: nothing protects reused decode memory"
+                )
+            pytest.skip("no kvbridge_sender_drained hook (a plugin for API 1.0)")
+        room = 94
+        pages = np.arange(32, dtype=np.int64)
+        rig.open(room, pages, dst_slot=3)
+        rig.transfer(room, pages[:16], pages[:16], src_slot=3, dst_slot=3, chunks=4)
+        rig.sender.sender_abort(room, "kit: abort while writing")
+        # A chunk sent after the abort must never be written (it targets untouched pages).
+        rig.prefill.fill(room, pages[16:])
+        rig.sender.sender_send(room, rig.chunk(pages[16:], pages[16:], last_slots=(3, 3)))
+        rooms = np.array([room], dtype=np.uint64)
+        deadline = time.monotonic() + self.refusal_timeout
+        while True:
+            drained = np.asarray(hook(manager=rig.sender.raw, rooms=rooms), dtype=bool)
+            assert drained.shape == (1,), f"[{rule}] sender_drained returned {drained!r}"
+            if drained[0]:
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"[{rule}] room {room} not drained {self.refusal_timeout}s after abort")
+            time.sleep(0.005)
+        before = _snapshot(rig.decode)
+        deadline = time.monotonic() + self.watch_seconds
+        while time.monotonic() < deadline:
+            drained = np.asarray(hook(manager=rig.sender.raw, rooms=rooms), dtype=bool)
+            assert drained[0], f"[{rule}] sender_drained went back from True to False"
+            changed = _changed(before, rig.decode)
+            assert not changed, f"[{rule}] bytes landed in {', '.join(changed)} after drained"
+            time.sleep(0.01)
+        untouched = pages[16:]
+        assert all(not region[untouched].any() for region in rig.decode.kv), (
+            f"[{rule}] a chunk sent after sender_abort was written"
+        )
+        status, _ = rig.sender.sender_poll(rooms)
+        assert status[0] == KVPoll.Failed, (
+            f"[abort fails the room] sender reports {KVPoll(int(status[0])).name}"
+        )
+        rig.sender.sender_clear(room)
+
+    # -- order ---------------------------------------------------------------------------------
+
+    def test_aux_row_lands_after_the_kv_pages(
+        self, transport: Transport, config: TransferConfig
+    ) -> None:
+        """Decode commits a room when its aux stamp is there: the pages must already be.
+
+        A watcher thread reads the destination while the transfer runs; when the room stamp
+        appears it checks every page. Several rooms of thousands of runs each give a transport
+        that writes the aux row first many chances to be seen.
+        """
+        rule = "the aux row lands after the KV pages of its chunk"
+        rig = TransferRig(transport, config, num_pages=2048, page_bytes=512)
+        try:
+            rng = np.random.default_rng(3)
+            for attempt, room in enumerate(range(301, 305)):
+                src = np.arange(2048, dtype=np.int64)
+                dst = rng.permutation(2048).astype(np.int64)
+                slot = attempt % 4
+                rig.open(room, dst, dst_slot=slot)
+                seen: list[list[np.ndarray]] = []
+                done = threading.Event()
+                watcher = threading.Thread(
+                    target=_watch_stamp,
+                    args=(rig.decode, room, slot, done, seen),
+                    daemon=True,
+                )
+                watcher.start()
+                rig.transfer(room, src, dst, src_slot=1, dst_slot=slot)
+                _expect_terminal(
+                    rig.sender.sender_poll, room, KVPoll.Success, rule, self.timeout * 4
+                )
+                done.set()
+                watcher.join(10)
+                if seen:
+                    at_stamp = attrs.evolve(rig.decode, kv=seen[0])
+                    missing = at_stamp.mismatches(room, dst)
+                    if missing:
+                        pytest.fail(
+                            f"[{rule}] room {room}'s stamp landed while {len(missing)} KV pages "
+                            f"were still missing (first: {missing[0]})"
+                        )
+                rig.sender.sender_clear(room)
+                rig.receiver.receiver_clear(room)
+                rig.decode.stamps[slot] = 0
+        finally:
+            rig.close()
 
     # -- vanished peers ------------------------------------------------------------------------
 
@@ -310,12 +544,12 @@ class TransportConformance:
         assert status == KVPoll.Failed and reason
 
     @pytest.fixture
-    def remote(self, transport: Transport) -> Iterator[RemoteReceiver]:
+    def remote(self, transport: Transport, config: TransferConfig) -> Iterator[RemoteReceiver]:
         """A receiver manager in another process (needs the ``cross_process`` capability)."""
         self.needs(transport, "cross_process")
         receiver = RemoteReceiver(
             self.transport_name,
-            dict(self.transport_options),
+            dict(config.transport_options),
             num_pages=self.num_pages,
             page_bytes=self.page_bytes,
         )

@@ -1,6 +1,11 @@
+import pytest
+
 from kvbridge.testing import TransportConformance
 
 
 class TestMooncakeConformance(TransportConformance):
     transport_name = "mooncake"
-    transport_options = {"protocol": "tcp"}
+
+    @pytest.fixture
+    def transport_options(self) -> dict[str, object]:
+        return {"protocol": "tcp"}

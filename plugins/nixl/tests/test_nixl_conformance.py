@@ -1,6 +1,11 @@
+import pytest
+
 from kvbridge.testing import TransportConformance
 
 
 class TestNixlConformance(TransportConformance):
     transport_name = "nixl"
-    transport_options = {"backend": "UCX"}
+
+    @pytest.fixture
+    def transport_options(self) -> dict[str, object]:
+        return {"backend": "UCX"}
