@@ -6,6 +6,9 @@ process go over a loopback TCP connection to that manager's listener, which read
 straight into the registered memory. A socket (rather than shared memory) lets the Fake work
 with any engine-allocated buffer, and makes a dead peer look like it does on real networks:
 a refused or reset connection.
+
+Device memory: the Fake moves host memory only (memmove and sockets cannot touch GPU memory),
+so a region on ``cuda:N`` is refused at creation with :class:`MemoryRegistrationError`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
+from kvbridge.errors import MemoryRegistrationError
 from kvbridge.status import KVPoll
 from kvbridge.transport_kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
@@ -48,6 +52,12 @@ class FakeManager(BookedManager):
     ) -> None:
         options = config.transport_options
         options = transport_options("fake", options, OPTIONS)
+        for region in (*kv_regions, *aux_regions):
+            if region.is_gpu:
+                raise MemoryRegistrationError(
+                    f"the fake transport moves host memory only; region at {region.addr:#x} "
+                    f"is on {region.device} (use mooncake, nixl or mori for GPU memory)"
+                )
         self.faults = FaultPlan.from_options(options)
         self.rank = rank
         self.tp_rank = rank.tp_rank

@@ -5,6 +5,14 @@ merged by the core) on one worker thread per peer, so the scheduler never blocks
 one peer stay ordered. The asynchronous batch API was not used: on
 mooncake-transfer-engine-non-cuda 0.3.13 a second ``get_batch_transfer_status`` on a
 completed batch crashes the process.
+
+Device memory: each region is registered with a Mooncake location from ``MemoryRegion.device``:
+``cuda:N`` as location ``"cuda:N"`` (the engine's name for GPU N; RDMA picks the NICs near that
+GPU), host memory as ``"*"`` (the engine finds each page's NUMA node itself and names it
+``"cpu:<node>"``; a fixed ``"cpu:0"`` would be wrong on multi-socket hosts), one
+``batch_register_memory`` per location. Writes need no location: the engine resolves source
+and destination buffers from its own registrations and the peer's segment, which carries the
+locations it registered.
 """
 
 from __future__ import annotations
@@ -31,6 +39,13 @@ OPTIONS = {
 #: Pause before each retry. A write to a fresh peer now and then returns -1 and succeeds when
 #: repeated; a really dead peer still fails within ~60 ms.
 RETRY_DELAYS = (0.01, 0.05, 0.25)
+#: Mooncake's location for host memory: "find the NUMA node yourself".
+HOST_LOCATION = "*"
+
+
+def mooncake_location(region: MemoryRegion) -> str:
+    """The ``location`` argument Mooncake registers ``region`` with."""
+    return f"cuda:{region.device_index}" if region.is_gpu else HOST_LOCATION
 
 
 def load_engine_class() -> Any:
@@ -66,14 +81,21 @@ class MooncakeManager(BookedManager):
             raise RuntimeError(f"mooncake TransferEngine.initialize({self.options}) returned {ret}")
         self.session = f"{self.options['hostname']}:{self.engine.get_rpc_port()}"
         super().__init__(f"{rank.label}@mooncake:{self.session}", kv_regions, aux_regions)
-        regions = kv_regions + aux_regions
-        self._registered = [r.addr for r in regions]
-        if regions:
+        by_location: dict[str, list[MemoryRegion]] = {}
+        for r in kv_regions + aux_regions:
+            by_location.setdefault(mooncake_location(r), []).append(r)
+        self._registered: list[int] = []
+        for location, regions in by_location.items():
             ret = self.engine.batch_register_memory(
-                [r.addr for r in regions], [r.length for r in regions]
+                [r.addr for r in regions], [r.length for r in regions], location
             )
             if ret != 0:
-                raise RuntimeError(f"mooncake could not register {len(regions)} regions ({ret})")
+                self.release()
+                raise RuntimeError(
+                    f"mooncake could not register {len(regions)} regions at location "
+                    f"{location!r} ({ret})"
+                )
+            self._registered += [r.addr for r in regions]
 
     @property
     def endpoint(self) -> dict[str, Any]:

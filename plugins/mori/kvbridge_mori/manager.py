@@ -5,6 +5,12 @@ per registered region in its endpoint, and a sender turns each (src, dst, length
 offsets within the local and remote regions that contain it. Runs are grouped per
 (local region, remote region) pair into one ``batch_write`` each; KV groups go first and the
 aux row last. Waiting for the ``TransferStatus`` happens on a worker thread per peer.
+
+Device memory: each region is registered as what ``MemoryRegion.device`` says:
+``register_memory(addr, length, N, MemoryLocationType.GPU)`` for ``cuda:N`` (torch on ROCm
+names AMD GPUs ``cuda:N``), ``register_memory(addr, length, -1, MemoryLocationType.CPU)`` for
+host memory. The resulting MemoryDescs carry device id and location; the peer's arrive packed
+in its endpoint, so each ``batch_write`` names both sides' devices through its descriptors.
 """
 
 from __future__ import annotations
@@ -72,10 +78,13 @@ class MoriManager(BookedManager):
         self._peers: dict[str, tuple[Any, _Regions]] = {}
 
     def _register(self, region: MemoryRegion) -> Any:
-        gpu = region.device.startswith(("cuda", "hip"))
-        location = self.io.MemoryLocationType.GPU if gpu else self.io.MemoryLocationType.CPU
-        device_id = int(region.device.split(":")[1]) if ":" in region.device else -1
-        return self.engine.register_memory(region.addr, region.length, device_id, location)
+        location = (
+            self.io.MemoryLocationType.GPU if region.is_gpu else self.io.MemoryLocationType.CPU
+        )
+        # device_index is the GPU ordinal, or -1 for host memory (what mori.io expects there).
+        return self.engine.register_memory(
+            region.addr, region.length, region.device_index, location
+        )
 
     @property
     def endpoint(self) -> dict[str, Any]:

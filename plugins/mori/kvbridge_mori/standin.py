@@ -25,6 +25,11 @@ import numpy as np
 
 from kvbridge_fake import wire
 
+#: Stand-in only. False (default): GPU registrations raise, as on a host without a GPU. True:
+#: they are accepted (the memory really is host memory) and recorded with their device id and
+#: location in the MemoryDesc, so tests can check how GPU regions are registered and described.
+GPU_AS_HOST = False
+
 
 class StatusCode(enum.IntEnum):
     SUCCESS = 0
@@ -176,9 +181,11 @@ class IOEngine:
     def register_memory(
         self, ptr: int, size: int, device_id: int, mem_loc: MemoryLocationType
     ) -> MemoryDesc:
+        if mem_loc is MemoryLocationType.GPU and (not isinstance(device_id, int) or device_id < 0):
+            raise RuntimeError(f"RegisterMemory: GPU memory needs a device id, got {device_id}")
         if not isinstance(ptr, int) or ptr <= 0 or size <= 0:
             raise RuntimeError(f"RegisterMemory: invalid buffer (ptr={ptr}, size={size})")
-        if mem_loc is MemoryLocationType.GPU:
+        if mem_loc is MemoryLocationType.GPU and not GPU_AS_HOST:
             raise RuntimeError("RegisterMemory: no GPU on this host (stand-in)")
         with self._lock:
             for other in self._memory.values():

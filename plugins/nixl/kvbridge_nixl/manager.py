@@ -4,6 +4,13 @@ Peers exchange agent metadata out of band: it travels in this rank's endpoint de
 (bootstrap registration / control channel) and is loaded with ``add_remote_agent`` at init.
 Each chunk per peer is one ``initialize_xfer`` + ``transfer`` (KV pages, then the aux row),
 waited for on a worker thread per peer; agent calls are serialised by a lock.
+
+Device memory: every region is registered as what it is, from ``MemoryRegion.device``: host
+memory as ``DRAM`` (device id 0, NIXL's own convention for host memory), ``cuda:N`` as
+``VRAM`` with device id ``N``, one ``register_memory`` per memory type. Transfer descriptors
+take each run's source and destination device from the core's descriptors, one
+``initialize_xfer`` per (source, destination) device pair (a NIXL descriptor list has one
+memory type), so GPU KV with host aux rows, or KV on two GPUs, is described exactly.
 """
 
 from __future__ import annotations
@@ -21,10 +28,15 @@ import numpy as np
 
 from kvbridge.config import TransferConfig
 from kvbridge.transport_kit import BookedManager, transport_options
-from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
+from kvbridge.types import HOST, Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.nixl")
-OPTIONS = {"backend": "UCX", "mem_type": "DRAM", "device_id": 0, "io_timeout": 30.0}
+OPTIONS = {"backend": "UCX", "io_timeout": 30.0}
+
+
+def nixl_memory(device: int) -> tuple[str, int]:
+    """NIXL's (memory type, device id) of a device code (-1 host, N for ``cuda:N``)."""
+    return ("DRAM", 0) if device == HOST else ("VRAM", int(device))
 
 
 #: Where the NIXL agent API lives: the ``nixl`` meta package (it picks the CUDA build at run
@@ -69,15 +81,23 @@ class NixlManager(BookedManager):
         self.name = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
         self.agent = agent_cls(self.name, config_cls(backends=[self.options["backend"]]))
         super().__init__(f"{rank.label}@nixl:{self.name}", kv_regions, aux_regions)
-        self.mem_type = self.options["mem_type"]
-        regions = kv_regions + aux_regions
-        self._reg = None
-        if regions:
-            dev = int(self.options["device_id"])
-            descs = self.agent.get_reg_descs(
-                [(r.addr, r.length, dev, "") for r in regions], self.mem_type
-            )
-            self._reg = self.agent.register_memory(descs)
+        by_type: dict[str, list[tuple[int, int, int, str]]] = {}
+        for r in kv_regions + aux_regions:
+            mem_type, dev = nixl_memory(r.device_index)
+            by_type.setdefault(mem_type, []).append((r.addr, r.length, dev, ""))
+        self._reg: list[Any] = []
+        for mem_type, entries in sorted(by_type.items()):
+            descs = self.agent.get_reg_descs(entries, mem_type)
+            try:
+                self._reg.append(self.agent.register_memory(descs))
+            except Exception as exc:
+                for done in self._reg:
+                    self.agent.deregister_memory(done)
+                raise RuntimeError(
+                    f"nixl could not register {len(entries)} region(s) as {mem_type} "
+                    f"(devices {sorted({e[2] for e in entries})}) with backend "
+                    f"{self.options['backend']}: {type(exc).__name__}: {exc}"
+                ) from exc
         self._lock = threading.Lock()
         self._remote: set[str] = set()
 
@@ -99,26 +119,35 @@ class NixlManager(BookedManager):
                 self.agent.add_remote_agent(base64.b64decode(peer["metadata"]))
             self._remote.add(peer["agent"])
 
-    def _descs(self, addrs: np.ndarray, lengths: np.ndarray) -> Any:
+    def _descs(self, addrs: np.ndarray, lengths: np.ndarray, device: int) -> Any:
+        mem_type, dev = nixl_memory(device)
         table = np.empty((len(addrs), 3), dtype=np.uint64)
         table[:, 0] = addrs
         table[:, 1] = lengths
-        table[:, 2] = int(self.options["device_id"])
-        return self.agent.get_xfer_descs(table, self.mem_type)
+        table[:, 2] = dev
+        return self.agent.get_xfer_descs(table, mem_type)
 
     def write(
         self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
     ) -> str | None:
-        return self._transfer(room, str(peer["agent"]), runs.src, runs.dst, runs.lengths)
+        # One transfer per (source device, destination device) pair; usually there is one.
+        for src_device, dst_device, group in runs.device_groups():
+            error = self._transfer(room, str(peer["agent"]), group, src_device, dst_device)
+            if error is not None:
+                return error
+        return None
 
     def _transfer(
-        self, room: int, agent: str, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray
+        self, room: int, agent: str, runs: Descriptors, src_device: int, dst_device: int
     ) -> str | None:
         handle = None
         try:
             with self._lock:
                 handle = self.agent.initialize_xfer(
-                    "WRITE", self._descs(src, lengths), self._descs(dst, lengths), agent
+                    "WRITE",
+                    self._descs(runs.src, runs.lengths, src_device),
+                    self._descs(runs.dst, runs.lengths, dst_device),
+                    agent,
                 )
                 state = self.agent.transfer(handle)
             deadline = time.monotonic() + float(self.options["io_timeout"])
@@ -148,8 +177,8 @@ class NixlManager(BookedManager):
                     self.agent.remove_remote_agent(agent)
                 except Exception as exc:
                     log.debug("remove_remote_agent(%s): %s", agent, exc)
-            if self._reg is not None:
-                self.agent.deregister_memory(self._reg)
+            for reg in self._reg:
+                self.agent.deregister_memory(reg)
             # Drop the agent itself: its UCX workers and listener go with it, so peers that
             # still hold a connection see it gone instead of writing into released memory.
             self.agent = None
