@@ -1,0 +1,599 @@
+"""One request's handoff measured end to end: kvbridge vs the raw library plus one all-reduce.
+
+Prefill and decode ranks run in separate processes (spawned), each side with its own gloo
+group of ``--world`` ranks (prefill TP W -> decode TP W, whole pages 1:1), a bootstrap server
+in prefill rank 0, the control channel and the chosen transport, exactly as an engine wires
+``PrefillNode`` / ``DecodeNode``. No demo code: every process fills its source pages once
+(random bytes) and every request reuses them. Pages are 64 KiB; per rank per request the
+sizes are 64 KiB, 1 MiB, 16 MiB and 64 MiB.
+
+For each size, in one run and in the same processes:
+
+- (a) latency, one request in flight: decode ``add`` -> commit (max over decode ranks), and
+  prefill's last ``send`` (max over prefill ranks) -> commit;
+- (b) throughput, K requests added at once: K / (first add -> last commit), and bytes/s;
+- (c) scheduler steps between "every byte and the aux row landed on every decode rank" and
+  the commit. Each decode rank reads its aux room stamps (written last, after the KV pages of
+  the chunk) right before every ``step()``; the step index at which the last rank first saw a
+  room's stamp is the landing step, ``commit step - landing step`` is recorded (0: committed
+  in the first step that started after the bytes were visible on every rank; -1: the bytes
+  landed between that read and the step's own poll);
+- raw: the same bytes (same registered memory, same KV and aux descriptors) through the raw
+  library on the connections kvbridge opened (Fake: its own loopback wire without the
+  kvbridge booking; Mooncake ``batch_transfer_sync_write``; NIXL ``initialize_xfer`` +
+  ``transfer`` + ``check_xfer_state``), each prefill rank at once after a barrier, max over
+  ranks; plus one bare gloo all-reduce (1 byte, MIN) on the decode group.
+
+Usage: python benchmarks/handoff.py [--transports fake mooncake nixl] [--worlds 2 1]
+       [--sizes-kib 64 1024 16384 65536] [--repeats 10] [--poll-ms 0.5] [--observers on|off]
+Writes benchmarks/results/handoff.md and handoff.json (``--no-write``: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import multiprocessing
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).parent / "results"
+PAGE = 64 << 10
+POOL_BYTES = 256 << 20  # decode pool per rank
+MAX_INFLIGHT = 32
+SLOTS = 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gloo(rank: int, world: int, port: int) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
+
+
+def _config(name: str) -> Any:
+    from kvbridge import TransferConfig
+
+    return TransferConfig(transport=name, waiting_timeout=120, bootstrap_timeout=120)
+
+
+def _observers(on: bool) -> Any:
+    from kvbridge.plugins import ObserverRelay
+
+    return ObserverRelay(discover=on)
+
+
+def phases(sizes_kib: list[int]) -> list[tuple[str, int, int]]:
+    """(mode, pages per request, requests) in run order; a warm-up first."""
+    out = [("warmup", 1, 4)]
+    for kib in sizes_kib:
+        pages = max(kib * 1024 // PAGE, 1)
+        out.append(("latency", pages, 0))
+        out.append(("throughput", pages, min(MAX_INFLIGHT, POOL_BYTES // PAGE // pages)))
+    return out
+
+
+def _rooms(phase: int, count: int) -> list[int]:
+    return [phase * 100_000 + i + 1 for i in range(count)]
+
+
+# -- raw paths ---------------------------------------------------------------------------------
+
+
+def _fake_raw_server(listener: socket.socket, stop: threading.Event) -> None:
+    """The Fake's loopback wire with no kvbridge booking: land every run, reply ok."""
+    from kvbridge_fake import wire
+
+    listener.settimeout(1.0)
+    conn = None
+    while conn is None and not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            conn, _ = listener.accept()
+    if conn is None:
+        return
+    conn.settimeout(None)
+    with conn:
+        while not stop.is_set():
+            try:
+                _room, _flags, dst, lengths = wire.decode_header(conn)
+            except (ConnectionError, OSError):
+                return
+            for addr, n in zip(dst.tolist(), lengths.tolist()):
+                wire.recv_exact_into(conn, wire.memory_at(addr, n))
+            wire.send_reply(conn, True)
+
+
+class RawPath:
+    def __init__(self, name: str, manager: Any, peer: Any, fake_port: int) -> None:
+        self.name = name
+        self.manager = manager
+        self.peer_id = peer.endpoint.get("session") or peer.endpoint.get("agent")
+        self.conn = None
+        if name == "fake":
+            self.conn = socket.create_connection(("127.0.0.1", fake_port), timeout=60)
+            self.conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def transfer(self, src: np.ndarray, dst: np.ndarray, lengths: np.ndarray) -> None:
+        if self.name == "fake":
+            from kvbridge_fake import wire
+
+            assert self.conn is not None
+            self.conn.sendall(wire.encode_header(0, 0, dst, lengths))
+            for addr, n in zip(src.tolist(), lengths.tolist()):
+                self.conn.sendall(wire.memory_at(addr, n))
+            ok, message = wire.read_reply(self.conn)
+            if not ok:
+                raise RuntimeError(message)
+        elif self.name == "mooncake":
+            # Same slicing as the plugin (Mooncake's TCP transport limits a batch).
+            step = int(self.manager.options["max_batch"])
+            for i in range(0, len(src), step):
+                ret = self.manager.engine.batch_transfer_sync_write(
+                    self.peer_id,
+                    src[i : i + step].tolist(),
+                    dst[i : i + step].tolist(),
+                    lengths[i : i + step].tolist(),
+                )
+                if ret != 0:
+                    raise RuntimeError(f"raw mooncake write failed: {ret}")
+        elif self.name == "nixl":
+            agent = self.manager.agent
+            handle = agent.initialize_xfer(
+                "WRITE",
+                self.manager._descs(src, lengths),
+                self.manager._descs(dst, lengths),
+                self.peer_id,
+            )
+            state = agent.transfer(handle)
+            while state == "PROC":
+                state = agent.check_xfer_state(handle)
+            agent.release_xfer_handle(handle)
+            if state != "DONE":
+                raise RuntimeError(f"raw nixl transfer ended in {state}")
+        else:
+            raise ValueError(f"no raw path for {self.name}")
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> None:
+    out: dict[str, Any] = {"role": "prefill", "rank": rank, "error": None, "phases": []}
+    node = server = raw = None
+    try:
+        import torch.distributed as dist
+
+        from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
+        from kvbridge.bootstrap.server import BootstrapServer
+        from kvbridge.memory import aux_descriptors, kv_descriptors
+        from kvbridge.node import PrefillNode
+        from kvbridge.queue import PrefillRequest, TorchMinReducer
+        from kvbridge.types import Descriptors
+
+        world = args["world"]
+        _gloo(rank, world, args["ports"]["prefill_gloo"])
+        if rank == 0:
+            server = BootstrapServer("127.0.0.1", args["ports"]["bootstrap"]).start()
+        max_pages = max(p for _, p, _ in phases(args["sizes_kib"]))
+        kv = np.random.default_rng(rank).integers(0, 256, (max_pages, PAGE), dtype=np.uint8)
+        aux = AuxLayout().allocate(SLOTS + 1)  # the last row stays zero: raw writes copy it
+        kv_regions = (MemoryRegion.of(kv, PAGE),)
+        aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
+        node = PrefillNode(
+            config=_config(args["transport"]),
+            rank=RankIdentity(Role.PREFILL, tp_rank=rank, tp_size=world),
+            kv_regions=kv_regions,
+            aux_regions=aux_regions,
+            reducer=TorchMinReducer(),
+            bootstrap_addr=f"127.0.0.1:{args['ports']['bootstrap']}",
+            page_size=16,
+            kv_dtype="uint8",
+            kv_layout="head_sharded",
+            observers=_observers(args["observers"]),
+        )
+        poll = args["poll_ms"] / 1e3
+        src_all = np.arange(max_pages, dtype=np.int64)
+        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"])):
+            count = count or args["repeats"]
+            rooms = _rooms(index, count)
+            barrier.wait(timeout=300)
+            node.add([PrefillRequest(r) for r in rooms])
+            pending, last_send = set(rooms), {}
+            slot_of = {r: i % SLOTS for i, r in enumerate(rooms)}
+            deadline = time.monotonic() + 300
+            while pending:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"prefill phase {index} did not finish")
+                result = node.step()
+                for room in result.ready:
+                    slot = slot_of[room]
+                    aux[slot]["output_token_id"] = room % 50_000
+                    aux[slot]["room"] = room
+                    node.send(room, src_all[:pages], is_last=True, aux_slot=slot)
+                    last_send[room] = time.monotonic()
+                for room in result.finished:
+                    pending.discard(room)
+                for a in result.aborted:
+                    raise RuntimeError(f"prefill room {a.room} aborted: {a.reason}")
+                time.sleep(poll)
+            barrier.wait(timeout=300)  # decode has committed everything
+            # Raw: the same KV pages and an aux row, on the connection kvbridge opened.
+            raw_times: list[float] = []
+            if mode != "warmup":
+                if raw is None:
+                    peer = next(iter(node.session.decode_peers.values()))
+                    raw = RawPath(
+                        args["transport"], node.manager.raw, peer, args["ports"]["fake_raw"][rank]
+                    )
+                d = Descriptors.concat(
+                    [
+                        kv_descriptors(
+                            kv_regions, peer.kv_regions, src_all[:pages], src_all[:pages]
+                        ),
+                        aux_descriptors(aux_regions, peer.aux_regions, SLOTS, 0),
+                    ]
+                )
+                for _ in range(count if mode == "throughput" else args["repeats"]):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    raw.transfer(d.src, d.dst, d.lengths)
+                    raw_times.append(time.perf_counter() - t0)
+            barrier.wait(timeout=300)
+            out["phases"].append({"last_send": last_send, "raw": raw_times})
+    except Exception:
+        out["error"] = traceback.format_exc()
+        with contextlib.suppress(Exception):
+            barrier.abort()
+    finally:
+        with contextlib.suppress(Exception):
+            results.put(out)
+        if raw is not None:
+            raw.close()
+        if node is not None:
+            node.close()
+        if server is not None:
+            server.stop()
+
+
+def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> None:
+    out: dict[str, Any] = {"role": "decode", "rank": rank, "error": None, "phases": []}
+    node = None
+    stop = threading.Event()
+    try:
+        import torch
+        import torch.distributed as dist
+
+        from kvbridge import AuxLayout, MemoryRegion, PagePool, RankIdentity, Role
+        from kvbridge.node import DecodeNode
+        from kvbridge.queue import DecodeRequest, TorchMinReducer
+
+        world = args["world"]
+        _gloo(rank, world, args["ports"]["decode_gloo"])
+        listener = socket.create_server(("127.0.0.1", args["ports"]["fake_raw"][rank]))
+        threading.Thread(target=_fake_raw_server, args=(listener, stop), daemon=True).start()
+        kv = np.zeros((POOL_BYTES // PAGE, PAGE), dtype=np.uint8)
+        aux = AuxLayout().allocate(SLOTS)
+        pool = PagePool(kv.shape[0])
+        node = DecodeNode(
+            config=_config(args["transport"]),
+            rank=RankIdentity(Role.DECODE, tp_rank=rank, tp_size=world),
+            kv_regions=(MemoryRegion.of(kv, PAGE),),
+            aux=aux,
+            pages=pool,
+            reducer=TorchMinReducer(),
+            page_size=16,
+            kv_dtype="uint8",
+            kv_layout="head_sharded",
+            observers=_observers(args["observers"]),
+        )
+        bootstrap = f"127.0.0.1:{args['ports']['bootstrap']}"
+        stamps = aux["room"]
+        poll = args["poll_ms"] / 1e3
+        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"])):
+            count = count or args["repeats"]
+            rooms = _rooms(index, count)
+            added: dict[int, float] = {}
+            committed: dict[int, float] = {}
+            landed_step: dict[int, int] = {}
+            commit_step: dict[int, int] = {}
+            step = 0
+            barrier.wait(timeout=300)
+            waiting = list(rooms)
+            deadline = time.monotonic() + 300
+            t_start = time.monotonic()
+            while len(committed) < len(rooms):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"decode phase {index} did not finish")
+                if waiting and (mode != "latency" or len(added) == len(committed)):
+                    batch = waiting if mode != "latency" else waiting[:1]
+                    node.add([DecodeRequest(r, pages, bootstrap) for r in batch])
+                    now = time.monotonic()
+                    added.update((r, now) for r in batch)
+                    waiting = waiting[len(batch) :]
+                for slot in np.flatnonzero(stamps).tolist():  # (c): what landed before the step
+                    landed_step.setdefault(int(stamps[slot]), step)
+                result = node.step()
+                now = time.monotonic()
+                step += 1
+                for c in result.committed:
+                    committed[c.room] = now
+                    commit_step[c.room] = step - 1
+                    pool.free(c.pages)
+                for a in result.aborted:
+                    raise RuntimeError(f"decode room {a.room} aborted: {a.reason}")
+                time.sleep(poll)
+            t_end = time.monotonic()
+            barrier.wait(timeout=300)  # prefill runs the raw transfers now
+            barrier.wait(timeout=300)
+            allreduce: list[float] = []
+            if mode != "warmup":
+                one = torch.zeros(1, dtype=torch.uint8)
+                for _ in range(args["repeats"]):
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    dist.all_reduce(one, op=dist.ReduceOp.MIN)
+                    allreduce.append(time.perf_counter() - t0)
+            out["phases"].append(
+                {
+                    "added": added,
+                    "committed": committed,
+                    "landed_step": landed_step,
+                    "commit_step": commit_step,
+                    "span": t_end - t_start,
+                    "allreduce": allreduce,
+                }
+            )
+        out["observer_us"] = _observer_cost(node)
+    except Exception:
+        out["error"] = traceback.format_exc()
+        with contextlib.suppress(Exception):
+            barrier.abort()
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            results.put(out)
+        if node is not None:
+            node.close()
+
+
+def _observer_cost(node: Any, n: int = 2000) -> float:
+    """Microseconds per ``kvbridge_step`` observer call as the session makes it (0: none)."""
+    from kvbridge.types import Role
+
+    relay = node.session.observers
+    if not relay.active:
+        return 0.0
+    stages = np.zeros(64, dtype=np.uint8)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        relay.call(
+            "kvbridge_step",
+            role=Role.DECODE,
+            rank=node.rank,
+            queued=64,
+            reduced=64,
+            stages=stages,
+        )
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+def run(transport: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    ctx = multiprocessing.get_context("spawn")
+    ports = {
+        "bootstrap": _free_port(),
+        "prefill_gloo": _free_port(),
+        "decode_gloo": _free_port(),
+        "fake_raw": [_free_port() for _ in range(world)],
+    }
+    common = {
+        "transport": transport,
+        "world": world,
+        "ports": ports,
+        "sizes_kib": args.sizes_kib,
+        "repeats": args.repeats,
+        "poll_ms": args.poll_ms,
+        "observers": args.observers == "on",
+    }
+    barrier, results = ctx.Barrier(2 * world), ctx.Queue()
+    procs = [
+        ctx.Process(target=prefill_main, args=(r, common, barrier, results), daemon=True)
+        for r in range(world)
+    ] + [
+        ctx.Process(target=decode_main, args=(r, common, barrier, results), daemon=True)
+        for r in range(world)
+    ]
+    outs: list[dict[str, Any]] = []
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + args.timeout
+        while len(outs) < len(procs):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{transport} world {world} did not finish")
+            with contextlib.suppress(Exception):
+                outs.append(results.get(timeout=1))
+            if any(o["error"] for o in outs):
+                break
+    finally:
+        for p in procs:
+            p.join(20)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    errors = [o["error"] for o in outs if o["error"]]
+    if errors:
+        raise RuntimeError(f"{transport} world {world} failed:\n{errors[0]}")
+    return summarise(transport, world, outs, args)
+
+
+def _p(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarise(
+    transport: str, world: int, outs: list[dict[str, Any]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    prefill = [o for o in outs if o["role"] == "prefill"]
+    decode = [o for o in outs if o["role"] == "decode"]
+    rows = []
+    for index, (mode, pages, count) in enumerate(phases(args.sizes_kib)):
+        if mode == "warmup":
+            continue
+        dp = [o["phases"][index] for o in decode]
+        pp = [o["phases"][index] for o in prefill]
+        rooms = list(dp[0]["committed"])
+        commit = {r: max(d["committed"][r] for d in dp) for r in rooms}
+        raw = [max(ts) for ts in zip(*(p["raw"] for p in pp))]
+        allreduce = statistics.median(x for d in dp for x in d["allreduce"])
+        size = pages * PAGE
+        row: dict[str, Any] = {
+            "transport": transport,
+            "world": world,
+            "mode": mode,
+            "kib": size >> 10,
+            "observers": args.observers,
+        }
+        if mode == "latency":
+            add_commit = [(commit[r] - max(d["added"][r] for d in dp)) * 1e3 for r in rooms]
+            send_commit = [(commit[r] - max(p["last_send"][r] for p in pp)) * 1e3 for r in rooms]
+            base = (statistics.median(raw) + allreduce) * 1e3
+            row.update(
+                add_commit_p50_ms=_p(add_commit, 50),
+                send_commit_p50_ms=_p(send_commit, 50),
+                raw_p50_ms=statistics.median(raw) * 1e3,
+                allreduce_p50_ms=allreduce * 1e3,
+                baseline_ms=base,
+                added_over_baseline_ms=_p(send_commit, 50) - base,
+                add_commit_over_baseline_ms=_p(add_commit, 50) - base,
+            )
+        else:
+            span = max(d["span"] for d in dp)
+            kv_bps = size * count / span
+            raw_bps = size * len(raw) / sum(raw)
+            row.update(
+                requests=count,
+                rps=count / span,
+                kvbridge_gbps=kv_bps / 1e9,
+                raw_gbps=raw_bps / 1e9,
+                vs_raw=kv_bps / raw_bps,
+            )
+        steps = [
+            d["commit_step"][r] - max(x["landed_step"].get(r, d["commit_step"][r]) for x in dp)
+            for d in dp[:1]
+            for r in rooms
+        ]
+        row.update(steps_p50=_p(steps, 50), steps_p99=_p(steps, 99), steps_max=max(steps))
+        rows.append(row)
+    cost = [o.get("observer_us", 0.0) for o in decode]
+    for row in rows:
+        row["observer_step_us"] = max(cost)
+    return rows
+
+
+def render(rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        "# Handoff end to end: kvbridge vs raw library + one all-reduce",
+        "",
+        f"Measured {datetime.date.today()} with `{command}` (2-vCPU VM shared with other "
+        "jobs: timings are noisy; every ratio compares figures from the same run and the "
+        "same processes).",
+        "",
+        "## (a) latency, one request in flight (p50, ms)",
+        "",
+        "| transport | world | KiB/rank | add->commit | last send->commit | raw | all-reduce "
+        "| raw + all-reduce | send->commit minus baseline | steps landed->commit p99 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["mode"] == "latency":
+            lines.append(
+                f"| {r['transport']} | {r['world']} | {r['kib']} | {r['add_commit_p50_ms']:.2f} "
+                f"| {r['send_commit_p50_ms']:.2f} | {r['raw_p50_ms']:.2f} "
+                f"| {r['allreduce_p50_ms']:.3f} | {r['baseline_ms']:.2f} "
+                f"| {r['added_over_baseline_ms']:+.2f} | {r['steps_p99']:.0f} |"
+            )
+    lines += [
+        "",
+        "## (b) throughput, K requests in flight",
+        "",
+        "| transport | world | KiB/rank | K | requests/s | kvbridge GB/s/rank | raw GB/s/rank "
+        "| kvbridge / raw | steps landed->commit p50 / p99 / max |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["mode"] == "throughput":
+            lines.append(
+                f"| {r['transport']} | {r['world']} | {r['kib']} | {r['requests']} "
+                f"| {r['rps']:.1f} | {r['kvbridge_gbps']:.3f} | {r['raw_gbps']:.3f} "
+                f"| {r['vs_raw']:.2f} | {r['steps_p50']:.0f} / {r['steps_p99']:.0f} "
+                f"/ {r['steps_max']} |"
+            )
+    cost = max(r["observer_step_us"] for r in rows)
+    lines += ["", f"Observer (Prometheus exporter) cost per step call: {cost:.1f} us."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--transports", nargs="+", default=["fake", "mooncake", "nixl"])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--sizes-kib", type=int, nargs="+", default=[64, 1024, 16384, 65536])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--poll-ms", type=float, default=0.5, help="sleep between steps")
+    parser.add_argument("--observers", choices=["on", "off"], default="on")
+    parser.add_argument("--timeout", type=float, default=540.0, help="per transport and world")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--out", default="handoff", help="results file stem")
+    args = parser.parse_args()
+    os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
+    os.environ.setdefault("UCX_MODULES", "^ib")
+    rows = []
+    for name in args.transports:
+        for world in args.worlds:
+            print(f"measuring {name} world {world} ...", file=sys.stderr, flush=True)
+            rows += run(name, world, args)
+    command = "python benchmarks/handoff.py " + " ".join(sys.argv[1:])
+    text = render(rows, command.strip())
+    print(text)
+    if not args.no_write:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{args.out}.md").write_text(text)
+        (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
