@@ -141,8 +141,12 @@ class MemoryRegion:
     length: int = attrs.field(validator=_positive)
     item_bytes: int = attrs.field(validator=_positive)
     device: str = attrs.field(default="cpu", validator=_device)
+    #: GPU ordinal, or :data:`HOST` (-1) for host memory; derived from ``device`` once, as
+    #: descriptor building reads it for every region of every chunk.
+    device_index: int = attrs.field(init=False, eq=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "device_index", device_index(self.device))
         if self.length % self.item_bytes:
             raise MemoryRegistrationError(
                 f"region length {self.length} is not a multiple of item_bytes {self.item_bytes}"
@@ -157,13 +161,8 @@ class MemoryRegion:
         return self.addr + self.length
 
     @property
-    def device_index(self) -> int:
-        """GPU ordinal, or :data:`HOST` (-1) for host memory."""
-        return device_index(self.device)
-
-    @property
     def is_gpu(self) -> bool:
-        return self.device != "cpu"
+        return self.device_index != HOST
 
     @classmethod
     def of(cls, buffer: Any, item_bytes: int | None = None) -> MemoryRegion:
