@@ -160,12 +160,11 @@ class RawPath:
                     raise RuntimeError(f"raw mooncake write failed: {ret}")
         elif self.name == "nixl":
             agent = self.manager.agent
-            handle = agent.initialize_xfer(
-                "WRITE",
-                self.manager._descs(src, lengths),
-                self.manager._descs(dst, lengths),
-                self.peer_id,
-            )
+            try:  # host memory; newer plugin builds take the device (-1 = host)
+                descs = self.manager._descs(src, lengths, -1), self.manager._descs(dst, lengths, -1)
+            except TypeError:
+                descs = self.manager._descs(src, lengths), self.manager._descs(dst, lengths)
+            handle = agent.initialize_xfer("WRITE", *descs, self.peer_id)
             state = agent.transfer(handle)
             while state == "PROC":
                 state = agent.check_xfer_state(handle)
@@ -584,7 +583,10 @@ def main() -> int:
     for name in args.transports:
         for world in args.worlds:
             print(f"measuring {name} world {world} ...", file=sys.stderr, flush=True)
-            rows += run(name, world, args)
+            try:
+                rows += run(name, world, args)
+            except Exception as exc:  # recorded; the other transports still run
+                print(f"{name} world {world} failed: {exc}", file=sys.stderr, flush=True)
     command = "python benchmarks/handoff.py " + " ".join(sys.argv[1:])
     text = render(rows, command.strip())
     print(text)

@@ -118,6 +118,7 @@ class _Bound:
         self.depth_waiting = obs.queue_depth.labels(*labels, waiting)
         self.depth_moving = obs.queue_depth.labels(*labels, moving)
         self.labels = labels
+        self.depth = (-1, -1)  # last (waiting, moving) set: unchanged depths cost nothing
 
 
 class PrometheusObserver:
@@ -185,8 +186,11 @@ class PrometheusObserver:
     ) -> None:
         bound = self._get(role, rank)
         moving = int(np.count_nonzero(stages))
-        bound.depth_moving.set(moving)
-        bound.depth_waiting.set(queued - moving)
+        depth = (queued - moving, moving)
+        if depth != bound.depth:
+            bound.depth = depth
+            bound.depth_waiting.set(depth[0])
+            bound.depth_moving.set(depth[1])
         bound.steps.inc()
 
     @hookimpl
