@@ -12,6 +12,7 @@ from typing import Any
 import attrs
 
 from kvbridge.errors import ConfigError
+from kvbridge.secret import ENV_SECRET, Secret
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,6 +30,14 @@ def _positive_number(instance: object, attribute: attrs.Attribute[Any], value: f
 def _transport_name(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not value or not value.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"transport must be a plugin name like 'fake', got {value!r}")
+
+
+def _secret_type(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is not None and not isinstance(value, Secret):
+        raise ConfigError(
+            "secret must be a kvbridge.secret.Secret; put the value in secret_file or the "
+            "KVBRIDGE_SECRET environment variable, never in config data"
+        )
 
 
 def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -59,6 +68,12 @@ class TransferConfig:
     heartbeat_interval: float = attrs.field(default=5.0, validator=_positive_number)
     #: ...and fails its unfinished rooms after this many misses in a row.
     heartbeat_max_misses: int = attrs.field(default=2, validator=_positive_number)
+    #: An aborted room's memory stays quarantined until its prefill writers confirm they
+    #: stopped; past this time that is logged and counted (the memory is still not reused).
+    fence_timeout: float = attrs.field(default=60.0, validator=_positive_number)
+    #: Prefill computes a checksum of each room's bytes and decode verifies it before the
+    #: commit (costs a pass over the KV on both sides; see the README).
+    verify_checksums: bool = False
     #: Bootstrap look-ups answered with a definitive error (4xx other than 503) are tried this
     #: often before the address fails; "starting" (503) and unreachable answers are retried
     #: with back-off until ``bootstrap_timeout`` instead.
@@ -71,10 +86,23 @@ class TransferConfig:
     #: A prefill address that failed is refused for this long, then tried again for new
     #: requests (so a restarted prefill serves again).
     bootstrap_retry_after: float = attrs.field(default=10.0, validator=_positive_number)
-    #: Shared secret for the bootstrap server; None disables authentication.
-    bootstrap_token: str | None = None
+    #: Shared secret (see :mod:`kvbridge.secret`): authenticates the bootstrap server and
+    #: every control frame. Never shown in ``repr``/``to_dict``; comes from ``secret_file`` or
+    #: the ``KVBRIDGE_SECRET`` / ``KVBRIDGE_SECRET_FILE`` environment variables.
+    secret: Secret | None = attrs.field(default=None, repr=False, validator=_secret_type)
+    #: Path of a file holding the secret (read at construction unless ``secret`` is given).
+    secret_file: str | None = None
     #: Check before every collective that all ranks hold identical queues (costs a collective).
     debug_lockstep: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.secret is None and self.secret_file is not None:
+            object.__setattr__(self, "secret", Secret.from_file(self.secret_file))
+
+    @property
+    def bootstrap_token(self) -> str | None:
+        """The bearer token for the bootstrap server, derived from the secret (None: open)."""
+        return self.secret.bootstrap_token if self.secret is not None else None
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -85,6 +113,11 @@ class TransferConfig:
         """Build from a mapping; unknown keys are an error that lists the known ones."""
         if not isinstance(data, Mapping):
             raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
+        if "secret" in data:
+            raise ConfigError(
+                "the secret is never taken from config data: use secret_file or the "
+                f"{ENV_SECRET} environment variable"
+            )
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ConfigError(
@@ -120,14 +153,20 @@ class TransferConfig:
         """
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = attrs.asdict(base, recurse=False) if base else {}
+        secret = values.pop("secret", None)
         for name in cls.field_names():
             raw = environ.get(ENV_PREFIX + name.upper())
-            if raw is not None:
+            if raw is not None and name != "secret":
                 values[name] = _parse_env(name, raw)
-        return cls.from_dict(values)
+        from_env = Secret.from_env(environ)
+        config = cls.from_dict(values)
+        secret = from_env or secret
+        return attrs.evolve(config, secret=secret) if secret is not None else config
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field but the secret itself (``secret_file`` is kept)."""
         data = attrs.asdict(self, recurse=False)
+        data.pop("secret")
         data["transport_options"] = dict(self.transport_options)
         return data
 
@@ -143,13 +182,15 @@ _FIELD_TYPES = {
     "bootstrap_backoff_max": float,
     "bootstrap_retry_after": float,
     "debug_lockstep": bool,
-    "bootstrap_token": str,
+    "fence_timeout": float,
+    "verify_checksums": bool,
+    "secret_file": str,
 }
 
 
 def _coerce(name: str, value: Any) -> Any:
     expected = _FIELD_TYPES.get(name)
-    if expected is None or (value is None and name == "bootstrap_token"):
+    if expected is None or (value is None and name == "secret_file"):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -345,7 +345,19 @@ def decode_main(
         step = ended = 0
         last_report = 0.0
         started = time.time()
-        while ended < len(todo) and not stop.is_set() and not _orphaned(parent):
+        drain_until = None  # after the last request ended: wait for fenced memory to lift
+        while not stop.is_set() and not _orphaned(parent):
+            if ended >= len(todo):
+                if not len(node.session):
+                    break
+                drain_until = (
+                    drain_until
+                    or time.time()
+                    + 2 * plan.heartbeat_interval * max(plan.heartbeat_max_misses, 1)
+                    + 5.0
+                )
+                if time.time() > drain_until:
+                    break
             arriving = todo[step * plan.arrivals_per_step : (step + 1) * plan.arrivals_per_step]
             if arriving:
                 node.add(
@@ -384,6 +396,7 @@ def decode_main(
         out["pages_free"] = pool.num_free == pool.capacity
         out["slots_free"] = node.session.aux_slots.num_free == node.session.aux_slots.capacity
         out["abort_acks"] = node.abort_acks
+        out["fenced_pages"] = node.session.fenced_pages
         out["elapsed"] = time.time() - started
     except Exception:
         out["errors"].append(traceback.format_exc())

@@ -57,7 +57,8 @@ if TYPE_CHECKING:
     )
 
 PROJECT_NAME = "kvbridge"
-KVBRIDGE_API_VERSION = "1.0"
+#: 1.1 added the abort fence: ``kvbridge_sender_drained`` and the ``sender_abort`` guarantee.
+KVBRIDGE_API_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
@@ -230,15 +231,53 @@ class TransportSpec:
 
     @hookspec(firstresult=True)
     def kvbridge_sender_abort(self, manager: Any, room: int, reason: str) -> None:
-        """Cancel outstanding writes for ``room`` where the library allows, and fail it."""
+        """Stop writing ``room``: fail it, start no further write, cancel what the library can.
+
+        Called once per room, from the same step on every rank, when the room ends without
+        success (decode aborted it, a timeout, any rank failed). Must not block. From the
+        moment it returns, no write of ``room`` may *start*; writes already handed to the
+        library are cancelled where the library allows, otherwise left to finish, and then
+        :meth:`kvbridge_sender_drained` reports the room drained. The core does not clear the
+        room before it is drained.
+
+        This is the sender's half of the abort fence (rule 8): decode reuses the room's pages
+        and aux slot only after every writing prefill rank acknowledged the abort, and the core
+        sends that acknowledgement only once this transport says the room is drained. A
+        receiver cannot refuse a one-sided RDMA write, so this promise is all that protects
+        memory the decode engine has already handed to another request.
+        """
+
+    @hookspec(firstresult=True)
+    def kvbridge_sender_drained(self, manager: Any, rooms: np.ndarray) -> np.ndarray:
+        """Which aborted rooms have no write in flight and none still to start (API 1.1).
+
+        :param rooms: uint64 array of rooms passed to :meth:`kvbridge_sender_abort` and not yet
+            cleared.
+        :returns: a bool array, one entry per room, True once no byte of that room will land
+            in any peer's memory any more (every write finished, failed or was cancelled).
+            True must stay True.
+
+        Called once per scheduler step while aborted rooms wait; must not block. A room that
+        is unknown to the manager counts as drained. Once a room is reported drained the core
+        acknowledges the abort to decode and then calls ``kvbridge_sender_clear``.
+        A plugin written for API 1.0 has no such hook: the core then acknowledges at once and
+        logs that the transport gives no drain guarantee.
+        """
 
     @hookspec(firstresult=True)
     def kvbridge_sender_clear(self, manager: Any, room: int) -> None:
         """Forget ``room``; idempotent, like :meth:`kvbridge_receiver_clear`."""
 
 
-#: Every operation hook; a transport missing one of them is refused at load time.
-REQUIRED_HOOKS = tuple(name for name in vars(TransportSpec) if name.startswith("kvbridge_"))
+#: Hooks added in a minor version: a plugin written for an older minor may lack them, and the
+#: core then falls back as each hook's documentation says.
+OPTIONAL_HOOKS = ("kvbridge_sender_drained",)
+#: Every other operation hook; a transport missing one of them is refused at load time.
+REQUIRED_HOOKS = tuple(
+    name
+    for name in vars(TransportSpec)
+    if name.startswith("kvbridge_") and name not in OPTIONAL_HOOKS
+)
 
 
 class ObserverSpec:

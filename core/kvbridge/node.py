@@ -8,6 +8,7 @@ every rank of its group, and calls ``step`` once per scheduler step.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 
@@ -20,6 +21,7 @@ from kvbridge.control import (
     AbortAck,
     ControlReceiver,
     ControlSender,
+    Heartbeat,
     Message,
     Metadata,
     Register,
@@ -52,6 +54,10 @@ def _regions_wire(regions: Sequence[MemoryRegion]) -> tuple[tuple[int, int, int,
 
 def _regions_from_wire(wire: Sequence[tuple[int, int, int, str]]) -> tuple[MemoryRegion, ...]:
     return tuple(MemoryRegion(a, n, i, d) for a, n, i, d in wire)
+
+
+def _control_key(config: TransferConfig) -> bytes | None:
+    return config.secret.derive("control") if config.secret is not None else None
 
 
 class PrefillNode:
@@ -91,11 +97,14 @@ class PrefillNode:
             aux_regions=aux_regions,
             reducer=reducer,
             notify_decode=self._notify,
+            acknowledge=self._acknowledge,
             observers=observers if observers is not None else ObserverRelay(discover=True),
         )
-        self._out = ControlSender()  # scheduler thread only
-        self._acks = ControlSender()  # control thread only (ZMQ sockets are single-threaded)
-        self.control = ControlReceiver(self._on_message, host)
+        key = _control_key(config)
+        self._out = ControlSender(key)  # scheduler thread only
+        self._acks = ControlSender(key)  # control thread only (ZMQ sockets are single-threaded)
+        self.control = ControlReceiver(self._on_message, host, key=key)
+        self._next_heartbeat = 0.0
         self._losses = ControlLosses(
             self.session.observers, rank, self.control, (self._out, self._acks)
         )
@@ -149,14 +158,19 @@ class PrefillNode:
                 )
             )
         elif isinstance(message, Abort):
-            self.session.on_decode_abort(message.room, message.reason)
-            peer = self.session.decode_peers.get(message.sender_key)
-            if peer is not None:
-                self._acks.send(peer.control, AbortAck(message.room, self.key))
+            # Acknowledged from the scheduler thread once the transport has drained the room.
+            self.session.on_decode_abort(message.room, message.reason, message.sender_key)
+        else:
+            self.session.untrusted += 1
+            log.warning("ignored a %s control message on a prefill rank", type(message).__name__)
 
     def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
         for peer in peers:
             self._out.send(peer.control, Status(room, self.key, ok, reason))
+
+    def _acknowledge(self, room: int, peers: Sequence[DecodePeer]) -> None:
+        for peer in peers:
+            self._out.send(peer.control, AbortAck(room, self.key))
 
     def add(self, requests: Sequence[PrefillRequest]) -> None:
         self.session.add(requests)
@@ -169,6 +183,12 @@ class PrefillNode:
 
     def step(self) -> PrefillStep:
         self._losses.check()
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            # From the scheduler thread on purpose: a stalled scheduler is a stalled rank.
+            self._next_heartbeat = now + self.config.heartbeat_interval
+            for control in self.session.live_decode_controls():
+                self._out.send(control, Heartbeat(self.key))
         return self.session.step()
 
     def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
@@ -211,9 +231,10 @@ class DecodeNode:
         self.aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
         self.manager = transport.create_manager(config, rank, self.kv_regions, self.aux_regions)
         self.abort_acks = 0
-        self._out = ControlSender()
+        key = _control_key(config)
+        self._out = ControlSender(key)
         self._registered: set[str] = set()
-        self.control = ControlReceiver(self._on_message, host)
+        self.control = ControlReceiver(self._on_message, host, key=key)
         self.directory = BootstrapDirectory(
             config,
             rank.tp_rank,
@@ -249,6 +270,12 @@ class DecodeNode:
             self.session.notify_done(message.room, message.prefill_key, message.ok, message.reason)
         elif isinstance(message, AbortAck):
             self.abort_acks += 1
+            self.session.notify_ack(message.room, message.prefill_key)
+        elif isinstance(message, Heartbeat):
+            self.session.notify_heartbeat(message.prefill_key)
+        else:  # Register / Metadata / Abort are prefill's to receive
+            self.session.queue.untrusted += 1
+            log.warning("ignored a %s control message on a decode rank", type(message).__name__)
 
     def _send_metadata(self, meta: MetadataToSend, target: PrefillTarget) -> None:
         for contact in target.plan:

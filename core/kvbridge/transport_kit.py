@@ -130,6 +130,21 @@ class RoomBook:
         with self.lock:
             self.rooms.pop(room, None)
 
+    def drained(self, rooms: np.ndarray) -> np.ndarray:
+        """True where a room has no job outstanding (or is unknown): nothing more will land.
+
+        After :meth:`abort` no job starts writing (jobs check the status first), so once the
+        ones already writing finish, ``pending`` reaches 0 for good.
+        """
+        with self.lock:
+            return np.array(
+                [
+                    (state := self.rooms.get(room)) is None or state.pending == 0
+                    for room in rooms.tolist()
+                ],
+                dtype=bool,
+            )
+
     def accepting(self, room: int) -> bool:
         """Whether writes for ``room`` may land (it exists and has not failed)."""
         with self.lock:
@@ -453,6 +468,10 @@ class ManagerHooks:
     @hookimpl
     def kvbridge_sender_abort(self, manager: BookedManager, room: int, reason: str) -> None:
         manager.senders.abort(room, reason)
+
+    @hookimpl
+    def kvbridge_sender_drained(self, manager: BookedManager, rooms: np.ndarray) -> np.ndarray:
+        return manager.senders.drained(rooms)
 
     @hookimpl
     def kvbridge_sender_clear(self, manager: BookedManager, room: int) -> None:

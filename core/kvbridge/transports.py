@@ -93,6 +93,7 @@ class TransportManager:
         self._receiver_poll = hook.kvbridge_receiver_poll
         self._sender_poll = hook.kvbridge_sender_poll
         self._plugin_failures: dict[int, str] = {}
+        self._warned_no_drain = False
         self._closed = False
 
     @property
@@ -162,6 +163,42 @@ class TransportManager:
 
     def sender_clear(self, room: int) -> None:
         self._clear("kvbridge_sender_clear", room)
+
+    def sender_drained(self, rooms: np.ndarray) -> np.ndarray:
+        """Bool per aborted room: no write of it will land any more (see the hookspec)."""
+        rooms = np.asarray(rooms, dtype=np.uint64)
+        if not len(rooms):
+            return np.zeros(0, dtype=bool)
+        try:
+            result = self._hook.kvbridge_sender_drained(manager=self.raw, rooms=rooms)
+        except Exception as exc:
+            # Saying "drained" on an error would lift the fence on a guess: keep waiting.
+            log.warning(
+                "transport %s kvbridge_sender_drained raised %s: %s",
+                self.transport.name,
+                type(exc).__name__,
+                exc,
+            )
+            return np.zeros(len(rooms), dtype=bool)
+        if result is None:  # a plugin written for API 1.0 has no such hook
+            if not self._warned_no_drain:
+                self._warned_no_drain = True
+                log.warning(
+                    "transport %s predates kvbridge_sender_drained (API 1.1): aborts are "
+                    "acknowledged without a guarantee that its writes have stopped",
+                    self.transport.name,
+                )
+            return np.ones(len(rooms), dtype=bool)
+        drained = np.asarray(result, dtype=bool)
+        if drained.shape != (len(rooms),):
+            log.warning(
+                "transport %s kvbridge_sender_drained returned %s entries for %d rooms",
+                self.transport.name,
+                drained.size,
+                len(rooms),
+            )
+            return np.zeros(len(rooms), dtype=bool)
+        return drained
 
     # -- shared --------------------------------------------------------------------------------
 

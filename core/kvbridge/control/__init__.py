@@ -4,6 +4,7 @@ from kvbridge.control.channel import ControlReceiver, ControlSender
 from kvbridge.control.messages import (
     Abort,
     AbortAck,
+    Heartbeat,
     MalformedFrame,
     Message,
     Metadata,
@@ -18,6 +19,7 @@ __all__ = [
     "AbortAck",
     "ControlReceiver",
     "ControlSender",
+    "Heartbeat",
     "MalformedFrame",
     "Message",
     "Metadata",

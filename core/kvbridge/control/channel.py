@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import zmq
 
+from kvbridge.control.auth import AuthError, Sealer, Verifier
 from kvbridge.control.messages import MalformedFrame, Message, decode, encode
 
 log = logging.getLogger("kvbridge.control")
@@ -21,19 +23,41 @@ _POLL_MS = 100
 _MAX_FRAME = 64 << 20
 
 
-class ControlReceiver:
-    """Binds ``tcp://host:*`` and delivers every well-formed message to ``on_message``."""
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
-    def __init__(self, on_message: Callable[[Message], None], host: str = "127.0.0.1") -> None:
+
+class ControlReceiver:
+    """Binds ``tcp://host:*`` and delivers every well-formed message to ``on_message``.
+
+    With ``key`` (derived from the shared secret) only frames sealed for this receiver's
+    advertised address count; everything else is dropped and counted in ``rejected``.
+    ``advertise`` is the host peers connect to when it differs from the bind host.
+    """
+
+    def __init__(
+        self,
+        on_message: Callable[[Message], None],
+        host: str = "127.0.0.1",
+        *,
+        key: bytes | None = None,
+        advertise: str | None = None,
+    ) -> None:
         self._context: Any = zmq.Context.instance()
         self._socket = self._context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.setsockopt(zmq.MAXMSGSIZE, _MAX_FRAME)
         port = self._socket.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
+        self.address = f"tcp://{advertise or host}:{port}"
         self.on_message = on_message
+        self._verifier = Verifier(key, self.address) if key is not None else None
         self.received = 0
+        #: Frames that did not parse (malformed, wrong version, oversized).
         self.dropped = 0
+        #: Frames that failed authentication (no seal, bad MAC, replayed, stale).
+        self.rejected = 0
+        #: Messages whose handler raised (logged; the loop goes on).
+        self.handler_errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"kvbridge-control-{port}", daemon=True
@@ -51,17 +75,28 @@ class ControlReceiver:
             except zmq.ZMQError:
                 continue
             try:
-                message = decode(frames)
-            except MalformedFrame as exc:
-                self.dropped += 1
-                log.warning("dropped malformed control frame on %s: %s", self.address, exc)
-                continue
-            self.received += 1
-            try:
-                self.on_message(message)
-            except Exception:
-                log.exception("control message handler failed for %r", message)
+                self._handle(frames)
+            except Exception:  # the receive thread must never die, whatever a peer sends
+                self.handler_errors += 1
+                log.exception("control frame handling failed on %s", self.address)
         self._socket.close(linger=0)
+
+    def _handle(self, frames: list[bytes]) -> None:
+        if self._verifier is not None:
+            try:
+                frames = self._verifier.open(frames, _now_ms())
+            except AuthError as exc:
+                self.rejected += 1
+                log.warning("rejected control frame on %s: %s", self.address, exc)
+                return
+        try:
+            message = decode(frames)
+        except MalformedFrame as exc:
+            self.dropped += 1
+            log.warning("dropped malformed control frame on %s: %s", self.address, exc)
+            return
+        self.received += 1
+        self.on_message(message)
 
     def close(self) -> None:
         self._stop.set()
@@ -71,8 +106,9 @@ class ControlReceiver:
 class ControlSender:
     """PUSH sockets to peers' receivers, created on first use and reused."""
 
-    def __init__(self) -> None:
+    def __init__(self, key: bytes | None = None) -> None:
         self._context: Any = zmq.Context.instance()
+        self._sealer = Sealer(key) if key is not None else None
         self._sockets: dict[str, zmq.Socket] = {}
         self.sent = 0
         self.failed = 0
@@ -85,14 +121,23 @@ class ControlSender:
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.connect(address)
             self._sockets[address] = sock
+        parts = encode(message)
+        if self._sealer is not None:
+            parts.append(self._sealer.seal(address, parts, _now_ms()))
         try:
-            sock.send_multipart(encode(message), zmq.NOBLOCK)
+            sock.send_multipart(parts, zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             self.failed += 1
             log.warning("control send to %s failed: %s", address, exc)
             return False
         self.sent += 1
         return True
+
+    def forget(self, address: str) -> None:
+        """Close the socket to a peer that is gone (its address will not be used again)."""
+        sock = self._sockets.pop(address, None)
+        if sock is not None:
+            sock.close(linger=0)
 
     def close(self) -> None:
         for sock in self._sockets.values():

@@ -8,6 +8,7 @@ that does not parse, has the wrong version or kind, or fails validation raises
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,13 @@ import numpy as np
 from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS
 
 MAGIC = b"KVB"
-VERSION = 1
+#: 2: reasons sanitised, control endpoints validated, optional authentication seal (auth.py).
+VERSION = 2
+_MAX_HEADER = 64 << 10
+_MAX_TEXT = 1024
+_MAX_KEY = 256
+_ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})")
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class MalformedFrame(ValueError):
@@ -78,8 +85,22 @@ class AbortAck:
     prefill_key: str
 
 
-Message = Register | Metadata | Abort | Status | AbortAck
-_KINDS: dict[int, type] = {1: Register, 2: Metadata, 3: Abort, 4: Status, 5: AbortAck}
+@attrs.frozen
+class Heartbeat:
+    """prefill -> decode, every ``heartbeat_interval`` while the pair shares live rooms."""
+
+    prefill_key: str
+
+
+Message = Register | Metadata | Abort | Status | AbortAck | Heartbeat
+_KINDS: dict[int, type] = {
+    1: Register,
+    2: Metadata,
+    3: Abort,
+    4: Status,
+    5: AbortAck,
+    6: Heartbeat,
+}
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
 
@@ -106,13 +127,39 @@ def _int(header: dict[str, Any], key: str, lo: int = 0, hi: int = 2**64 - 1) -> 
     return value
 
 
-def _str(header: dict[str, Any], key: str, optional: bool = False) -> str:
+def _str(header: dict[str, Any], key: str, optional: bool = False, limit: int = _MAX_KEY) -> str:
     value = header.get(key)
     if optional and value is None:
         return None  # type: ignore[return-value]
-    if not isinstance(value, str) or len(value) > 4096:
-        raise MalformedFrame(f"{key} must be a string, got {type(value).__name__}")
+    if not isinstance(value, str) or len(value) > limit:
+        raise MalformedFrame(f"{key} must be a string of at most {limit} characters")
     return value
+
+
+def clean_text(text: str, limit: int = _MAX_TEXT) -> str:
+    """A peer's free text made safe to log and show: no control characters, bounded length."""
+    text = _UNPRINTABLE.sub("?", text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _reason(header: dict[str, Any], key: str, optional: bool = False) -> str:
+    value = _str(header, key, optional, limit=64 << 10)
+    return value if value is None else clean_text(value)
+
+
+def valid_endpoint(address: object) -> bool:
+    """Whether ``address`` is a ``tcp://host:port`` a control socket may connect to."""
+    if not isinstance(address, str):
+        return False
+    match = _ENDPOINT.fullmatch(address)
+    return match is not None and 0 < int(match.group(2)) < 65536
+
+
+def _control(header: dict[str, Any], key: str) -> str:
+    value = header.get(key)
+    if not valid_endpoint(value):
+        raise MalformedFrame(f"{key} must be a tcp://host:port endpoint, got {value!r:.80}")
+    return str(value)
 
 
 def _regions(value: Any, key: str) -> tuple[tuple[int, int, int, str], ...]:
@@ -141,7 +188,20 @@ def _regions(value: Any, key: str) -> tuple[tuple[int, int, int, str], ...]:
 
 
 def decode(frames: Sequence[bytes]) -> Message:
-    """Parse one multipart frame; raise :class:`MalformedFrame` on anything unexpected."""
+    """Parse one multipart frame; raise :class:`MalformedFrame` on anything unexpected.
+
+    Nothing else escapes: whatever a hostile frame makes the parser raise (deep JSON nesting
+    raising RecursionError, odd types) becomes a MalformedFrame.
+    """
+    try:
+        return _decode(frames)
+    except MalformedFrame:
+        raise
+    except (RecursionError, ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
+        raise MalformedFrame(f"unparseable frame ({type(exc).__name__})") from None
+
+
+def _decode(frames: Sequence[bytes]) -> Message:
     if len(frames) not in (2, 3) or len(frames[0]) != 5 or frames[0][:3] != MAGIC:
         raise MalformedFrame("not a kvbridge control frame")
     version, kind = frames[0][3], frames[0][4]
@@ -150,6 +210,8 @@ def decode(frames: Sequence[bytes]) -> Message:
     cls = _KINDS.get(kind)
     if cls is None:
         raise MalformedFrame(f"unknown control message kind {kind}")
+    if len(frames[1]) > _MAX_HEADER:
+        raise MalformedFrame(f"header larger than {_MAX_HEADER} bytes")
     try:
         header = json.loads(frames[1])
     except (ValueError, UnicodeDecodeError) as exc:
@@ -189,13 +251,13 @@ def decode(frames: Sequence[bytes]) -> Message:
             endpoint=endpoint,
             kv_regions=_regions(header.get("kv_regions"), "kv_regions"),
             aux_regions=_regions(header.get("aux_regions"), "aux_regions"),
-            control=_str(header, "control"),
+            control=_control(header, "control"),
         )
     if cls is Abort:
         return Abort(
             room=_int(header, "room", 1),
             sender_key=_str(header, "sender_key"),
-            reason=_str(header, "reason"),
+            reason=_reason(header, "reason"),
         )
     if cls is Status:
         ok = header.get("ok")
@@ -205,6 +267,8 @@ def decode(frames: Sequence[bytes]) -> Message:
             room=_int(header, "room", 1),
             prefill_key=_str(header, "prefill_key"),
             ok=ok,
-            reason=_str(header, "reason", optional=True),
+            reason=_reason(header, "reason", optional=True),
         )
+    if cls is Heartbeat:
+        return Heartbeat(prefill_key=_str(header, "prefill_key"))
     return AbortAck(room=_int(header, "room", 1), prefill_key=_str(header, "prefill_key"))

@@ -6,13 +6,19 @@ the *reduced* status vector, so ranks that see the same ``add`` calls and the sa
 vectors make the same decisions (rule 1); local observations only lower a rank's own entry in
 the vector before the MIN (rule 2).
 
-Stages: ``PREALLOC`` (waiting for the prefill DP rank, connection and free memory) and
-``TRANSFER`` (metadata sent, waiting for completion and the aux room stamp).
+Stages: ``PREALLOC`` (waiting for the prefill DP rank, connection and free memory),
+``TRANSFER`` (metadata sent, waiting for completion and the aux room stamp) and ``FENCED``
+(aborted after its metadata went out: the pages and aux slot stay quarantined until every
+prefill rank that may write them has said it will write no more, rule 8).
+
+Trust (rule 9) is decided here too: a completion, failure or abort acknowledgement counts only
+from a writer named in the room's plan (:meth:`DecodeQueue.initialised`); anything else is
+counted in ``untrusted`` and ignored.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Protocol
 
 import attrs
@@ -31,10 +37,13 @@ from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep
 
 # Stage values are chosen so that ``key = reduced + stage`` tells every decision apart with one
 # add: 2..4 = pre-allocation and initialised everywhere (ready to allocate), 12 = transfer and
-# Success everywhere (commit). Statuses are 0..4, so the two ranges never overlap.
+# Success everywhere (commit), 20 = fenced and released everywhere. Statuses are 0..4, so the
+# ranges never overlap.
 PREALLOC = np.uint8(0)
 TRANSFER = np.uint8(8)
+FENCED = np.uint8(16)
 _COMMIT_KEY = int(TRANSFER) + 4
+_RELEASE_KEY = int(FENCED) + 4
 FROM_OTHER_RANK = "failed on another rank"
 
 
@@ -95,6 +104,7 @@ class DecodeQueue:
         *,
         bootstrap_timeout: float,
         waiting_timeout: float,
+        fence_timeout: float = 60.0,
     ) -> None:
         self.pages = pages
         self.aux_slots = aux_slots
@@ -109,6 +119,16 @@ class DecodeQueue:
         self.required: dict[int, int] = {}
         self.completions: dict[int, set[object]] = {}
         self._locally_complete: set[int] = set()  # rooms the gate must look at
+        self.fence_timeout = fence_timeout
+        #: The prefill ranks that write each room into this rank (None: not checked).
+        self.writers: dict[int, frozenset[object] | None] = {}
+        #: Writers that said they will write no more: all done, abort acknowledged, or dead.
+        self.quiet: dict[int, set[object]] = {}
+        #: Fenced rooms and when they were fenced.
+        self.fenced: dict[int, float] = {}
+        self._fence_warned: set[int] = set()
+        #: Completions, failures and acknowledgements from senders outside the room's plan.
+        self.untrusted = 0
 
     def __len__(self) -> int:
         return len(self.cols)
@@ -123,6 +143,11 @@ class DecodeQueue:
         """Enqueue requests; call with the same requests in the same order on every rank."""
         seen = set()
         for r in requests:
+            if r.room in self.fenced:
+                raise ValueError(
+                    f"room {r.room} is still fenced: its abort has not been acknowledged by "
+                    f"every prefill rank that may write it; use a new room"
+                )
             if r.room in self.requests or r.room in seen:
                 raise ValueError(f"room {r.room} is already queued")
             seen.add(r.room)
@@ -132,33 +157,134 @@ class DecodeQueue:
 
     # -- local observations --------------------------------------------------------------------
 
-    def initialised(self, room: int, required_completions: int) -> None:
-        """This rank resolved the prefill DP rank and started the transport's init."""
+    def initialised(
+        self,
+        room: int,
+        required_completions: int,
+        writers: Collection[object] | None = None,
+    ) -> None:
+        """This rank resolved the prefill DP rank and started the transport's init.
+
+        ``writers`` names the prefill ranks that write ``room`` into this rank: only they may
+        complete, fail or release it. None accepts any sender (in-process tests only).
+        """
         i = self.cols.index_of(room)
         if i is None or self.cols.local[i] == FAILED:
             return
         self.required[room] = required_completions
+        self.writers[room] = frozenset(writers) if writers is not None else None
         self.cols.local[i] = max(self.cols.local[i], WAITING)
         self.cols.deadline[i] = NEVER  # waiting for memory is not a failure
 
     def fail(self, room: int, reason: str) -> None:
         """A local failure (resolution, transport, control channel, liveness)."""
         i = self.cols.index_of(room)
-        if i is None or self.cols.local[i] == FAILED:
+        if i is None or self.cols.local[i] == FAILED or self.cols.stage[i] == FENCED:
             return  # unknown (late report for a finished room) or already failed: first wins
         self.cols.local[i] = FAILED
         self.reasons[room] = reason
 
-    def completed(self, room: int, sender: object) -> None:
-        """A prefill rank reported its writes for ``room`` done; duplicates count once."""
+    def _trusted(self, room: int, sender: object) -> bool:
+        writers = self.writers.get(room, frozenset())
+        if writers is None or sender in writers:
+            return True
+        self.untrusted += 1
+        return False
+
+    def completed(self, room: int, sender: object) -> bool:
+        """A prefill rank reported its writes for ``room`` done; duplicates count once.
+
+        Returns False (and counts it) when ``sender`` is not one of the room's writers.
+        """
         i = self.cols.index_of(room)
-        if i is None or self.cols.stage[i] != TRANSFER:
-            return
+        if i is None:
+            return True  # a late report for a room that ended: ignored, not hostile
+        if not self._trusted(room, sender):
+            return False
+        self._quiet(room, i, sender)
+        if self.cols.stage[i] != TRANSFER:
+            return True
         done = self.completions.setdefault(room, set())
         done.add(sender)
         if len(done) >= self.required.get(room, 1) and self.cols.local[i] != FAILED:
             self.cols.local[i] = SUCCESS
             self._locally_complete.add(room)
+        return True
+
+    def peer_failed(self, room: int, sender: object, reason: str) -> bool:
+        """A writer of ``room`` reported failure; False (counted) if it is not a writer."""
+        i = self.cols.index_of(room)
+        if i is None:
+            return True
+        if not self._trusted(room, sender):
+            return False
+        self.fail(room, reason)
+        return True
+
+    def acknowledged(self, room: int, sender: object) -> bool:
+        """A writer of ``room`` confirmed it will write no more into this rank's memory."""
+        i = self.cols.index_of(room)
+        if i is None:
+            return True
+        if not self._trusted(room, sender):
+            return False
+        self._quiet(room, i, sender)
+        return True
+
+    def writers_gone(self, rooms: Iterable[int]) -> None:
+        """Liveness declared these rooms' writers dead and their connections are torn down."""
+        for room in rooms:
+            i = self.cols.index_of(room)
+            writers = self.writers.get(room)
+            if i is not None and writers:
+                for w in writers:
+                    self._quiet(room, i, w)
+
+    def writer_dead(self, writer: object, reason: str) -> list[int]:
+        """Liveness declared ``writer`` dead: fail the rooms it writes and stop waiting on it."""
+        hit = [r for r, w in self.writers.items() if w and writer in w]
+        for room in hit:
+            self.fail(room, reason)
+            i = self.cols.index_of(room)
+            if i is not None:
+                self._quiet(room, i, writer)
+        return hit
+
+    def writers_in_use(self) -> set[object]:
+        out: set[object] = set()
+        for writers in self.writers.values():
+            if writers:
+                out.update(writers)
+        return out
+
+    def _quiet(self, room: int, i: int, sender: object) -> None:
+        quiet = self.quiet.setdefault(room, set())
+        quiet.add(sender)
+        if self.cols.stage[i] == FENCED and not self._still_writing(room):
+            self.cols.local[i] = SUCCESS  # released here; all ranks release on the MIN
+
+    def _still_writing(self, room: int) -> bool:
+        writers = self.writers.get(room)
+        return bool(writers) and not writers <= self.quiet.get(room, set())  # type: ignore[operator]
+
+    @property
+    def fenced_pages(self) -> int:
+        """Pages held by the abort fence on this rank."""
+        return sum(len(self.allocated.get(room, ())) for room in self.fenced)
+
+    def overdue_fences(self, now: float) -> list[int]:
+        """Rooms fenced for longer than ``fence_timeout``, each reported once."""
+        late = [
+            r
+            for r, since in self.fenced.items()
+            if now - since > self.fence_timeout and r not in self._fence_warned
+        ]
+        self._fence_warned.update(late)
+        return late
+
+    def fence_waiting_for(self, room: int) -> list[object]:
+        writers = self.writers.get(room) or frozenset()
+        return sorted(writers - self.quiet.get(room, set()), key=repr)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -175,7 +301,7 @@ class DecodeQueue:
         # In the transfer stage completion is the protocol's call; the transport may only object.
         v = np.minimum(cols.local, np.maximum(transport, cols.floor))
         if not transport.all():
-            v[transport == FAILED] = FAILED
+            v[(transport == FAILED) & (cols.stage != FENCED)] = FAILED
         done = np.flatnonzero(v == SUCCESS) if self._locally_complete else ()
         if len(done):
             # The metadata gate: a completion only counts once the room stamp landed.
@@ -196,6 +322,11 @@ class DecodeQueue:
                 if v[i] != SUCCESS and v[i] != FAILED:
                     self.fail(int(cols.rooms[i]), self._timeout_reason(i))
                     v[i] = FAILED
+        if self.fenced:
+            # A fenced room is Transferring until its writers are quiet here, then Success:
+            # the MIN releases it on every rank in the same step.
+            fenced = cols.stage == FENCED
+            v[fenced] = cols.local[fenced]
         return v
 
     def _timeout_reason(self, i: int) -> str:
@@ -230,9 +361,17 @@ class DecodeQueue:
         key = reduced + cols.stage
 
         # Cheap whole-vector checks first: in a steady state nothing is failed or complete.
+        released: list[int] = []
         if len(reduced) and reduced.min() == FAILED:
             for i in np.flatnonzero(reduced == FAILED).tolist():
-                aborted.append(self._abort(i))
+                failed, fenced = self._abort(i, now)
+                aborted.append(failed)
+                if not fenced:
+                    remove.append(i)
+
+        if self.fenced and len(key) and key.max() == _RELEASE_KEY:
+            for i in np.flatnonzero(key == _RELEASE_KEY).tolist():
+                released.append(self._release(i))
                 remove.append(i)
 
         commits = (
@@ -245,7 +384,10 @@ class DecodeQueue:
             stamp = int(self.stamps[slot])
             if stamp != room:  # unreachable while the gate holds; never retry, never diverge
                 self.reasons.setdefault(room, f"room stamp {stamp} at commit (aux slot {slot})")
-                aborted.append(self._abort(i))
+                failed, fenced = self._abort(i, now)
+                aborted.append(failed)
+                if fenced:
+                    continue
             else:
                 row = self.aux[slot].copy()
                 pages = self.allocated.pop(room)
@@ -288,25 +430,58 @@ class DecodeQueue:
             keep = np.ones(len(cols), dtype=bool)
             keep[remove] = False
             cols.keep(keep)
-        return DecodeDecisions(tuple(to_send), DecodeStep(tuple(committed), tuple(aborted)))
+        return DecodeDecisions(
+            tuple(to_send), DecodeStep(tuple(committed), tuple(aborted), tuple(released))
+        )
 
-    def _abort(self, i: int) -> Aborted:
+    def _abort(self, i: int, now: float) -> tuple[Aborted, bool]:
+        """Abort row ``i``; returns the outcome and whether its memory went into the fence.
+
+        Every rank takes the same branch: the stage is agreed, and so is whether the room has
+        writers (the plan is the same on every rank; only who is quiet yet differs).
+        """
         cols = self.cols
         room = int(cols.rooms[i])
         own = self.reasons.get(room)
+        outcome = Aborted(room, own or FROM_OTHER_RANK, from_other_rank=own is None)
+        if cols.stage[i] == TRANSFER and self.writers.get(room):
+            # Metadata went out: a prefill rank may still write these pages (rule 8).
+            cols.stage[i] = FENCED
+            cols.floor[i] = SUCCESS
+            cols.local[i] = SUCCESS if not self._still_writing(room) else TRANSFERRING
+            cols.deadline[i] = NEVER
+            self.fenced[room] = now
+            self.reasons.pop(room, None)
+            self.completions.pop(room, None)
+            self._locally_complete.discard(room)
+            return outcome, True
+        self._free(i, room)
+        self._forget(room)
+        return outcome, False
+
+    def _release(self, i: int) -> int:
+        room = int(self.cols.rooms[i])
+        self._free(i, room)
+        self._forget(room)
+        return room
+
+    def _free(self, i: int, room: int) -> None:
+        cols = self.cols
         if cols.slot[i] >= 0:
             self.aux_slots.free(np.array([cols.slot[i]]))
         pages = self.allocated.pop(room, None)
         if pages is not None:
             self.pages.free(pages)
-        self._forget(room)
-        return Aborted(room, own or FROM_OTHER_RANK, from_other_rank=own is None)
 
     def _forget(self, room: int) -> None:
         self.requests.pop(room, None)
         self.reasons.pop(room, None)
         self.required.pop(room, None)
         self.completions.pop(room, None)
+        self.writers.pop(room, None)
+        self.quiet.pop(room, None)
+        self.fenced.pop(room, None)
+        self._fence_warned.discard(room)
         self._locally_complete.discard(room)
 
     def pending_reasons(self, rooms: Iterable[int]) -> dict[int, str]:

@@ -35,7 +35,11 @@ class Aborted:
 @attrs.frozen
 class DecodeStep:
     committed: tuple[Committed, ...] = ()
+    #: Failed requests. An abort after the metadata went out fences the pages and aux slot:
+    #: they stay allocated until every prefill rank that may write them has stopped.
     aborted: tuple[Aborted, ...] = ()
+    #: Rooms whose fence lifted this step (on every rank): their pages are free again.
+    released: tuple[int, ...] = ()
 
 
 @attrs.frozen

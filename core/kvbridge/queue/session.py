@@ -22,11 +22,18 @@ import attrs
 import numpy as np
 
 from kvbridge.config import TransferConfig
+from kvbridge.liveness import WriterLiveness
 from kvbridge.memory import AuxSlotPool, aux_descriptors, kv_descriptors
 from kvbridge.plugins import ObserverRelay
 from kvbridge.queue.collective import Reducer
-from kvbridge.queue.columns import SUCCESS
-from kvbridge.queue.decode import DecodeQueue, DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.queue.columns import FAILED, SUCCESS
+from kvbridge.queue.decode import (
+    FENCED,
+    DecodeQueue,
+    DecodeRequest,
+    MetadataToSend,
+    PageAllocator,
+)
 from kvbridge.queue.outcomes import Aborted, DecodeStep, PrefillStep
 from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.status import KVPoll
@@ -101,10 +108,17 @@ class DecodeSession:
             aux,
             bootstrap_timeout=config.bootstrap_timeout,
             waiting_timeout=config.waiting_timeout,
+            fence_timeout=config.fence_timeout,
         )
         self._unresolved: list[DecodeRequest] = []
         self._targets: dict[int, PrefillTarget] = {}
-        self._events: collections.deque[tuple[int, object, bool, str | None]] = collections.deque()
+        #: Fences that outlived ``fence_timeout`` (logged once each; the memory stays held).
+        self.fence_overdue = 0
+        self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
+        self._heartbeats: collections.deque[object] = collections.deque()
+        self._events: collections.deque[tuple[int, object, bool | None, str | None]] = (
+            collections.deque()
+        )
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -125,6 +139,23 @@ class DecodeSession:
         """A prefill rank finished (or failed) its writes for ``room``. Thread-safe."""
         self._events.append((room, sender, ok, reason))
 
+    def notify_heartbeat(self, sender: object) -> None:
+        """A prefill rank said it is alive. Thread-safe."""
+        self._heartbeats.append(sender)
+
+    def notify_ack(self, room: int, sender: object) -> None:
+        """A prefill rank confirmed it will write ``room`` no more (abort fence). Thread-safe."""
+        self._events.append((room, sender, None, None))
+
+    @property
+    def untrusted(self) -> int:
+        """Reports dropped because their sender is not a writer of the room (rule 9)."""
+        return self.queue.untrusted
+
+    @property
+    def fenced_pages(self) -> int:
+        return self.queue.fenced_pages
+
     def fail_address(self, bootstrap_addr: str, reason: str) -> None:
         """Liveness: fail every queued room served by ``bootstrap_addr``. Thread-safe."""
         self._events.append((0, bootstrap_addr, False, reason))
@@ -138,20 +169,56 @@ class DecodeSession:
         queue = self.queue
         while self._events:
             room, sender, ok, reason = self._events.popleft()
-            if room == 0:  # a whole prefill address is gone
-                for r, request in list(queue.requests.items()):
-                    if request.bootstrap_addr == sender:
-                        queue.fail(r, reason or f"lost connection to prefill {sender}")
+            if room == 0:  # a whole prefill address is gone: its writers are dead
+                gone = [r for r, q in queue.requests.items() if q.bootstrap_addr == sender]
+                for r in gone:
+                    queue.fail(r, reason or f"lost connection to prefill {sender}")
+                queue.writers_gone(gone)
+                continue
+            if ok is None:
+                trusted = queue.acknowledged(room, sender)
             elif ok:
-                queue.completed(room, sender)
+                trusted = queue.completed(room, sender)
             else:
-                queue.fail(room, reason or "prefill reported failure")
+                trusted = queue.peer_failed(room, sender, reason or "prefill reported failure")
+            if not trusted:
+                log.warning(
+                    "ignored a report for room %d from %r: not a prefill rank that writes it",
+                    room,
+                    sender,
+                )
+        now = self.clock()
+        while self._heartbeats:
+            self.liveness.heard(self._heartbeats.popleft(), now)
+        if len(self.liveness):
+            for writer in self.liveness.dead(now, queue.writers_in_use()):
+                reason = (
+                    f"lost connection to prefill {writer} (no heartbeat for "
+                    f"{self.liveness.limit:g}s)"
+                )
+                rooms = queue.writer_dead(writer, reason)
+                log.warning("%s; failing %d rooms", reason, len(rooms))
         if self._unresolved:
             self._resolve()
         if not len(queue):
             return np.zeros(0, dtype=np.uint8)
-        statuses, failures = self.manager.receiver_poll(queue.rooms)
-        return queue.local_statuses(statuses, failures, self.clock())
+        if queue.fenced:
+            for room in queue.overdue_fences(now):
+                log.warning(
+                    "room %d: fenced for over %gs, still waiting for %s to confirm they stopped "
+                    "writing; its %d pages stay quarantined",
+                    room,
+                    queue.fence_timeout,
+                    ", ".join(map(str, queue.fence_waiting_for(room))),
+                    len(queue.allocated.get(room, ())),
+                )
+                self.fence_overdue += 1
+            live = queue.cols.stage != FENCED
+            statuses = np.full(len(queue), SUCCESS, dtype=np.uint8)
+            statuses[live], failures = self.manager.receiver_poll(queue.rooms[live])
+        else:
+            statuses, failures = self.manager.receiver_poll(queue.rooms)
+        return queue.local_statuses(statuses, failures, now)
 
     def _resolve(self) -> None:
         found = self.directory.resolve(self._unresolved)
@@ -169,15 +236,18 @@ class DecodeSession:
                 self._observe_resolved(request.room, True)
                 self._targets[request.room] = outcome
                 self.manager.receiver_init(request.room, outcome.peers)
-                self.queue.initialised(request.room, len(outcome.peers))
+                self.queue.initialised(request.room, len(outcome.peers), outcome.controls or None)
         self._unresolved = still
 
     def finish(self, reduced: np.ndarray) -> DecodeStep:
         if not len(reduced):
             return DecodeStep()
         decisions = self.queue.apply(reduced, self.clock())
+        now = self.clock()
         for meta in decisions.send_metadata:
             target = self._targets[meta.room]
+            for writer in target.controls:
+                self.liveness.expect(writer, now)
             self.manager.receiver_send_metadata(meta.room, meta.pages, meta.aux_slot)
             self.send_metadata(meta, target)
             if self.observers.active:
@@ -266,6 +336,8 @@ class DecodeMetadata:
 
 
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
+AckSink = Callable[[int, tuple[DecodePeer, ...]], None]
+_MAX_TOMBSTONES = 100_000
 
 
 class PrefillSession:
@@ -284,10 +356,12 @@ class PrefillSession:
         aux_regions: Sequence[MemoryRegion] = (),
         reducer: Reducer,
         notify_decode: CompletionSink | None = None,
+        acknowledge: AckSink | None = None,
         clock: Clock = time.monotonic,
         observers: ObserverRelay | None = None,
     ) -> None:
         self.manager = manager
+        self.acknowledge = acknowledge
         self.kv_regions = tuple(kv_regions)
         self.aux_regions = tuple(aux_regions)
         self.reducer = reducer
@@ -310,6 +384,14 @@ class PrefillSession:
         # waits here (with its arrival time) until add() brings the room, or expires.
         self._early: dict[int, tuple[float, list[tuple[str, Any]]]] = {}
         self._early_ttl = config.bootstrap_timeout
+        #: Aborted rooms whose writes may still be landing: who to acknowledge once drained.
+        self._draining: dict[int, dict[Any, DecodePeer]] = {}
+        #: Decode ranks that asked to abort each live room.
+        self._abort_senders: dict[int, set[Any]] = {}
+        #: Rooms that ended here without success, so late metadata is answered, not written.
+        self._ended: dict[int, tuple[float, str]] = {}
+        #: Messages dropped because their sender may not say that (rule 9).
+        self.untrusted = 0
 
     @property
     def authoritative(self) -> bool:
@@ -340,9 +422,23 @@ class PrefillSession:
         """A decode rank's metadata arrived. Thread-safe."""
         self._events.append(("meta", meta))
 
-    def on_decode_abort(self, room: int, reason: str) -> None:
-        """Decode gave up on ``room``. Thread-safe."""
-        self._events.append(("abort", (room, reason)))
+    def on_decode_abort(self, room: int, reason: str, sender: Any = None) -> None:
+        """Decode rank ``sender`` gave up on ``room`` (None: not checked). Thread-safe."""
+        self._events.append(("abort", (room, reason, sender)))
+
+    def live_decode_controls(self) -> set[Any]:
+        """Control addresses of decode ranks with rooms in flight here (heartbeat targets)."""
+        keys: set[Any] = set()
+        for senders in self._metadata.values():
+            keys.update(senders)
+        for peers in self._draining.values():
+            keys.update(peers)
+        return {self.decode_peers[k].control for k in keys if k in self.decode_peers}
+
+    @property
+    def draining(self) -> int:
+        """Aborted rooms whose writes the transport has not yet confirmed stopped."""
+        return len(self._draining)
 
     def step(self) -> PrefillStep:
         local = self.prepare()
@@ -352,8 +448,10 @@ class PrefillSession:
     def prepare(self) -> np.ndarray:
         while self._events:
             self._apply_event(*self._events.popleft())
-        if self._early:
+        if self._early or self._ended:
             self._expire_early()
+        if self._draining:
+            self._acknowledge_drained()
         queue = self.queue
         if not len(queue):
             return np.zeros(0, dtype=np.uint8)
@@ -365,21 +463,90 @@ class PrefillSession:
             self._announce_completions(statuses)
         return queue.local_statuses(statuses, failures, self.clock())
 
+    def _untrusted(self, what: str, *args: Any) -> None:
+        self.untrusted += 1
+        log.warning("ignored " + what, *args)
+
     def _apply_event(self, kind: str, payload: Any) -> None:
         if kind == "peer":
-            self.decode_peers[payload[0]] = payload[1]
+            key, peer = payload
+            known = self.decode_peers.get(key)
+            if known is not None and known != peer:
+                self._untrusted("a second registration of decode rank %r with other memory", key)
+            else:
+                self.decode_peers[key] = peer
             return
         room = payload.room if kind == "meta" else payload[0]
         if self.queue.cols.index_of(room) is None:
+            if kind == "abort":
+                self._abort_unqueued(room, payload[2])
+            elif room in self._ended:
+                self._answer_ended(payload)
+                return
             entry = self._early.setdefault(room, (self.clock(), []))
             entry[1].append((kind, payload))
         elif kind == "meta":
             self._take_metadata(payload)
         else:
-            self.queue.fail(room, f"decode aborted: {payload[1]}")
+            _, reason, sender = payload
+            if sender is not None:
+                asked = self._metadata.get(room)
+                if sender not in self.decode_peers or (asked and sender not in asked):
+                    self._untrusted(
+                        "an abort of room %d from %r: not its decode rank", room, sender
+                    )
+                    return
+                self._abort_senders.setdefault(room, set()).add(sender)
+            self.queue.fail(room, f"decode aborted: {reason}")
+
+    def _abort_unqueued(self, room: int, sender: Any) -> None:
+        """An abort for a room not queued here: nothing of it is being written, say so now.
+
+        The room either ended here (its writes finished or drained) or was never added; in
+        the latter case the abort also waits in ``_early`` so a later ``add`` fails the room
+        before anything is sent.
+        """
+        if sender is None or self.acknowledge is None:
+            return
+        peer = self.decode_peers.get(sender)
+        if peer is None:
+            self._untrusted("an abort of room %d from unregistered decode rank %r", room, sender)
+            return
+        self.acknowledge(room, (peer,))
+
+    def _answer_ended(self, meta: DecodeMetadata) -> None:
+        """Metadata for a room that already failed here: tell that decode rank why, at once."""
+        peer = self.decode_peers.get(meta.decode_rank)
+        if peer is None:
+            return
+        reason = self._ended[meta.room][1]
+        if self.notify_decode is not None:
+            self.notify_decode(meta.room, (peer,), False, reason)
+        if self.acknowledge is not None:
+            self.acknowledge(meta.room, (peer,))
+
+    def _acknowledge_drained(self) -> None:
+        assert self.manager is not None
+        rooms = np.fromiter(self._draining, dtype=np.uint64, count=len(self._draining))
+        drained = self.manager.sender_drained(rooms)
+        for room in rooms[drained].tolist():
+            peers = self._draining.pop(room)
+            self.manager.sender_clear(room)
+            if self.acknowledge is not None and peers:
+                self.acknowledge(room, tuple(peers.values()))
 
     def _expire_early(self) -> None:
-        limit = self.clock() - self._early_ttl
+        now = self.clock()
+        limit = now - self._early_ttl
+        if self._ended and (
+            len(self._ended) > _MAX_TOMBSTONES or next(iter(self._ended.values()))[0] < limit
+        ):
+            # Insertion order is end order: drop from the front while too old or too many.
+            while self._ended:
+                room, (t, _) = next(iter(self._ended.items()))
+                if t >= limit and len(self._ended) <= _MAX_TOMBSTONES:
+                    break
+                del self._ended[room]
         for room in [r for r, (t, _) in self._early.items() if t < limit]:
             del self._early[room]
             log.warning(
@@ -392,11 +559,28 @@ class PrefillSession:
         if self.manager is None:
             log.debug("metadata for room %d ignored (no-op CP rank)", meta.room)
             return
-        if meta.decode_rank not in self.decode_peers:
-            self.queue.fail(meta.room, f"metadata from unknown decode rank {meta.decode_rank!r}")
+        peer = self.decode_peers.get(meta.decode_rank)
+        if peer is None:
+            self._untrusted(
+                "metadata for room %d from unregistered %r", meta.room, meta.decode_rank
+            )
             return
         got = self._metadata.setdefault(meta.room, {})
-        got[meta.decode_rank] = meta  # a duplicate replaces, never counts twice
+        if meta.room in self._targets or meta.decode_rank in got:
+            # The first complete set binds the room to its decode ranks; never re-point it.
+            known = got.get(meta.decode_rank)
+            if known is None or not _same_metadata(known, meta):
+                self._untrusted(
+                    "metadata for room %d from %r: the room is already bound",
+                    meta.room,
+                    meta.decode_rank,
+                )
+            return
+        problem = _metadata_problem(meta, peer, self.kv_regions)
+        if problem is not None:
+            self.queue.fail(meta.room, f"decode {meta.decode_rank} sent bad metadata: {problem}")
+            return
+        got[meta.decode_rank] = meta
         if len(got) == meta.expected and meta.room not in self._targets:
             ordered = tuple((self.decode_peers[k], got[k]) for k in sorted(got, key=repr))
             self._targets[meta.room] = ordered
@@ -422,6 +606,11 @@ class PrefillSession:
         Call on every rank of the group in the same step (non-authoritative ranks send nothing).
         """
         pages = np.asarray(pages, dtype=np.int64)
+        i = self.queue.cols.index_of(room)
+        if i is None or self.queue.cols.local[i] == FAILED:
+            # Aborted in this step or earlier (the engine learns it from the step's result):
+            # sending nothing is the answer, and nothing may be written any more.
+            return
         if self.manager is not None:
             self._send_writes(room, pages, is_last, aux_slot)
         self.queue.sent(room, is_last, self.clock())
@@ -488,15 +677,20 @@ class PrefillSession:
             if self.manager is not None:
                 self.manager.sender_clear(room)
         for failed in step.aborted:
-            targets = self._targets.get(failed.room, ())
-            self._drop(failed.room)
+            room = failed.room
+            targets = self._targets.get(room, ())
+            # Everyone who may be waiting on this room: its metadata senders and aborters.
+            told = {k: self.decode_peers[k] for k in self._metadata.get(room, {})}
+            for k in self._abort_senders.get(room, ()):
+                told[k] = self.decode_peers[k]
+            self._drop(room)
+            self._ended[room] = (self.clock(), failed.reason)
             if self.manager is not None:
-                self.manager.sender_abort(failed.room, failed.reason)
-                self.manager.sender_clear(failed.room)
+                self.manager.sender_abort(room, failed.reason)
+                # Cleared, and acknowledged to decode, only once no write can land (rule 8).
+                self._draining[room] = told
                 if self.notify_decode is not None and targets:
-                    self.notify_decode(
-                        failed.room, tuple(p for p, _ in targets), False, failed.reason
-                    )
+                    self.notify_decode(room, tuple(p for p, _ in targets), False, failed.reason)
             _log_abort("prefill", failed)
         if self.manager is not None:
             self.observers.call(
@@ -510,8 +704,47 @@ class PrefillSession:
         return step
 
     def _drop(self, room: int) -> None:
+        self._abort_senders.pop(room, None)
         self._sent.pop(room, None)
         self._metadata.pop(room, None)
         self._targets.pop(room, None)
         self._offsets.pop(room, None)
         self._notified.discard(room)
+
+
+def _same_metadata(a: DecodeMetadata, b: DecodeMetadata) -> bool:
+    return (
+        a.aux_slot == b.aux_slot
+        and a.expected == b.expected
+        and a.page_slice == b.page_slice
+        and a.writes == b.writes
+        and np.array_equal(a.pages, b.pages)
+    )
+
+
+def _metadata_problem(
+    meta: DecodeMetadata, peer: DecodePeer, kv_regions: tuple[MemoryRegion, ...]
+) -> str | None:
+    """Why ``meta`` cannot be written into ``peer``'s registered memory, or None if it can."""
+    if not meta.writes:
+        return None
+    pages = meta.pages
+    if peer.kv_regions and len(pages):
+        limit = min(r.num_items for r in peer.kv_regions)
+        if int(pages.max()) >= limit:
+            return f"page {int(pages.max())} is out of range (decode registered {limit} pages)"
+    if not peer.aux_regions:
+        return "decode registered no aux rows"
+    rows = min(r.num_items for r in peer.aux_regions)
+    if not 0 <= meta.aux_slot < rows:
+        return f"aux slot {meta.aux_slot} is out of range (decode registered {rows} rows)"
+    if meta.page_slice is not None and peer.kv_regions and kv_regions:
+        src_offset, dst_offset, length = meta.page_slice
+        src_page = min(r.item_bytes for r in kv_regions)
+        dst_page = min(r.item_bytes for r in peer.kv_regions)
+        if length <= 0 or src_offset + length > src_page or dst_offset + length > dst_page:
+            return (
+                f"page slice (src {src_offset}, dst {dst_offset}, {length} bytes) does not "
+                f"fit pages of {src_page} / {dst_page} bytes"
+            )
+    return None

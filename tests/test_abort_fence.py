@@ -1,0 +1,155 @@
+"""The abort fence (rule 8) with real transports: a prefill's late write for an aborted room
+never lands in memory that another request was given.
+
+The scenario a user met: decode times a room out while its prefill is still in its forward
+pass; the prefill learns of the abort only at its next step, after it has already sent the
+room's KV. Without the fence the aborted room's pages go straight to the next request, which
+commits, and then the late write overwrites it (Mooncake and NIXL cannot refuse it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from integrity_rig import Decode, Prefill, add_room, run_for, run_until
+
+from kvbridge import TransferConfig
+from kvbridge.testing.rig import require_transport
+
+pytestmark = pytest.mark.multiprocess
+
+PAGES = 24  # the decode pool holds exactly one request
+
+
+def _config(transport: str) -> TransferConfig:
+    return TransferConfig(
+        transport=transport,
+        waiting_timeout=1.0,
+        bootstrap_timeout=30.0,
+        # The stalled prefill must not be declared dead during its "forward pass": here the
+        # fence has to lift through the acknowledgement, not through liveness.
+        heartbeat_interval=30.0,
+        fence_timeout=30.0,
+    )
+
+
+@pytest.mark.parametrize("transport", ["fake", "mooncake", "nixl"])
+def test_late_write_of_an_aborted_room_never_reaches_the_next_request(transport: str) -> None:
+    require_transport(transport)
+    config = _config(transport)
+    slow, healthy = Prefill(config, PAGES), Prefill(config, PAGES)
+    decode = Decode(config, PAGES)
+    try:
+        add_room(decode, slow, 101, PAGES)
+        run_until("decode sent room 101's metadata", lambda: 101 in slow.ready, decode, slow)
+        # The slow prefill is now in its forward pass: it does not step. Decode gives up.
+        run_until("decode timed out room 101", lambda: 101 in decode.aborted, decode)
+        assert "waiting_timeout" in decode.aborted[101]
+        assert decode.node.session.fenced_pages == PAGES
+
+        # The next request wants the same memory; the fence keeps it waiting.
+        add_room(decode, healthy, 202, PAGES)
+        run_for(1.5, decode, healthy)
+        assert 202 not in decode.committed and 202 not in healthy.ready
+        assert decode.pool.num_free == 0
+
+        # The forward pass ends; the prefill sends before its next step tells it of the abort.
+        slow.send(101, fill=0xAA)
+        run_until(
+            "the slow prefill acknowledged the abort",
+            lambda: 101 in decode.released,
+            decode,
+            slow,
+            healthy,
+        )
+        assert slow.node.session.draining == 0
+        run_until("room 202 is ready on its prefill", lambda: 202 in healthy.ready, decode, healthy)
+        healthy.send(202, fill=0x55)
+        run_until("room 202 committed", lambda: 202 in decode.committed, decode, healthy)
+        # Let anything still in flight land, then check the committed request's bytes.
+        run_for(0.5, decode, slow, healthy)
+        assert decode.pages_hold(202, 0x55), "a late write overwrote a committed request"
+        decode.pool.free(decode.committed[202].pages)
+        assert decode.pool.num_free == PAGES
+        assert decode.node.session.fenced_pages == 0
+    finally:
+        for side in (decode, slow, healthy):
+            side.close()
+
+
+def test_dead_writer_lifts_the_fence_through_liveness() -> None:
+    config = TransferConfig(
+        transport="fake",
+        waiting_timeout=0.5,
+        heartbeat_interval=0.2,
+        heartbeat_max_misses=2,
+        fence_timeout=30.0,
+    )
+    gone = Prefill(config, PAGES)
+    decode = Decode(config, PAGES)
+    try:
+        add_room(decode, gone, 7, PAGES)
+        run_until("metadata sent", lambda: 7 in gone.ready, decode, gone)
+        gone.close()  # the prefill process is gone: no acknowledgement will ever come
+        run_until("room 7 released", lambda: 7 in decode.released, decode, timeout=10)
+        assert decode.aborted[7].startswith("lost connection to prefill")
+        assert decode.pool.num_free == PAGES
+    finally:
+        decode.close()
+        gone.server.stop()
+
+
+def test_fence_outliving_its_timeout_is_counted_and_memory_stays_held() -> None:
+    config = TransferConfig(
+        transport="fake", waiting_timeout=0.3, heartbeat_interval=30.0, fence_timeout=0.3
+    )
+    stuck, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        add_room(decode, stuck, 9, PAGES)
+        run_until("metadata sent", lambda: 9 in stuck.ready, decode, stuck)
+        run_until("room 9 aborted", lambda: 9 in decode.aborted, decode)
+        run_until(
+            "the overdue fence is counted", lambda: decode.node.session.fence_overdue == 1, decode
+        )
+        assert decode.pool.num_free == 0  # still quarantined, never reused on a guess
+        assert 9 not in decode.released
+        run_until("released after the ack", lambda: 9 in decode.released, decode, stuck)
+        assert decode.pool.num_free == PAGES
+    finally:
+        decode.close()
+        stuck.close()
+
+
+def test_prefill_acknowledges_only_after_its_transport_drained() -> None:
+    """The prefill half: no AbortAck while a write of the room is still in flight."""
+    import threading
+
+    config = _config("fake")
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    gate = threading.Event()
+    manager = prefill.node.manager
+    assert manager is not None
+    real_write = manager.raw.write
+
+    def held_write(*args: object, **kwargs: object) -> object:
+        gate.wait(20)
+        return real_write(*args, **kwargs)
+
+    manager.raw.write = held_write
+    try:
+        add_room(decode, prefill, 5, PAGES)
+        run_until("ready", lambda: 5 in prefill.ready, decode, prefill)
+        prefill.send(5, fill=0x11)  # the write starts and hangs in the transport
+        run_until("decode aborted", lambda: 5 in decode.aborted, decode)
+        run_until("prefill aborted", lambda: 5 in prefill.aborted, decode, prefill)
+        run_for(0.5, decode, prefill)
+        assert prefill.node.session.draining == 1
+        assert decode.node.abort_acks == 0 and 5 not in decode.released
+        gate.set()
+        run_until("released", lambda: 5 in decode.released, decode, prefill)
+        assert decode.node.abort_acks == 1
+        assert np.all(decode.pool.num_free == PAGES)
+    finally:
+        gate.set()
+        decode.close()
+        prefill.close()
