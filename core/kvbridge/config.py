@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +39,37 @@ def _secret_type(instance: object, attribute: attrs.Attribute[Any], value: Any) 
         raise ConfigError(
             "secret must be a kvbridge.secret.Secret; put the value in secret_file or the "
             "KVBRIDGE_SECRET environment variable, never in config data"
+        )
+
+
+_WILDCARD = "0.0.0.0"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOST_NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*$")
+
+
+def _ipv4(value: object) -> bool:
+    try:
+        return isinstance(value, str) and ipaddress.ip_address(value).version == 4
+    except ValueError:
+        return False
+
+
+def _bind_host(instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not _ipv4(value):
+        raise ConfigError(
+            f"bind_host must be an IPv4 address of a local interface (or 0.0.0.0 for all), "
+            f"got {value!r}"
+        )
+
+
+def _advertise_host(instance: object, attribute: attrs.Attribute[Any], value: Any) -> None:
+    if value is None:
+        return
+    if value == _WILDCARD or not (
+        _ipv4(value) or (isinstance(value, str) and _HOST_NAME.match(value))
+    ):
+        raise ConfigError(
+            f"advertise_host must be an IPv4 address or host name peers can reach, got {value!r}"
         )
 
 
@@ -94,10 +127,26 @@ class TransferConfig:
     secret_file: str | None = None
     #: Check before every collective that all ranks hold identical queues (costs a collective).
     debug_lockstep: bool = False
+    #: IPv4 address this rank's listeners bind: control receiver, the transport's listener
+    #: (fake, mooncake, mori; NIXL/UCX picks interfaces itself). ``0.0.0.0`` binds every
+    #: interface and then needs ``advertise_host``. Node ``host=`` arguments override it.
+    bind_host: str = attrs.field(default="127.0.0.1", validator=_bind_host)
+    #: Address (IPv4 or host name) peers are told to connect to; ``None``: ``bind_host``.
+    advertise_host: str | None = attrs.field(default=None, validator=_advertise_host)
 
     def __attrs_post_init__(self) -> None:
+        if self.bind_host == _WILDCARD and self.advertise_host is None:
+            raise ConfigError(
+                "bind_host 0.0.0.0 listens on every interface: set advertise_host to the "
+                "address peers should connect to"
+            )
         if self.secret is None and self.secret_file is not None:
             object.__setattr__(self, "secret", Secret.from_file(self.secret_file))
+
+    @property
+    def advertised_host(self) -> str:
+        """The host peers connect to: ``advertise_host``, else ``bind_host``."""
+        return self.advertise_host or self.bind_host
 
     @property
     def bootstrap_token(self) -> str | None:
@@ -185,12 +234,14 @@ _FIELD_TYPES = {
     "fence_timeout": float,
     "verify_checksums": bool,
     "secret_file": str,
+    "bind_host": str,
+    "advertise_host": str,
 }
 
 
 def _coerce(name: str, value: Any) -> Any:
     expected = _FIELD_TYPES.get(name)
-    if expected is None or (value is None and name == "secret_file"):
+    if expected is None or (value is None and name in ("secret_file", "advertise_host")):
         return value
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
