@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -56,6 +56,19 @@ def _regions_from_wire(wire: Sequence[tuple[int, int, int, str]]) -> tuple[Memor
     return tuple(MemoryRegion(a, n, i, d) for a, n, i, d in wire)
 
 
+def _control_receiver(
+    on_message: Callable[[Message], None],
+    config: TransferConfig,
+    host: str | None,
+    key: bytes | None,
+) -> ControlReceiver:
+    """Bind ``host`` (default ``config.bind_host``); advertise ``config.advertise_host``, else
+    the bound host."""
+    bind = config.bind_host if host is None else host
+    advertise = config.advertise_host or bind
+    return ControlReceiver(on_message, bind, key=key, advertise=advertise)
+
+
 def _control_key(config: TransferConfig) -> bytes | None:
     return config.secret.derive("control") if config.secret is not None else None
 
@@ -76,7 +89,7 @@ class PrefillNode:
         kv_dtype: str,
         kv_layout: str = "head_sharded",
         transport: Transport | None = None,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         observers: ObserverRelay | None = None,
     ) -> None:
         self.config = config
@@ -103,7 +116,7 @@ class PrefillNode:
         key = _control_key(config)
         self._out = ControlSender(key)  # scheduler thread only
         self._acks = ControlSender(key)  # control thread only (ZMQ sockets are single-threaded)
-        self.control = ControlReceiver(self._on_message, host, key=key)
+        self.control = _control_receiver(self._on_message, config, host, key)
         self._next_heartbeat = 0.0
         self._losses = ControlLosses(
             self.session.observers, rank, self.control, (self._out, self._acks)
@@ -219,7 +232,7 @@ class DecodeNode:
         kv_dtype: str,
         kv_layout: str = "head_sharded",
         transport: Transport | None = None,
-        host: str = "127.0.0.1",
+        host: str | None = None,
         dp_follows_room: bool = False,
         observers: ObserverRelay | None = None,
     ) -> None:
@@ -234,7 +247,7 @@ class DecodeNode:
         key = _control_key(config)
         self._out = ControlSender(key)
         self._registered: set[str] = set()
-        self.control = ControlReceiver(self._on_message, host, key=key)
+        self.control = _control_receiver(self._on_message, config, host, key)
         self.directory = BootstrapDirectory(
             config,
             rank.tp_rank,
