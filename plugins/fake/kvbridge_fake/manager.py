@@ -39,7 +39,8 @@ log = logging.getLogger("kvbridge.fake")
 _LOCAL_MANAGERS: dict[str, FakeManager] = {}
 _LOCAL_LOCK = threading.Lock()
 _DRAIN_CHUNK = 1 << 20
-OPTIONS = {"faults": {}, "host": "127.0.0.1", "io_timeout": 30.0}
+#: ``host`` None: bind ``config.bind_host`` and advertise ``config.advertised_host``.
+OPTIONS = {"faults": {}, "host": None, "io_timeout": 30.0}
 
 
 class FakeManager(BookedManager):
@@ -66,8 +67,10 @@ class FakeManager(BookedManager):
         self._connections: dict[str, socket.socket] = {}
         self._stopping = threading.Event()
 
-        self._listener = socket.create_server((options.get("host", "127.0.0.1"), 0))
-        self.host, self.port = self._listener.getsockname()[:2]
+        host = options.get("host")
+        self._listener = socket.create_server((host or config.bind_host, 0))
+        self.port = self._listener.getsockname()[1]
+        self.host = host or config.advertised_host
         super().__init__(f"{rank.label}@{self.host}:{self.port}", kv_regions, aux_regions)
         self._threads = [
             threading.Thread(

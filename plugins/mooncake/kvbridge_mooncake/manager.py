@@ -31,7 +31,7 @@ log = logging.getLogger("kvbridge.mooncake")
 OPTIONS = {
     "protocol": "tcp",
     "device_name": "",
-    "hostname": "127.0.0.1",
+    "hostname": None,  # None: config.advertised_host
     "metadata_server": "P2PHANDSHAKE",
     "retries": 2,
     "max_batch": 256,
@@ -69,6 +69,9 @@ class MooncakeManager(BookedManager):
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
         self.options = transport_options("mooncake", config.transport_options, OPTIONS)
+        if self.options["hostname"] is None:
+            # Mooncake listens on every interface and advertises this name to peers.
+            self.options["hostname"] = config.advertised_host
         os.environ.setdefault("MC_LOG_LEVEL", "ERROR")
         self.engine = load_engine_class()()
         ret = self.engine.initialize(

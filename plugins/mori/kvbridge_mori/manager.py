@@ -31,7 +31,8 @@ from kvbridge.transport_kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.mori")
-OPTIONS = {"backend": "RDMA", "host": "127.0.0.1", "port": 0, "io_timeout": 30.0}
+#: ``host`` None: ``config.advertised_host`` (the engine binds and advertises one address).
+OPTIONS = {"backend": "RDMA", "host": None, "port": 0, "io_timeout": 30.0}
 
 
 class _Regions:
@@ -68,7 +69,10 @@ class MoriManager(BookedManager):
         if backend is None:
             raise ValueError(f"mori backend {self.options['backend']!r} unknown")
         self.engine = io.IOEngine(
-            self.key, io.IOEngineConfig(host=self.options["host"], port=int(self.options["port"]))
+            self.key,
+            io.IOEngineConfig(
+                host=self.options["host"] or config.advertised_host, port=int(self.options["port"])
+            ),
         )
         self.engine.create_backend(backend)
         super().__init__(f"{rank.label}@mori:{self.key}", kv_regions, aux_regions)
