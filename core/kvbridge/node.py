@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from kvbridge.bootstrap.client import BootstrapClient, BootstrapDirectory, DecodeExpectation
+from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.control import (
     Abort,
@@ -111,6 +112,7 @@ class PrefillNode:
             reducer=reducer,
             notify_decode=self._notify,
             acknowledge=self._acknowledge,
+            notify_checksum=self._notify_checksum,
             observers=observers if observers is not None else ObserverRelay(discover=True),
         )
         key = _control_key(config)
@@ -180,6 +182,9 @@ class PrefillNode:
     def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
         for peer in peers:
             self._out.send(peer.control, Status(room, self.key, ok, reason))
+
+    def _notify_checksum(self, room: int, peer: DecodePeer, checksum: int) -> None:
+        self._out.send(peer.control, Status(room, self.key, True, None, checksum))
 
     def _acknowledge(self, room: int, peers: Sequence[DecodePeer]) -> None:
         for peer in peers:
@@ -273,6 +278,7 @@ class DecodeNode:
             directory=self.directory,
             send_metadata=self._send_metadata,
             send_abort=self._send_abort,
+            verify=self._verify if config.verify_checksums else None,
             observers=observers if observers is not None else ObserverRelay(discover=True),
             page_bytes=sum(r.item_bytes for r in self.kv_regions),
         )
@@ -280,7 +286,9 @@ class DecodeNode:
 
     def _on_message(self, message: Message) -> None:
         if isinstance(message, Status):
-            self.session.notify_done(message.room, message.prefill_key, message.ok, message.reason)
+            self.session.notify_done(
+                message.room, message.prefill_key, message.ok, message.reason, message.checksum
+            )
         elif isinstance(message, AbortAck):
             self.abort_acks += 1
             self.session.notify_ack(message.room, message.prefill_key)
@@ -316,6 +324,31 @@ class DecodeNode:
                     None if route is None else (route.src_offset, route.dst_offset, route.length),
                 ),
             )
+
+    def _verify(
+        self,
+        room: int,
+        target: PrefillTarget,
+        pages: np.ndarray,
+        aux_slot: int,
+        checksums: Mapping[object, int],
+    ) -> str | None:
+        for contact in target.plan:
+            route = contact.route
+            if route is None:
+                continue  # takes part only: wrote nothing here
+            got = checksums.get(contact.prefill_key)
+            if got is None:
+                return f"prefill {contact.prefill_key} sent no checksum (verify_checksums)"
+            want = room_checksum(
+                self.kv_regions, self.aux_regions, pages, aux_slot, route.dst_offset, route.length
+            )
+            if got != want:
+                return (
+                    f"checksum mismatch for the bytes from prefill {contact.prefill_key}: "
+                    f"it wrote {got:#010x}, this rank holds {want:#010x}"
+                )
+        return None
 
     def _send_abort(self, room: int, target: PrefillTarget | None, reason: str) -> None:
         self.directory.forget_room(room)

@@ -75,6 +75,8 @@ class Status:
     prefill_key: str
     ok: bool
     reason: str | None = None
+    #: CRC-32 of what this rank wrote into the receiver (``verify_checksums`` only).
+    checksum: int | None = None
 
 
 @attrs.frozen
@@ -268,6 +270,9 @@ def _decode(frames: Sequence[bytes]) -> Message:
             prefill_key=_str(header, "prefill_key"),
             ok=ok,
             reason=_reason(header, "reason", optional=True),
+            checksum=None
+            if header.get("checksum") is None
+            else _int(header, "checksum", 0, 2**32 - 1),
         )
     if cls is Heartbeat:
         return Heartbeat(prefill_key=_str(header, "prefill_key"))

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
+from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.liveness import WriterLiveness
 from kvbridge.memory import AuxSlotPool, aux_descriptors, kv_descriptors
@@ -69,6 +70,8 @@ def _log_abort(side: str, failed: Aborted) -> None:
 
 
 MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
+#: ``(room, target, pages, aux_slot, checksums by writer) -> failure reason or None``.
+Verifier = Callable[[int, PrefillTarget, np.ndarray, int, Mapping[object, int]], str | None]
 AbortSink = Callable[[int, PrefillTarget | None, str], None]
 
 
@@ -86,6 +89,7 @@ class DecodeSession:
         directory: PrefillDirectory,
         send_metadata: MetadataSink,
         send_abort: AbortSink | None = None,
+        verify: Verifier | None = None,
         aux_slots: AuxSlotPool | None = None,
         clock: Clock = time.monotonic,
         observers: ObserverRelay | None = None,
@@ -115,6 +119,10 @@ class DecodeSession:
         #: Fences that outlived ``fence_timeout`` (logged once each; the memory stays held).
         self.fence_overdue = 0
         self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
+        self.verify = verify
+        self._checksums: dict[int, dict[object, int]] = {}
+        self._checksum_events: collections.deque[tuple[int, object, int]] = collections.deque()
+        self._verified: set[int] = set()
         self._heartbeats: collections.deque[object] = collections.deque()
         self._events: collections.deque[tuple[int, object, bool | None, str | None]] = (
             collections.deque()
@@ -134,9 +142,16 @@ class DecodeSession:
         self._unresolved.extend(requests)
 
     def notify_done(
-        self, room: int, sender: object, ok: bool = True, reason: str | None = None
+        self,
+        room: int,
+        sender: object,
+        ok: bool = True,
+        reason: str | None = None,
+        checksum: int | None = None,
     ) -> None:
         """A prefill rank finished (or failed) its writes for ``room``. Thread-safe."""
+        if checksum is not None and self.verify is not None:
+            self._checksum_events.append((room, sender, checksum))  # before the completion
         self._events.append((room, sender, ok, reason))
 
     def notify_heartbeat(self, sender: object) -> None:
@@ -167,6 +182,11 @@ class DecodeSession:
 
     def prepare(self) -> np.ndarray:
         queue = self.queue
+        while self._checksum_events:
+            room, sender, checksum = self._checksum_events.popleft()
+            writers = queue.writers.get(room)
+            if room in queue.requests and (writers is None or sender in writers):
+                self._checksums.setdefault(room, {})[sender] = checksum
         while self._events:
             room, sender, ok, reason = self._events.popleft()
             if room == 0:  # a whole prefill address is gone: its writers are dead
@@ -218,7 +238,31 @@ class DecodeSession:
             statuses[live], failures = self.manager.receiver_poll(queue.rooms[live])
         else:
             statuses, failures = self.manager.receiver_poll(queue.rooms)
-        return queue.local_statuses(statuses, failures, now)
+        local = queue.local_statuses(statuses, failures, now)
+        if self.verify is not None:
+            self._verify(local)
+        return local
+
+    def _verify(self, local: np.ndarray) -> None:
+        """Checksums, where configured, are checked once the gate has let a room through."""
+        assert self.verify is not None
+        queue = self.queue
+        for i in np.flatnonzero(local == SUCCESS).tolist():
+            room = int(queue.cols.rooms[i])
+            if room in self._verified or queue.cols.stage[i] == FENCED:
+                continue
+            problem = self.verify(
+                room,
+                self._targets[room],
+                queue.allocated[room],
+                int(queue.cols.slot[i]),
+                self._checksums.get(room, {}),
+            )
+            if problem is None:
+                self._verified.add(room)
+            else:
+                queue.fail(room, problem)
+                local[i] = FAILED
 
     def _resolve(self) -> None:
         found = self.directory.resolve(self._unresolved)
@@ -256,6 +300,8 @@ class DecodeSession:
         for done in step.committed:
             self.manager.receiver_clear(done.room)
             self._targets.pop(done.room, None)
+            self._checksums.pop(done.room, None)
+            self._verified.discard(done.room)
             if self.observers.active:
                 self.observers.call(
                     "kvbridge_transfer_finished",
@@ -270,6 +316,8 @@ class DecodeSession:
             self.manager.receiver_abort(failed.room, failed.reason)
             self.manager.receiver_clear(failed.room)
             lost: PrefillTarget | None = self._targets.pop(failed.room, None)
+            self._checksums.pop(failed.room, None)
+            self._verified.discard(failed.room)
             if self.send_abort is not None:
                 self.send_abort(failed.room, lost, failed.reason)
             self._unresolved = [r for r in self._unresolved if r.room != failed.room]
@@ -337,6 +385,7 @@ class DecodeMetadata:
 
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
 AckSink = Callable[[int, tuple[DecodePeer, ...]], None]
+ChecksumSink = Callable[[int, DecodePeer, int], None]
 _MAX_TOMBSTONES = 100_000
 
 
@@ -357,11 +406,15 @@ class PrefillSession:
         reducer: Reducer,
         notify_decode: CompletionSink | None = None,
         acknowledge: AckSink | None = None,
+        notify_checksum: ChecksumSink | None = None,
         clock: Clock = time.monotonic,
         observers: ObserverRelay | None = None,
     ) -> None:
         self.manager = manager
         self.acknowledge = acknowledge
+        self.notify_checksum = notify_checksum if config.verify_checksums else None
+        self._sent_pages: dict[int, list[np.ndarray]] = {}
+        self._sent_aux: dict[int, int] = {}
         self.kv_regions = tuple(kv_regions)
         self.aux_regions = tuple(aux_regions)
         self.reducer = reducer
@@ -596,8 +649,22 @@ class PrefillSession:
                 self._notified.add(room)
                 # Only ranks this rank wrote to count a completion from it.
                 written = tuple(p for p, m in self._targets[room] if m.writes)
+                if written and self.notify_checksum is not None:
+                    self._send_checksums(room)
                 if written:
                     self.notify_decode(room, written, True, None)
+
+    def _send_checksums(self, room: int) -> None:
+        assert self.notify_checksum is not None
+        pages = np.concatenate(self._sent_pages.get(room, [np.zeros(0, dtype=np.int64)]))
+        slot = self._sent_aux.get(room, -1)
+        for peer, meta in self._targets[room]:
+            if meta.writes:
+                src_offset, _, length = meta.page_slice or (0, 0, None)
+                crc = room_checksum(
+                    self.kv_regions, self.aux_regions, pages, slot, src_offset, length
+                )
+                self.notify_checksum(room, peer, crc)
 
     def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
         """Send the next chunk of ``room``: ``pages`` are this rank's source page indices for
@@ -653,6 +720,10 @@ class PrefillSession:
                 )
             writes.append(PeerWrite(peer_index, Descriptors.concat(parts)))
         self._offsets[room] = offset + len(pages)
+        if self.notify_checksum is not None:
+            self._sent_pages.setdefault(room, []).append(pages)
+            if is_last:
+                self._sent_aux[room] = aux_slot
         if self.observers.active:
             sent = self._sent.setdefault(room, [self.clock(), 0])
             sent[1] += sum(int(w.descriptors.lengths.sum()) for w in writes)
@@ -705,6 +776,8 @@ class PrefillSession:
 
     def _drop(self, room: int) -> None:
         self._abort_senders.pop(room, None)
+        self._sent_pages.pop(room, None)
+        self._sent_aux.pop(room, None)
         self._sent.pop(room, None)
         self._metadata.pop(room, None)
         self._targets.pop(room, None)
