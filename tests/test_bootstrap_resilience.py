@@ -260,7 +260,9 @@ hosts = st.one_of(
     st.ip_addresses(v=6)
     .filter(lambda ip: not ip.is_unspecified and not ip.is_multicast)
     .map(lambda ip: f"[{ip}]"),
-    st.from_regex(r"\A[a-z][a-z0-9-]{0,20}[a-z0-9](\.[a-z][a-z0-9]{0,10})*\Z"),
+    st.from_regex(r"\A[a-z][a-z0-9-]{0,20}[a-z0-9](\.[a-z][a-z0-9]{0,10})*\Z").filter(
+        lambda h: len(h) <= 253  # DNS names are at most 253 characters
+    ),
 )
 
 
