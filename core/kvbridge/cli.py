@@ -83,8 +83,16 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
     import time
 
     from kvbridge.bootstrap.server import BootstrapServer
+    from kvbridge.errors import ConfigError
+    from kvbridge.secret import Secret
 
-    server = BootstrapServer(args.host, args.port, token=args.token, room_ttl=args.room_ttl)
+    try:
+        secret = Secret.from_file(args.secret_file) if args.secret_file else Secret.from_env()
+    except ConfigError as exc:
+        print(f"kvbridge bootstrap: {exc}", file=sys.stderr)
+        return 2
+    token = secret.bootstrap_token if secret is not None else None
+    server = BootstrapServer(args.host, args.port, token=token, room_ttl=args.room_ttl)
     try:
         server.start()
     except OSError as exc:
@@ -138,7 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     boot = sub.add_parser("bootstrap", help="run a bootstrap server on its own")
     boot.add_argument("--host", default="127.0.0.1")
     boot.add_argument("--port", type=int, default=8998)
-    boot.add_argument("--token", default=None, help="shared secret clients must present")
+    boot.add_argument(
+        "--secret-file",
+        default=None,
+        help="file holding the shared secret (default: the KVBRIDGE_SECRET or "
+        "KVBRIDGE_SECRET_FILE environment variable; never pass the secret itself as an argument)",
+    )
     boot.add_argument(
         "--room-ttl", type=float, default=600.0, help="seconds a room's DP-rank entry lives"
     )
