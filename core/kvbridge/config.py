@@ -97,9 +97,10 @@ class TransferConfig:
     bootstrap_timeout: float = attrs.field(default=300.0, validator=_positive_number)
     #: Decode fails a room whose transfer never completed within this time after send_metadata.
     waiting_timeout: float = attrs.field(default=300.0, validator=_positive_number)
-    #: Decode health-checks each prefill bootstrap address this often...
+    #: Prefill ranks send decode ranks a heartbeat this often (and decode checks bootstrap
+    #: servers for restarts this often)...
     heartbeat_interval: float = attrs.field(default=5.0, validator=_positive_number)
-    #: ...and fails its unfinished rooms after this many misses in a row.
+    #: ...and decode fails a prefill rank's rooms after this many intervals of silence.
     heartbeat_max_misses: int = attrs.field(default=2, validator=_positive_number)
     #: An aborted room's memory stays quarantined until its prefill writers confirm they
     #: stopped; past this time that is logged and counted (the memory is still not reused).
