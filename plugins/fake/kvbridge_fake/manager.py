@@ -40,7 +40,7 @@ _LOCAL_MANAGERS: dict[str, FakeManager] = {}
 _LOCAL_LOCK = threading.Lock()
 _DRAIN_CHUNK = 1 << 20
 #: ``host`` None: bind ``config.bind_host`` and advertise ``config.advertised_host``.
-OPTIONS = {"faults": {}, "host": None, "io_timeout": 30.0}
+OPTIONS: dict[str, Any] = {"faults": {}, "host": None, "io_timeout": 30.0}
 
 
 class FakeManager(BookedManager):
