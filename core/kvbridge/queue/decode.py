@@ -105,6 +105,7 @@ class DecodeQueue:
         bootstrap_timeout: float,
         waiting_timeout: float,
         fence_timeout: float = 60.0,
+        stamp_completes: bool = True,
     ) -> None:
         self.pages = pages
         self.aux_slots = aux_slots
@@ -120,6 +121,10 @@ class DecodeQueue:
         self.completions: dict[int, set[object]] = {}
         self._locally_complete: set[int] = set()  # rooms the gate must look at
         self.fence_timeout = fence_timeout
+        #: A room with one writer is complete here once its stamp landed: the contract has
+        #: a writer's bytes land in send order with the aux row last, so the stamp proves
+        #: the rest. Saves waiting for the prefill's next step and its completion message.
+        self.stamp_completes = stamp_completes
         #: The prefill ranks that write each room into this rank (None: not checked).
         self.writers: dict[int, frozenset[object] | None] = {}
         #: Writers that said they will write no more: all done, abort acknowledged, or dead.
@@ -298,6 +303,8 @@ class DecodeQueue:
         cols = self.cols
         for room, reason in failures.items():
             self.fail(room, reason)
+        if self.stamp_completes:
+            self._complete_by_stamp()
         # In the transfer stage completion is the protocol's call; the transport may only object.
         v = np.minimum(cols.local, np.maximum(transport, cols.floor))
         if not transport.all():
@@ -328,6 +335,18 @@ class DecodeQueue:
             fenced = cols.stage == FENCED
             v[fenced] = cols.local[fenced]
         return v
+
+    def _complete_by_stamp(self) -> None:
+        cols = self.cols
+        waiting = np.flatnonzero((cols.stage == TRANSFER) & (cols.local == TRANSFERRING))
+        if not len(waiting):
+            return
+        landed = waiting[self.stamps[cols.slot[waiting]] == cols.rooms[waiting]]
+        for i in landed.tolist():
+            room = int(cols.rooms[i])
+            if self.required.get(room, 1) == 1:
+                cols.local[i] = SUCCESS
+                self._locally_complete.add(room)
 
     def _timeout_reason(self, i: int) -> str:
         cols = self.cols

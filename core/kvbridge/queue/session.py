@@ -113,6 +113,8 @@ class DecodeSession:
             bootstrap_timeout=config.bootstrap_timeout,
             waiting_timeout=config.waiting_timeout,
             fence_timeout=config.fence_timeout,
+            # A checksum arrives with the completion message: then wait for it.
+            stamp_completes=verify is None,
         )
         self._unresolved: list[DecodeRequest] = []
         self._targets: dict[int, PrefillTarget] = {}
