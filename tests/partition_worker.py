@@ -5,9 +5,10 @@
 Settings: ``config`` (a TransferConfig dict, with the side's ``bind_host``), ``lifetime``
 (seconds before the process ends on its own). Commands arrive on stdin as JSON lines:
 ``{"add": [rooms], "bootstrap": "host:port"}`` (``bootstrap`` on decode only),
-``{"report": true}``, ``{"quit": true}``; end of stdin is a quit too. Every event goes to
-stdout as one JSON line with ``t`` = ``time.monotonic()`` (one clock for every process here).
-"""
+``{"report": true}``, ``{"quit": true}``; end of stdin is a quit too. With ``hold_sends``
+the prefill fills a ready room's pages but sends them only on ``{"send": [rooms]}``. Every
+event goes to stdout as one JSON line with ``t`` = ``time.monotonic()`` (one clock for every
+process here)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,12 @@ def _transport_rooms(manager: Any) -> int:
     return sum(len(book.rooms) for book in books if book is not None)
 
 
-def run_prefill(config: TransferConfig, commands: queue.Queue[dict[str, Any]], end: float) -> None:
+def run_prefill(
+    config: TransferConfig,
+    commands: queue.Queue[dict[str, Any]],
+    end: float,
+    settings: dict[str, Any],
+) -> None:
     server = BootstrapServer(config.bind_host, 0, token=config.bootstrap_token).start()
     addr = f"{config.advertised_host}:{server.port}"
     buffers = RankBuffers.allocate(
@@ -73,6 +79,7 @@ def run_prefill(config: TransferConfig, commands: queue.Queue[dict[str, Any]], e
     )
     slots = IndexPool(SLOTS)
     held: dict[int, int] = {}
+    hold = bool(settings.get("hold_sends"))
     try:
         emit("ready", bootstrap=addr, control=node.control.address, endpoint=node.manager.endpoint)
         while time.monotonic() < end:
@@ -84,6 +91,12 @@ def run_prefill(config: TransferConfig, commands: queue.Queue[dict[str, Any]], e
                 break
             if "add" in command:
                 node.add([PrefillRequest(int(r)) for r in command["add"]])
+            for room in command.get("send", ()):
+                slot = held[room]
+                node.send(
+                    room, np.arange(slot * PAGES, (slot + 1) * PAGES), is_last=True, aux_slot=slot
+                )
+                emit("sent", room=room)
             if command.get("report"):
                 emit(
                     "state",
@@ -101,8 +114,11 @@ def run_prefill(config: TransferConfig, commands: queue.Queue[dict[str, Any]], e
                 pages = np.arange(slot * PAGES, (slot + 1) * PAGES)
                 buffers.fill(room, pages)
                 buffers.write_aux(slot, room)
-                node.send(room, pages, is_last=True, aux_slot=slot)
                 held[room] = slot
+                if hold:
+                    emit("ready_room", room=room)
+                    continue
+                node.send(room, pages, is_last=True, aux_slot=slot)
                 emit("sent", room=room)
             for room in result.finished:
                 slots.free([held.pop(room)])
@@ -117,7 +133,12 @@ def run_prefill(config: TransferConfig, commands: queue.Queue[dict[str, Any]], e
         server.stop()
 
 
-def run_decode(config: TransferConfig, commands: queue.Queue[dict[str, Any]], end: float) -> None:
+def run_decode(
+    config: TransferConfig,
+    commands: queue.Queue[dict[str, Any]],
+    end: float,
+    settings: dict[str, Any],
+) -> None:
     buffers = RankBuffers.allocate(
         num_regions=REGIONS, num_pages=PAGES * SLOTS, page_bytes=PAGE_BYTES, num_slots=SLOTS
     )
@@ -179,7 +200,7 @@ def main() -> None:
     threading.Thread(target=read_commands, args=(commands,), daemon=True).start()
     end = time.monotonic() + float(settings.get("lifetime", 60.0))
     try:
-        (run_prefill if role == "prefill" else run_decode)(config, commands, end)
+        (run_prefill if role == "prefill" else run_decode)(config, commands, end, settings)
     except Exception as exc:
         emit("error", error=f"{type(exc).__name__}: {exc}")
         raise
