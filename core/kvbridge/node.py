@@ -27,6 +27,7 @@ from kvbridge.control import (
     Metadata,
     Register,
     Status,
+    Waiting,
 )
 from kvbridge.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.mapping import AUTHORITATIVE_CP_RANK
@@ -172,6 +173,8 @@ class PrefillNode:
                     writes=message.route is not None,
                 )
             )
+        elif isinstance(message, Waiting):
+            self.session.on_waiting(message.decode_key, message.rooms)
         elif isinstance(message, Abort):
             # Acknowledged from the scheduler thread once the transport has drained the room.
             self.session.on_decode_abort(message.room, message.reason, message.sender_key)
@@ -252,6 +255,8 @@ class DecodeNode:
         key = _control_key(config)
         self._out = ControlSender(key)
         self._registered: set[str] = set()
+        self._last_used: dict[str, float] = {}
+        self._next_idle_check = 0.0
         self.control = _control_receiver(self._on_message, config, host, key)
         self.directory = BootstrapDirectory(
             config,
@@ -278,6 +283,8 @@ class DecodeNode:
             directory=self.directory,
             send_metadata=self._send_metadata,
             send_abort=self._send_abort,
+            send_early_abort=self._send_early_abort,
+            send_waiting=self._send_waiting,
             verify=self._verify if config.verify_checksums else None,
             observers=observers if observers is not None else ObserverRelay(discover=True),
             page_bytes=sum(r.item_bytes for r in self.kv_regions),
@@ -298,20 +305,26 @@ class DecodeNode:
             self.session.queue.untrusted += 1
             log.warning("ignored a %s control message on a decode rank", type(message).__name__)
 
+    def _ensure_registered(self, control: str) -> None:
+        """A prefill rank hears who this decode rank is before anything else from it."""
+        self._last_used[control] = time.monotonic()
+        if control in self._registered:
+            return
+        self._out.send(
+            control,
+            Register(
+                self.key,
+                dict(self.manager.endpoint),
+                _regions_wire(self.kv_regions),
+                _regions_wire(self.aux_regions),
+                self.control.address,
+            ),
+        )
+        self._registered.add(control)
+
     def _send_metadata(self, meta: MetadataToSend, target: PrefillTarget) -> None:
         for contact in target.plan:
-            if contact.control not in self._registered:
-                self._out.send(
-                    contact.control,
-                    Register(
-                        self.key,
-                        dict(self.manager.endpoint),
-                        _regions_wire(self.kv_regions),
-                        _regions_wire(self.aux_regions),
-                        self.control.address,
-                    ),
-                )
-                self._registered.add(contact.control)
+            self._ensure_registered(contact.control)
             route = contact.route
             self._out.send(
                 contact.control,
@@ -355,13 +368,48 @@ class DecodeNode:
         if target is None:
             return
         for contact in target.plan:
+            self._ensure_registered(contact.control)
             self._out.send(contact.control, Abort(room, self.key, reason))
+
+    def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str) -> None:
+        """Decode gave up before it knew the room's DP rank: tell every prefill rank there."""
+        for control in self.directory.controls_of(bootstrap_addr):
+            self._ensure_registered(control)
+            self._out.send(control, Abort(room, self.key, reason))
+
+    def _send_waiting(self, waiting: Sequence[tuple[int, PrefillTarget]]) -> None:
+        by_control: dict[str, list[int]] = {}
+        for room, target in waiting:
+            for contact in target.plan:
+                by_control.setdefault(contact.control, []).append(room)
+        for control, rooms in by_control.items():
+            self._ensure_registered(control)
+            self._out.send(control, Waiting(self.key, np.array(rooms, dtype=np.uint64)))
+
+    def _forget_idle_peers(self, now: float) -> None:
+        """Close sockets to prefill ranks no live room has used for ``bootstrap_timeout``."""
+        in_use = {
+            contact.control for target in self.session.targets.values() for contact in target.plan
+        }
+        idle = [
+            c
+            for c, t in self._last_used.items()
+            if c not in in_use and now - t > self.config.bootstrap_timeout
+        ]
+        for control in idle:
+            del self._last_used[control]
+            self._registered.discard(control)
+            self._out.forget(control)
 
     def add(self, requests: Sequence[DecodeRequest]) -> None:
         self.session.add(requests)
 
     def step(self) -> DecodeStep:
         self._losses.check()
+        now = time.monotonic()
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + self.config.heartbeat_interval
+            self._forget_idle_peers(now)
         result = self.session.step()
         for done in result.committed:
             self.directory.forget_room(done.room)

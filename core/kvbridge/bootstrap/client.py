@@ -495,6 +495,25 @@ class BootstrapDirectory:
         with self._lock:
             return sorted(self._addresses)
 
+    def controls_of(self, addr: str) -> list[str]:
+        """Control addresses of every transferring prefill rank of ``addr``, from cached info.
+
+        For telling a prefill about a room decode gave up on before resolving its DP rank;
+        empty when the info was never fetched (then there is nobody to tell yet).
+        """
+        with self._lock:
+            state = self._addresses.get(addr)
+            info = state.info if state is not None else None
+        if info is None:
+            return []
+        return sorted(
+            {
+                str(r["control"])
+                for r in info["ranks"]
+                if r["cp_rank"] == AUTHORITATIVE_CP_RANK and r["pp_rank"] == 0
+            }
+        )
+
     # -- called by the scheduler thread ---------------------------------------------------------
 
     def resolve(self, requests: Sequence[DecodeRequest]) -> dict[int, PrefillTarget | str]:

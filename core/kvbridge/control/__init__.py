@@ -10,6 +10,7 @@ from kvbridge.control.messages import (
     Metadata,
     Register,
     Status,
+    Waiting,
     decode,
     encode,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "Metadata",
     "Register",
     "Status",
+    "Waiting",
     "decode",
     "encode",
 ]

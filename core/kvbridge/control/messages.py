@@ -94,7 +94,19 @@ class Heartbeat:
     prefill_key: str
 
 
-Message = Register | Metadata | Abort | Status | AbortAck | Heartbeat
+@attrs.frozen(eq=False)
+class Waiting:
+    """decode -> prefill: these rooms are resolved here and wait only for decode memory.
+
+    Renews the rooms' bootstrap deadline on the prefill (a lease): waiting for memory is not
+    a failure, and decode sends it every ``heartbeat_interval`` while they wait.
+    """
+
+    decode_key: str
+    rooms: np.ndarray
+
+
+Message = Register | Metadata | Abort | Status | AbortAck | Heartbeat | Waiting
 _KINDS: dict[int, type] = {
     1: Register,
     2: Metadata,
@@ -102,6 +114,7 @@ _KINDS: dict[int, type] = {
     4: Status,
     5: AbortAck,
     6: Heartbeat,
+    7: Waiting,
 }
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
 
@@ -119,6 +132,9 @@ def encode(message: Message) -> list[bytes]:
         }
         pages = np.ascontiguousarray(message.pages, dtype="<i8").tobytes()
         return [head, json.dumps(header).encode(), pages]
+    if isinstance(message, Waiting):
+        rooms = np.ascontiguousarray(message.rooms, dtype="<u8").tobytes()
+        return [head, json.dumps({"decode_key": message.decode_key}).encode(), rooms]
     return [head, json.dumps(attrs.asdict(message)).encode()]
 
 
@@ -220,7 +236,7 @@ def _decode(frames: Sequence[bytes]) -> Message:
         raise MalformedFrame(f"header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise MalformedFrame("header must be a JSON object")
-    if (len(frames) == 3) != (cls is Metadata):
+    if (len(frames) == 3) != (cls is Metadata or cls is Waiting):
         raise MalformedFrame("payload present on the wrong message kind")
     if cls is Metadata:
         payload = frames[2]
@@ -274,6 +290,14 @@ def _decode(frames: Sequence[bytes]) -> Message:
             if header.get("checksum") is None
             else _int(header, "checksum", 0, 2**32 - 1),
         )
+    if cls is Waiting:
+        payload = frames[2]
+        if len(payload) % 8 or len(payload) > 8 << 20:
+            raise MalformedFrame("room payload is not a whole number of uint64 (at most 1 M)")
+        rooms = np.frombuffer(payload, dtype="<u8").astype(np.uint64)
+        if rooms.size and rooms.min() == 0:
+            raise MalformedFrame("room 0 is reserved")
+        return Waiting(decode_key=_str(header, "decode_key"), rooms=rooms)
     if cls is Heartbeat:
         return Heartbeat(prefill_key=_str(header, "prefill_key"))
     return AbortAck(room=_int(header, "room", 1), prefill_key=_str(header, "prefill_key"))

@@ -159,6 +159,16 @@ class DecodeQueue:
         for r in requests:
             self.requests[r.room] = r
         self.cols.append([r.room for r in requests], BOOTSTRAPPING, now + self.bootstrap_timeout)
+        capacity = getattr(self.pages, "capacity", None)
+        if capacity is not None:
+            for r in requests:
+                if r.num_pages > capacity:
+                    # It could never be allocated and, FIFO, would block every later request.
+                    self.fail(
+                        r.room,
+                        f"request needs {r.num_pages} pages but the decode page pool holds "
+                        f"only {capacity}",
+                    )
 
     # -- local observations --------------------------------------------------------------------
 
@@ -247,7 +257,7 @@ class DecodeQueue:
 
     def writer_dead(self, writer: object, reason: str) -> list[int]:
         """Liveness declared ``writer`` dead: fail the rooms it writes and stop waiting on it."""
-        hit = [r for r, w in self.writers.items() if w and writer in w]
+        hit = [r for r in self._writing_rooms() if writer in self._still_to_hear(r)]
         for room in hit:
             self.fail(room, reason)
             i = self.cols.index_of(room)
@@ -256,11 +266,23 @@ class DecodeQueue:
         return hit
 
     def writers_in_use(self) -> set[object]:
+        """Writers this rank still waits on: metadata sent, not yet done or acknowledged."""
         out: set[object] = set()
-        for writers in self.writers.values():
-            if writers:
-                out.update(writers)
+        for room in self._writing_rooms():
+            out |= self._still_to_hear(room)
         return out
+
+    def _writing_rooms(self) -> list[int]:
+        # Only after the metadata went out does a prefill rank know to send heartbeats.
+        return [
+            r
+            for r in self.writers
+            if (i := self.cols.index_of(r)) is not None and self.cols.stage[i] != PREALLOC
+        ]
+
+    def _still_to_hear(self, room: int) -> frozenset[object]:
+        writers = self.writers.get(room) or frozenset()
+        return writers - self.quiet.get(room, set())
 
     def _quiet(self, room: int, i: int, sender: object) -> None:
         quiet = self.quiet.setdefault(room, set())

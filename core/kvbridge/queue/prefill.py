@@ -74,6 +74,19 @@ class PrefillQueue:
             self.cols.local[i] = WAITING
             self.cols.deadline[i] = NEVER
 
+    def renew(self, rooms: np.ndarray, now: float) -> int:
+        """Decode still wants these rooms (it waits for memory): restart their bootstrap clock.
+
+        Returns how many rooms were renewed (queued and still waiting for metadata).
+        """
+        renewed = 0
+        for room in rooms.tolist():
+            i = self.cols.index_of(room)
+            if i is not None and self.cols.local[i] == BOOTSTRAPPING:
+                self.cols.set_deadline(i, now + self.bootstrap_timeout)
+                renewed += 1
+        return renewed
+
     def sent(self, room: int, is_last: bool, now: float) -> None:
         i = self.cols.index_of(room)
         if i is None or self.cols.local[i] == FAILED:

@@ -30,6 +30,7 @@ from kvbridge.queue.collective import Reducer
 from kvbridge.queue.columns import FAILED, SUCCESS
 from kvbridge.queue.decode import (
     FENCED,
+    PREALLOC,
     DecodeQueue,
     DecodeRequest,
     MetadataToSend,
@@ -89,6 +90,8 @@ class DecodeSession:
         directory: PrefillDirectory,
         send_metadata: MetadataSink,
         send_abort: AbortSink | None = None,
+        send_early_abort: Callable[[int, str, str], None] | None = None,
+        send_waiting: Callable[[Sequence[tuple[int, PrefillTarget]]], None] | None = None,
         verify: Verifier | None = None,
         aux_slots: AuxSlotPool | None = None,
         clock: Clock = time.monotonic,
@@ -122,6 +125,11 @@ class DecodeSession:
         self.fence_overdue = 0
         self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
         self.verify = verify
+        self.send_early_abort = send_early_abort
+        self.send_waiting = send_waiting
+        self._lease_every = config.heartbeat_interval
+        self._next_lease = 0.0
+        self._addr_of: dict[int, str] = {}
         self._checksums: dict[int, dict[object, int]] = {}
         self._checksum_events: collections.deque[tuple[int, object, int]] = collections.deque()
         self._verified: set[int] = set()
@@ -141,6 +149,7 @@ class DecodeSession:
             self._since.update((r.room, now) for r in requests)
         for r in requests:
             self.manager.receiver_construct(r.room)
+            self._addr_of[r.room] = r.bootstrap_addr
         self._unresolved.extend(requests)
 
     def notify_done(
@@ -224,6 +233,9 @@ class DecodeSession:
             self._resolve()
         if not len(queue):
             return np.zeros(0, dtype=np.uint8)
+        if self.send_waiting is not None and now >= self._next_lease:
+            self._next_lease = now + self._lease_every
+            self._renew_leases()
         if queue.fenced:
             for room in queue.overdue_fences(now):
                 log.warning(
@@ -244,6 +256,20 @@ class DecodeSession:
         if self.verify is not None:
             self._verify(local)
         return local
+
+    @property
+    def targets(self) -> Mapping[int, PrefillTarget]:
+        """Resolved rooms still in the queues and the prefill ranks that serve them."""
+        return self._targets
+
+    def _renew_leases(self) -> None:
+        """Tell prefills which of their rooms wait here only for memory (see ``Waiting``)."""
+        assert self.send_waiting is not None
+        stage, rooms = self.queue.cols.stage, self.queue.cols.rooms
+        waiting = rooms[stage == PREALLOC]
+        items = [(r, self._targets[r]) for r in waiting.tolist() if r in self._targets]
+        if items:
+            self.send_waiting(items)
 
     def _verify(self, local: np.ndarray) -> None:
         """Checksums, where configured, are checked once the gate has let a room through."""
@@ -300,6 +326,7 @@ class DecodeSession:
                 self._since[meta.room] = self.clock()
         step = decisions.step
         for done in step.committed:
+            self._addr_of.pop(done.room, None)
             self.manager.receiver_clear(done.room)
             self._targets.pop(done.room, None)
             self._checksums.pop(done.room, None)
@@ -318,6 +345,9 @@ class DecodeSession:
             self.manager.receiver_abort(failed.room, failed.reason)
             self.manager.receiver_clear(failed.room)
             lost: PrefillTarget | None = self._targets.pop(failed.room, None)
+            addr = self._addr_of.pop(failed.room, "")
+            if lost is None and addr and self.send_early_abort is not None:
+                self.send_early_abort(failed.room, addr, failed.reason)
             self._checksums.pop(failed.room, None)
             self._verified.discard(failed.room)
             if self.send_abort is not None:
@@ -439,6 +469,8 @@ class PrefillSession:
         # waits here (with its arrival time) until add() brings the room, or expires.
         self._early: dict[int, tuple[float, list[tuple[str, Any]]]] = {}
         self._early_ttl = config.bootstrap_timeout
+        # Decode may ask about a failed room as late as it waits for memory, then transfers.
+        self._ended_ttl = config.bootstrap_timeout + config.waiting_timeout
         #: Aborted rooms whose writes may still be landing: who to acknowledge once drained.
         self._draining: dict[int, dict[Any, DecodePeer]] = {}
         #: Decode ranks that asked to abort each live room.
@@ -476,6 +508,10 @@ class PrefillSession:
     def on_metadata(self, meta: DecodeMetadata) -> None:
         """A decode rank's metadata arrived. Thread-safe."""
         self._events.append(("meta", meta))
+
+    def on_waiting(self, sender: Any, rooms: np.ndarray) -> None:
+        """Decode rank ``sender`` still waits for memory for ``rooms``. Thread-safe."""
+        self._events.append(("waiting", (sender, rooms)))
 
     def on_decode_abort(self, room: int, reason: str, sender: Any = None) -> None:
         """Decode rank ``sender`` gave up on ``room`` (None: not checked). Thread-safe."""
@@ -531,12 +567,24 @@ class PrefillSession:
             else:
                 self.decode_peers[key] = peer
             return
+        if kind == "waiting":
+            sender, rooms = payload
+            if sender not in self.decode_peers:
+                self._untrusted("a memory lease from unregistered decode rank %r", sender)
+            else:
+                self.queue.renew(rooms, self.clock())
+                for room in rooms.tolist():
+                    if room in self._ended:
+                        self._answer_ended(room, sender)
+            return
         room = payload.room if kind == "meta" else payload[0]
         if self.queue.cols.index_of(room) is None:
             if kind == "abort":
                 self._abort_unqueued(room, payload[2])
+                if room in self._ended:
+                    return  # it ended here already: nothing left to fail later
             elif room in self._ended:
-                self._answer_ended(payload)
+                self._answer_ended(room, payload.decode_rank)
                 return
             entry = self._early.setdefault(room, (self.clock(), []))
             entry[1].append((kind, payload))
@@ -569,16 +617,16 @@ class PrefillSession:
             return
         self.acknowledge(room, (peer,))
 
-    def _answer_ended(self, meta: DecodeMetadata) -> None:
-        """Metadata for a room that already failed here: tell that decode rank why, at once."""
-        peer = self.decode_peers.get(meta.decode_rank)
+    def _answer_ended(self, room: int, decode_key: Any) -> None:
+        """Decode still wants a room that already failed here: tell it why, at once."""
+        peer = self.decode_peers.get(decode_key)
         if peer is None:
             return
-        reason = self._ended[meta.room][1]
+        reason = self._ended[room][1]
         if self.notify_decode is not None:
-            self.notify_decode(meta.room, (peer,), False, reason)
+            self.notify_decode(room, (peer,), False, reason)
         if self.acknowledge is not None:
-            self.acknowledge(meta.room, (peer,))
+            self.acknowledge(room, (peer,))
 
     def _acknowledge_drained(self) -> None:
         assert self.manager is not None
@@ -593,13 +641,14 @@ class PrefillSession:
     def _expire_early(self) -> None:
         now = self.clock()
         limit = now - self._early_ttl
+        ended_limit = now - self._ended_ttl
         if self._ended and (
-            len(self._ended) > _MAX_TOMBSTONES or next(iter(self._ended.values()))[0] < limit
+            len(self._ended) > _MAX_TOMBSTONES or next(iter(self._ended.values()))[0] < ended_limit
         ):
             # Insertion order is end order: drop from the front while too old or too many.
             while self._ended:
                 room, (t, _) = next(iter(self._ended.items()))
-                if t >= limit and len(self._ended) <= _MAX_TOMBSTONES:
+                if t >= ended_limit and len(self._ended) <= _MAX_TOMBSTONES:
                     break
                 del self._ended[room]
         for room in [r for r, (t, _) in self._early.items() if t < limit]:

@@ -1,0 +1,100 @@
+"""Whatever ends a room on one side reaches the other side, and waiting for memory is not a
+failure (real sockets, real bootstrap, the Fake transport, small timeouts)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from integrity_rig import Decode, Prefill, add_room, run_for, run_until
+
+from kvbridge import TransferConfig
+from kvbridge.queue import PrefillRequest
+
+pytestmark = pytest.mark.multiprocess
+PAGES = 16
+
+
+def _commit(decode: Decode, prefill: Prefill, room: int, pages: int, fill: int) -> None:
+    add_room(decode, prefill, room, pages)
+    run_until(f"{room} ready", lambda: room in prefill.ready, decode, prefill)
+    prefill.send(room, fill=fill)
+    run_until(f"{room} committed", lambda: room in decode.committed, decode, prefill)
+
+
+def test_an_oversized_request_fails_at_once_naming_sizes_and_blocks_nobody() -> None:
+    config = TransferConfig(transport="fake", bootstrap_timeout=30.0, heartbeat_interval=0.3)
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        _commit(decode, prefill, 1, PAGES, 0x10)  # the decode rank now knows this prefill
+        decode.pool.free(decode.committed[1].pages)
+        add_room(decode, prefill, 2, PAGES + 1)
+        add_room(decode, prefill, 3, PAGES)
+        run_until("room 2 failed on decode", lambda: 2 in decode.aborted, decode, prefill)
+        assert decode.aborted[2] == (
+            f"request needs {PAGES + 1} pages but the decode page pool holds only {PAGES}"
+        )
+        # The prefill hears of it long before its own bootstrap_timeout (30 s) ...
+        run_until("prefill told", lambda: 2 in prefill.aborted, decode, prefill, timeout=10)
+        assert "decode aborted" in prefill.aborted[2] and f"{PAGES + 1} pages" in prefill.aborted[2]
+        # ... and the request behind it is not blocked.
+        run_until("room 3 ready", lambda: 3 in prefill.ready, decode, prefill)
+        prefill.send(3, fill=0x30)
+        run_until("room 3 committed", lambda: 3 in decode.committed, decode, prefill)
+        assert decode.pages_hold(3, 0x30)
+    finally:
+        decode.close()
+        prefill.close()
+
+
+def test_waiting_for_decode_memory_does_not_time_out_the_prefill() -> None:
+    config = TransferConfig(
+        transport="fake", bootstrap_timeout=1.0, heartbeat_interval=0.2, waiting_timeout=30.0
+    )
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        _commit(decode, prefill, 11, PAGES, 0x11)  # the engine keeps these pages a while
+        add_room(decode, prefill, 12, PAGES)
+        started = time.monotonic()
+        run_for(3 * config.bootstrap_timeout, decode, prefill)
+        assert 12 not in prefill.aborted and 12 not in decode.aborted
+        assert time.monotonic() - started > config.bootstrap_timeout
+        decode.pool.free(decode.committed[11].pages)  # decoding of room 11 ends
+        run_until("room 12 ready", lambda: 12 in prefill.ready, decode, prefill)
+        prefill.send(12, fill=0x12)
+        run_until("room 12 committed", lambda: 12 in decode.committed, decode, prefill)
+    finally:
+        decode.close()
+        prefill.close()
+
+
+def test_prefill_bootstrap_timeout_still_fires_when_decode_never_comes() -> None:
+    config = TransferConfig(transport="fake", bootstrap_timeout=0.5, heartbeat_interval=0.2)
+    prefill = Prefill(config, PAGES)
+    try:
+        prefill.node.add([PrefillRequest(21)])
+        run_until("room 21 timed out", lambda: 21 in prefill.aborted, prefill, timeout=10)
+        assert "bootstrap_timeout" in prefill.aborted[21]
+    finally:
+        prefill.close()
+
+
+def test_prefill_failing_a_room_before_decode_metadata_tells_decode_when_it_arrives() -> None:
+    config = TransferConfig(
+        transport="fake", bootstrap_timeout=0.5, heartbeat_interval=0.2, waiting_timeout=30.0
+    )
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        _commit(decode, prefill, 31, PAGES, 0x31)  # holds the pool
+        prefill.node.add([PrefillRequest(32)])
+        run_until("prefill gave up on 32", lambda: 32 in prefill.aborted, prefill)
+        decode.add(32, PAGES, prefill)  # decode hears of it late, then waits for memory
+        decode.pool.free(decode.committed[31].pages)
+        # Whether the memory lease or the metadata reaches the prefill first, it answers with
+        # its failure (and, as it writes nothing, the abort acknowledgement that lifts the fence).
+        run_until("decode told", lambda: 32 in decode.aborted, decode, prefill, timeout=5)
+        assert "bootstrap_timeout" in decode.aborted[32]
+        run_until("memory back", lambda: decode.pool.num_free == PAGES, decode, prefill, timeout=5)
+    finally:
+        decode.close()
+        prefill.close()
