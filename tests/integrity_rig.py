@@ -27,8 +27,13 @@ def alone(local: np.ndarray, rooms: np.ndarray) -> np.ndarray:
 
 
 class Prefill:
-    def __init__(self, config: TransferConfig, pages: int) -> None:
-        self.server = BootstrapServer("127.0.0.1", 0, token=config.bootstrap_token).start()
+    def __init__(
+        self, config: TransferConfig, pages: int, server: BootstrapServer | None = None
+    ) -> None:
+        self.own_server = server is None
+        self.server = (
+            server or BootstrapServer("127.0.0.1", 0, token=config.bootstrap_token).start()
+        )
         self.addr = self.server.address
         self.buffers = RankBuffers.allocate(
             num_regions=REGIONS, num_pages=pages, page_bytes=PAGE_BYTES, num_slots=8
@@ -65,7 +70,8 @@ class Prefill:
 
     def close(self) -> None:
         self.node.close()
-        self.server.stop()
+        if self.own_server:
+            self.server.stop()
 
 
 class Decode:

@@ -153,3 +153,39 @@ def test_prefill_acknowledges_only_after_its_transport_drained() -> None:
         gate.set()
         decode.close()
         prefill.close()
+
+
+@pytest.mark.parametrize("transport", ["mooncake", "nixl"])
+def test_one_sided_writer_declared_dead_keeps_the_fence_until_it_is_replaced(
+    transport: str,
+) -> None:
+    """A silent writer may only be partitioned: its write could still land. The fence holds
+    until the rank re-registers from a new process (or acknowledges)."""
+    require_transport(transport)
+    config = TransferConfig(
+        transport=transport,
+        waiting_timeout=30.0,
+        heartbeat_interval=0.2,
+        heartbeat_max_misses=2,
+        fence_timeout=30.0,
+    )
+    gone = Prefill(config, PAGES)
+    decode = Decode(config, PAGES)
+    successor = None
+    try:
+        add_room(decode, gone, 8, PAGES)
+        run_until("metadata sent", lambda: 8 in gone.ready, decode, gone)
+        gone.node.close()  # silent from now on; its bootstrap server stays up
+        run_until("room 8 failed", lambda: 8 in decode.aborted, decode, timeout=10)
+        assert decode.aborted[8].startswith("lost connection to prefill")
+        run_for(1.0, decode)
+        assert 8 not in decode.released and decode.pool.num_free == 0
+        # A new prefill process takes over the same rank of the same instance.
+        successor = Prefill(config, PAGES, server=gone.server)
+        run_until("room 8 released", lambda: 8 in decode.released, decode, successor, timeout=15)
+        assert decode.pool.num_free == PAGES
+    finally:
+        decode.close()
+        if successor is not None:
+            successor.close()
+        gone.server.stop()

@@ -71,6 +71,12 @@ def _control_receiver(
     return ControlReceiver(on_message, bind, key=key, advertise=advertise)
 
 
+def _dp_tp_of(prefill_key: str) -> tuple[int, int]:
+    """``host:port/dp<d>/tp<t>`` -> (d, t)."""
+    dp, tp = prefill_key.rsplit("/", 2)[1:]
+    return int(dp[2:]), int(tp[2:])
+
+
 def _control_key(config: TransferConfig) -> bytes | None:
     return config.secret.derive("control") if config.secret is not None else None
 
@@ -386,6 +392,19 @@ class DecodeNode:
             self._ensure_registered(control)
             self._out.send(control, Waiting(self.key, np.array(rooms, dtype=np.uint64)))
 
+    def _release_replaced_writers(self) -> None:
+        """A dead writer whose rank re-registered with another control address is a new
+        process: the old one, and any write it had in flight, is gone (the fence may lift)."""
+        for room, writer, target in self.session.dead_writers():
+            for contact in target.plan:
+                if contact.prefill_key != writer:
+                    continue
+                dp, tp = _dp_tp_of(contact.prefill_key)
+                now_at = self.directory.rank_control(target.bootstrap_addr, dp, tp)
+                if now_at is not None and now_at != contact.control:
+                    log.info("room %d: prefill %s was replaced; its fence lifts", room, writer)
+                    self.session.writer_replaced(room, writer)
+
     def _forget_idle_peers(self, now: float) -> None:
         """Close sockets to prefill ranks no live room has used for ``bootstrap_timeout``."""
         in_use = {
@@ -410,6 +429,7 @@ class DecodeNode:
         if now >= self._next_idle_check:
             self._next_idle_check = now + self.config.heartbeat_interval
             self._forget_idle_peers(now)
+            self._release_replaced_writers()
         result = self.session.step()
         for done in result.committed:
             self.directory.forget_room(done.room)

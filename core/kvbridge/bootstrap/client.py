@@ -495,6 +495,21 @@ class BootstrapDirectory:
         with self._lock:
             return sorted(self._addresses)
 
+    def rank_control(self, addr: str, dp_rank: int, tp_rank: int) -> str | None:
+        """The control address the prefill rank registered last, from cached info."""
+        with self._lock:
+            state = self._addresses.get(addr)
+            info = state.info if state is not None else None
+        for r in (info or {}).get("ranks", ()):
+            if (
+                r["dp_rank"] == dp_rank
+                and r["tp_rank"] == tp_rank
+                and r["cp_rank"] == AUTHORITATIVE_CP_RANK
+                and r["pp_rank"] == 0
+            ):
+                return str(r["control"])
+        return None
+
     def controls_of(self, addr: str) -> list[str]:
         """Control addresses of every transferring prefill rank of ``addr``, from cached info.
 

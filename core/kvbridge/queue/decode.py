@@ -129,6 +129,8 @@ class DecodeQueue:
         self.writers: dict[int, frozenset[object] | None] = {}
         #: Writers that said they will write no more: all done, abort acknowledged, or dead.
         self.quiet: dict[int, set[object]] = {}
+        #: Writers declared dead whose silence does not lift the fence (see writer_dead).
+        self.dead: dict[int, set[object]] = {}
         #: Fenced rooms and when they were fenced.
         self.fenced: dict[int, float] = {}
         self._fence_warned: set[int] = set()
@@ -246,24 +248,43 @@ class DecodeQueue:
         self._quiet(room, i, sender)
         return True
 
-    def writers_gone(self, rooms: Iterable[int]) -> None:
-        """Liveness declared these rooms' writers dead and their connections are torn down."""
+    def writers_gone(self, rooms: Iterable[int], *, lifts_fence: bool = True) -> None:
+        """A whole prefill address was declared lost: as :meth:`writer_dead` for each writer."""
         for room in rooms:
             i = self.cols.index_of(room)
             writers = self.writers.get(room)
             if i is not None and writers:
                 for w in writers:
-                    self._quiet(room, i, w)
+                    if lifts_fence:
+                        self._quiet(room, i, w)
+                    else:
+                        self.dead.setdefault(room, set()).add(w)
 
-    def writer_dead(self, writer: object, reason: str) -> list[int]:
-        """Liveness declared ``writer`` dead: fail the rooms it writes and stop waiting on it."""
+    def writer_dead(self, writer: object, reason: str, *, lifts_fence: bool = True) -> list[int]:
+        """Liveness declared ``writer`` dead: fail the rooms it writes.
+
+        With ``lifts_fence`` its silence also counts as "will write no more". Without it (a
+        transport whose writes the receiver cannot refuse: a partitioned prefill may come back
+        and finish a write) the fence waits for its acknowledgement, or for
+        :meth:`writer_replaced`.
+        """
         hit = [r for r in self._writing_rooms() if writer in self._still_to_hear(r)]
         for room in hit:
             self.fail(room, reason)
             i = self.cols.index_of(room)
-            if i is not None:
+            if i is None:
+                continue
+            if lifts_fence:
                 self._quiet(room, i, writer)
+            else:
+                self.dead.setdefault(room, set()).add(writer)
         return hit
+
+    def writer_replaced(self, room: int, writer: object) -> None:
+        """A dead writer's process is known to be gone (its rank re-registered elsewhere)."""
+        i = self.cols.index_of(room)
+        if i is not None and writer in self.dead.get(room, ()):
+            self._quiet(room, i, writer)
 
     def writers_in_use(self) -> set[object]:
         """Writers this rank still waits on: metadata sent, not yet done or acknowledged."""
@@ -282,7 +303,7 @@ class DecodeQueue:
 
     def _still_to_hear(self, room: int) -> frozenset[object]:
         writers = self.writers.get(room) or frozenset()
-        return writers - self.quiet.get(room, set())
+        return writers - self.quiet.get(room, set()) - self.dead.get(room, set())
 
     def _quiet(self, room: int, i: int, sender: object) -> None:
         quiet = self.quiet.setdefault(room, set())
@@ -521,6 +542,7 @@ class DecodeQueue:
         self.completions.pop(room, None)
         self.writers.pop(room, None)
         self.quiet.pop(room, None)
+        self.dead.pop(room, None)
         self.fenced.pop(room, None)
         self._fence_warned.discard(room)
         self._locally_complete.discard(room)

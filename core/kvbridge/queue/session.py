@@ -124,6 +124,14 @@ class DecodeSession:
         #: Fences that outlived ``fence_timeout`` (logged once each; the memory stays held).
         self.fence_overdue = 0
         self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
+        # A receiver that refuses writes for rooms it dropped (the Fake) is safe once a
+        # silent writer is declared dead; with one-sided writes a partitioned prefill could
+        # come back and finish a write, so only its acknowledgement or its replacement count.
+        capabilities = getattr(getattr(manager, "transport", None), "info", None)
+        self._dead_lifts_fence = "one_sided_writes" not in getattr(
+            capabilities, "capabilities", frozenset()
+        )
+        self._fence_plans: dict[int, PrefillTarget] = {}
         self.verify = verify
         self.send_early_abort = send_early_abort
         self.send_waiting = send_waiting
@@ -204,7 +212,7 @@ class DecodeSession:
                 gone = [r for r, q in queue.requests.items() if q.bootstrap_addr == sender]
                 for r in gone:
                     queue.fail(r, reason or f"lost connection to prefill {sender}")
-                queue.writers_gone(gone)
+                queue.writers_gone(gone, lifts_fence=self._dead_lifts_fence)
                 continue
             if ok is None:
                 trusted = queue.acknowledged(room, sender)
@@ -227,7 +235,7 @@ class DecodeSession:
                     f"lost connection to prefill {writer} (no heartbeat for "
                     f"{self.liveness.limit:g}s)"
                 )
-                rooms = queue.writer_dead(writer, reason)
+                rooms = queue.writer_dead(writer, reason, lifts_fence=self._dead_lifts_fence)
                 log.warning("%s; failing %d rooms", reason, len(rooms))
         if self._unresolved:
             self._resolve()
@@ -256,6 +264,19 @@ class DecodeSession:
         if self.verify is not None:
             self._verify(local)
         return local
+
+    def dead_writers(self) -> list[tuple[int, object, PrefillTarget]]:
+        """Fenced rooms waiting on a writer declared dead: (room, writer, the room's plan)."""
+        return [
+            (room, writer, self._fence_plans[room])
+            for room, writers in self.queue.dead.items()
+            if room in self._fence_plans
+            for writer in writers
+        ]
+
+    def writer_replaced(self, room: int, writer: object) -> None:
+        """Scheduler thread: ``writer``'s rank re-registered from a new process."""
+        self.queue.writer_replaced(room, writer)
 
     @property
     def targets(self) -> Mapping[int, PrefillTarget]:
@@ -325,6 +346,8 @@ class DecodeSession:
             if self.observers.active:
                 self._since[meta.room] = self.clock()
         step = decisions.step
+        for room in step.released:
+            self._fence_plans.pop(room, None)
         for done in step.committed:
             self._addr_of.pop(done.room, None)
             self.manager.receiver_clear(done.room)
@@ -345,6 +368,8 @@ class DecodeSession:
             self.manager.receiver_abort(failed.room, failed.reason)
             self.manager.receiver_clear(failed.room)
             lost: PrefillTarget | None = self._targets.pop(failed.room, None)
+            if lost is not None and failed.room in self.queue.fenced:
+                self._fence_plans[failed.room] = lost
             addr = self._addr_of.pop(failed.room, "")
             if lost is None and addr and self.send_early_abort is not None:
                 self.send_early_abort(failed.room, addr, failed.reason)
