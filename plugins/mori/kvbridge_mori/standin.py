@@ -8,7 +8,8 @@ remote_desc, remote_offsets, sizes, uid)`` returns a ``TransferStatus`` that is 
 way the real one does: invalid registrations raise; offsets outside a registered region or an
 unregistered remote engine give ``ERR_INVALID_ARGS`` / ``ERR_NOT_FOUND``; a dead peer gives
 ``ERR_RDMA_OP``. Bytes really move: over a loopback TCP connection to the target engine's
-listener (using kvbridge-fake's frame format), which writes only into memory registered there.
+listener (in the stand-in's own frame format, :mod:`kvbridge_mori.standin_wire`), which
+writes only into memory registered there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbridge_fake import wire
+from kvbridge_mori import standin_wire as wire
 
 #: Stand-in only. False (default): GPU registrations raise, as on a host without a GPU. True:
 #: they are accepted (the memory really is host memory) and recorded with their device id and
@@ -293,10 +294,10 @@ class IOEngine:
                     sock = socket.create_connection((peer.host, peer.port), timeout=30)
                     self._sockets[peer.key] = sock
                 dst = remote.data + ro
-                sock.sendall(wire.encode_header(uid, 0, dst, sz))
+                sock.sendall(wire.pack_request(uid, dst, sz))
                 for offset, n in zip(lo.tolist(), sz.tolist()):
-                    sock.sendall(wire.memory_at(local.data + offset, n))
-                ok, message = wire.read_reply(sock)
+                    sock.sendall(wire.raw_memory(local.data + offset, n))
+                ok, message = wire.recv_reply(sock)
         except OSError as exc:
             with self._lock:
                 self._sockets.pop(peer.key, None)
@@ -320,14 +321,14 @@ class IOEngine:
         with conn:
             while True:
                 try:
-                    _, _, dst, lengths = wire.decode_header(conn)
+                    _, dst, lengths = wire.read_request(conn)
                     with self._lock:
                         ok = all(self._covers(a, n) for a, n in zip(dst.tolist(), lengths.tolist()))
                     if ok:
                         for a, n in zip(dst.tolist(), lengths.tolist()):
-                            wire.recv_exact_into(conn, wire.memory_at(a, n))
+                            wire.recv_into(conn, wire.raw_memory(a, n))
                     else:
-                        wire.recv_exact_into(conn, memoryview(bytearray(int(lengths.sum()))))
+                        wire.drain(conn, int(lengths.sum()))
                     wire.send_reply(conn, ok, "" if ok else "remote memory not registered")
                 except (OSError, ConnectionError, wire.ProtocolError):
                     return
