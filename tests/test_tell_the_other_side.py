@@ -98,3 +98,41 @@ def test_prefill_failing_a_room_before_decode_metadata_tells_decode_when_it_arri
     finally:
         decode.close()
         prefill.close()
+
+
+def test_root_causes_cross_with_their_origin_and_echoes_stay_echoes() -> None:
+    from kvbridge.control import Status
+
+    decode_config = TransferConfig(transport="fake", waiting_timeout=30.0, heartbeat_interval=1.0)
+    # The prefill's transport fails room 41 itself; nothing fails on decode.
+    prefill_config = TransferConfig(
+        transport="fake",
+        heartbeat_interval=1.0,
+        transport_options={"faults": {"fail_rooms": [41]}},
+    )
+    prefill, decode = Prefill(prefill_config, PAGES), Decode(decode_config, PAGES)
+    try:
+        add_room(decode, prefill, 41, PAGES)
+        run_until("41 ready", lambda: 41 in prefill.ready or 41 in prefill.aborted, decode, prefill)
+        run_until("decode told", lambda: 41 in decode.aborted, decode, prefill)
+        assert decode.aborted[41].startswith(f"prefill {prefill.node.key}: "), decode.aborted[41]
+        assert "failed on another rank" not in decode.aborted[41]
+
+        # A prefill rank that only followed another prefill rank's failure says so, and the
+        # decode rank it tells reports "failed on another rank", not an echo as its cause.
+        add_room(decode, prefill, 42, PAGES)
+        run_until("42 ready", lambda: 42 in prefill.ready, decode, prefill)
+        control = decode.node.control.address
+        prefill.node._out.send(
+            control, Status(42, prefill.node.key, False, "failed on another rank", root=False)
+        )
+        run_until("42 aborted", lambda: 42 in decode.aborted, decode, prefill)
+        assert decode.aborted[42] == "failed on another rank"
+
+        # A decode root cause reaches the prefill with its origin.
+        add_room(decode, prefill, 43, PAGES + 1)  # oversized: decode's own cause
+        run_until("prefill told", lambda: 43 in prefill.aborted, decode, prefill, timeout=10)
+        assert prefill.aborted[43].startswith(f"decode aborted: decode {decode.node.key}: ")
+    finally:
+        decode.close()
+        prefill.close()

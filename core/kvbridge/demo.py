@@ -29,6 +29,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from kvbridge.queue.decode import FROM_OTHER_RANK
+
 log = logging.getLogger("kvbridge.demo")
 HEAD_BYTES = 512  # bytes per KV head per page; a page holds `heads` of them
 
@@ -559,6 +561,14 @@ def _report(plan: DemoPlan, outs: list[dict[str, Any]]) -> DemoReport:
     for o in decode[1:]:
         if set(o["committed"]) != set(committed) or set(o["aborted"]) != set(failures):
             errors.append(f"decode rank {o['rank']} disagrees with rank 0 about outcomes")
+    # Show each failure's root cause, from whichever decode rank saw it (rule 7).
+    failures = {
+        room: next(
+            (o["aborted"][room] for o in decode if o["aborted"].get(room) != FROM_OTHER_RANK),
+            reason,
+        )
+        for room, reason in failures.items()
+    }
     done_at: dict[int, float] = {}
     for o in prefill:
         for room, t in o["done_at"].items():

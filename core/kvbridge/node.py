@@ -34,7 +34,7 @@ from kvbridge.mapping import AUTHORITATIVE_CP_RANK
 from kvbridge.observe import ControlLosses
 from kvbridge.plugins import ObserverRelay
 from kvbridge.queue.collective import Reducer
-from kvbridge.queue.decode import DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.queue.decode import FROM_OTHER_RANK, DecodeRequest, MetadataToSend, PageAllocator
 from kvbridge.queue.outcomes import DecodeStep, PrefillStep
 from kvbridge.queue.prefill import PrefillRequest
 from kvbridge.queue.session import (
@@ -183,14 +183,22 @@ class PrefillNode:
             self.session.on_waiting(message.decode_key, message.rooms)
         elif isinstance(message, Abort):
             # Acknowledged from the scheduler thread once the transport has drained the room.
-            self.session.on_decode_abort(message.room, message.reason, message.sender_key)
+            self.session.on_decode_abort(
+                message.room, message.reason if message.root else None, message.sender_key
+            )
         else:
             self.session.untrusted += 1
             log.warning("ignored a %s control message on a prefill rank", type(message).__name__)
 
     def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
+        if not ok:
+            # The root cause travels with where it was seen; a follower says only that.
+            root = reason is not None
+            reason = f"prefill {self.key}: {reason}" if root else FROM_OTHER_RANK
+        else:
+            root = True
         for peer in peers:
-            self._out.send(peer.control, Status(room, self.key, ok, reason))
+            self._out.send(peer.control, Status(room, self.key, ok, reason, root=root))
 
     def _notify_checksum(self, room: int, peer: DecodePeer, checksum: int) -> None:
         self._out.send(peer.control, Status(room, self.key, True, None, checksum))
@@ -300,7 +308,12 @@ class DecodeNode:
     def _on_message(self, message: Message) -> None:
         if isinstance(message, Status):
             self.session.notify_done(
-                message.room, message.prefill_key, message.ok, message.reason, message.checksum
+                message.room,
+                message.prefill_key,
+                message.ok,
+                message.reason,
+                message.checksum,
+                message.root,
             )
         elif isinstance(message, AbortAck):
             self.abort_acks += 1
@@ -369,19 +382,26 @@ class DecodeNode:
                 )
         return None
 
-    def _send_abort(self, room: int, target: PrefillTarget | None, reason: str) -> None:
+    def _send_abort(self, room: int, target: PrefillTarget | None, reason: str | None) -> None:
         self.directory.forget_room(room)
         if target is None:
             return
+        message = self._abort_message(room, reason)
         for contact in target.plan:
             self._ensure_registered(contact.control)
-            self._out.send(contact.control, Abort(room, self.key, reason))
+            self._out.send(contact.control, message)
 
-    def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str) -> None:
+    def _abort_message(self, room: int, reason: str | None) -> Abort:
+        if reason is None:
+            return Abort(room, self.key, FROM_OTHER_RANK, root=False)
+        return Abort(room, self.key, f"decode {self.key}: {reason}")
+
+    def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str | None) -> None:
         """Decode gave up before it knew the room's DP rank: tell every prefill rank there."""
+        message = self._abort_message(room, reason)
         for control in self.directory.controls_of(bootstrap_addr):
             self._ensure_registered(control)
-            self._out.send(control, Abort(room, self.key, reason))
+            self._out.send(control, message)
 
     def _send_waiting(self, waiting: Sequence[tuple[int, PrefillTarget]]) -> None:
         by_control: dict[str, list[int]] = {}

@@ -180,6 +180,8 @@ class RoomBook:
         """Account ``jobs`` outstanding jobs for a chunk; None if the room already failed."""
         with self.lock:
             state = self._live(room)
+            if state.status == KVPoll.Failed:
+                return None  # failed already (a peer vanished, an abort): nothing to send
             if state.status < KVPoll.WaitingForInput:
                 raise RuntimeError(f"room {room}: send before init on {self.label}")
             for write in chunk.writes:

@@ -65,6 +65,9 @@ class Abort:
     room: int
     sender_key: str
     reason: str
+    #: False when the sender only followed another rank's failure (rule 7): its reason is
+    #: then not a root cause and must not become anyone's.
+    root: bool = True
 
 
 @attrs.frozen
@@ -77,6 +80,8 @@ class Status:
     reason: str | None = None
     #: CRC-32 of what this rank wrote into the receiver (``verify_checksums`` only).
     checksum: int | None = None
+    #: As :attr:`Abort.root`, for a failure.
+    root: bool = True
 
 
 @attrs.frozen
@@ -151,6 +156,13 @@ def _str(header: dict[str, Any], key: str, optional: bool = False, limit: int = 
         return None  # type: ignore[return-value]
     if not isinstance(value, str) or len(value) > limit:
         raise MalformedFrame(f"{key} must be a string of at most {limit} characters")
+    return value
+
+
+def _bool(header: dict[str, Any], key: str, default: bool = True) -> bool:
+    value = header.get(key, default)
+    if not isinstance(value, bool):
+        raise MalformedFrame(f"{key} must be a boolean")
     return value
 
 
@@ -276,6 +288,7 @@ def _decode(frames: Sequence[bytes]) -> Message:
             room=_int(header, "room", 1),
             sender_key=_str(header, "sender_key"),
             reason=_reason(header, "reason"),
+            root=_bool(header, "root"),
         )
     if cls is Status:
         ok = header.get("ok")
@@ -289,6 +302,7 @@ def _decode(frames: Sequence[bytes]) -> Message:
             checksum=None
             if header.get("checksum") is None
             else _int(header, "checksum", 0, 2**32 - 1),
+            root=_bool(header, "root"),
         )
     if cls is Waiting:
         payload = frames[2]

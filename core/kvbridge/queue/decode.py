@@ -228,14 +228,21 @@ class DecodeQueue:
             self._locally_complete.add(room)
         return True
 
-    def peer_failed(self, room: int, sender: object, reason: str) -> bool:
-        """A writer of ``room`` reported failure; False (counted) if it is not a writer."""
+    def peer_failed(self, room: int, sender: object, reason: str | None) -> bool:
+        """A writer of ``room`` reported failure; False (counted) if it is not a writer.
+
+        ``reason`` None: the writer only followed a failure elsewhere. The room fails here
+        too, but this rank then reports "failed on another rank", not someone's echo.
+        """
         i = self.cols.index_of(room)
         if i is None:
             return True
         if not self._trusted(room, sender):
             return False
-        self.fail(room, reason)
+        if reason is not None:
+            self.fail(room, reason)
+        elif self.cols.local[i] != FAILED and self.cols.stage[i] != FENCED:
+            self.cols.local[i] = FAILED
         return True
 
     def acknowledged(self, room: int, sender: object) -> bool:

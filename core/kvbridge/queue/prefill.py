@@ -99,6 +99,12 @@ class PrefillQueue:
         else:
             self.cols.local[i] = max(self.cols.local[i], TRANSFERRING)
 
+    def follow(self, room: int) -> None:
+        """Fail ``room`` because a peer failed it, with no cause of this rank's own."""
+        i = self.cols.index_of(room)
+        if i is not None:
+            self.cols.local[i] = FAILED
+
     def fail(self, room: int, reason: str) -> None:
         i = self.cols.index_of(room)
         if i is None or self.cols.local[i] == FAILED:

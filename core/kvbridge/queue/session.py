@@ -73,7 +73,8 @@ def _log_abort(side: str, failed: Aborted) -> None:
 MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
 #: ``(room, target, pages, aux_slot, checksums by writer) -> failure reason or None``.
 Verifier = Callable[[int, PrefillTarget, np.ndarray, int, Mapping[object, int]], str | None]
-AbortSink = Callable[[int, PrefillTarget | None, str], None]
+#: ``(room, target, reason)``; reason None: this rank only followed another rank's failure.
+AbortSink = Callable[[int, PrefillTarget | None, str | None], None]
 
 
 class DecodeSession:
@@ -90,7 +91,7 @@ class DecodeSession:
         directory: PrefillDirectory,
         send_metadata: MetadataSink,
         send_abort: AbortSink | None = None,
-        send_early_abort: Callable[[int, str, str], None] | None = None,
+        send_early_abort: Callable[[int, str, str | None], None] | None = None,
         send_waiting: Callable[[Sequence[tuple[int, PrefillTarget]]], None] | None = None,
         verify: Verifier | None = None,
         aux_slots: AuxSlotPool | None = None,
@@ -167,10 +168,16 @@ class DecodeSession:
         ok: bool = True,
         reason: str | None = None,
         checksum: int | None = None,
+        root: bool = True,
     ) -> None:
-        """A prefill rank finished (or failed) its writes for ``room``. Thread-safe."""
+        """A prefill rank finished (or failed) its writes for ``room``. Thread-safe.
+
+        ``root`` False: the prefill rank failed only because another prefill rank did.
+        """
         if checksum is not None and self.verify is not None:
             self._checksum_events.append((room, sender, checksum))  # before the completion
+        if not ok and not root:
+            reason = _FOLLOWED
         self._events.append((room, sender, ok, reason))
 
     def notify_heartbeat(self, sender: object) -> None:
@@ -219,7 +226,11 @@ class DecodeSession:
             elif ok:
                 trusted = queue.completed(room, sender)
             else:
-                trusted = queue.peer_failed(room, sender, reason or "prefill reported failure")
+                trusted = queue.peer_failed(
+                    room,
+                    sender,
+                    None if reason is _FOLLOWED else reason or "prefill reported failure",
+                )
             if not trusted:
                 log.warning(
                     "ignored a report for room %d from %r: not a prefill rank that writes it",
@@ -367,16 +378,18 @@ class DecodeSession:
         for failed in step.aborted:
             self.manager.receiver_abort(failed.room, failed.reason)
             self.manager.receiver_clear(failed.room)
+            own = None if failed.from_other_rank else failed.reason
             lost: PrefillTarget | None = self._targets.pop(failed.room, None)
             if lost is not None and failed.room in self.queue.fenced:
                 self._fence_plans[failed.room] = lost
             addr = self._addr_of.pop(failed.room, "")
             if lost is None and addr and self.send_early_abort is not None:
-                self.send_early_abort(failed.room, addr, failed.reason)
+                self.send_early_abort(failed.room, addr, own)
             self._checksums.pop(failed.room, None)
             self._verified.discard(failed.room)
             if self.send_abort is not None:
-                self.send_abort(failed.room, lost, failed.reason)
+                # A follower says so: its reason must not become the prefill's root cause.
+                self.send_abort(failed.room, lost, own)
             self._unresolved = [r for r in self._unresolved if r.room != failed.room]
             _log_abort("decode", failed)
             self._since.pop(failed.room, None)
@@ -442,6 +455,8 @@ class DecodeMetadata:
 
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
 AckSink = Callable[[int, tuple[DecodePeer, ...]], None]
+#: Marks a failure report from a rank that only followed another rank's failure.
+_FOLLOWED = "\x00followed"
 ChecksumSink = Callable[[int, DecodePeer, int], None]
 _MAX_TOMBSTONES = 100_000
 
@@ -501,7 +516,7 @@ class PrefillSession:
         #: Decode ranks that asked to abort each live room.
         self._abort_senders: dict[int, set[Any]] = {}
         #: Rooms that ended here without success, so late metadata is answered, not written.
-        self._ended: dict[int, tuple[float, str]] = {}
+        self._ended: dict[int, tuple[float, str | None]] = {}
         #: Messages dropped because their sender may not say that (rule 9).
         self.untrusted = 0
 
@@ -538,8 +553,11 @@ class PrefillSession:
         """Decode rank ``sender`` still waits for memory for ``rooms``. Thread-safe."""
         self._events.append(("waiting", (sender, rooms)))
 
-    def on_decode_abort(self, room: int, reason: str, sender: Any = None) -> None:
-        """Decode rank ``sender`` gave up on ``room`` (None: not checked). Thread-safe."""
+    def on_decode_abort(self, room: int, reason: str | None, sender: Any = None) -> None:
+        """Decode rank ``sender`` gave up on ``room`` (None: not checked). Thread-safe.
+
+        ``reason`` None: that decode rank only followed another decode rank's failure.
+        """
         self._events.append(("abort", (room, reason, sender)))
 
     def live_decode_controls(self) -> set[Any]:
@@ -625,7 +643,10 @@ class PrefillSession:
                     )
                     return
                 self._abort_senders.setdefault(room, set()).add(sender)
-            self.queue.fail(room, f"decode aborted: {reason}")
+            if reason is None:
+                self.queue.follow(room)
+            else:
+                self.queue.fail(room, f"decode aborted: {reason}")
 
     def _abort_unqueued(self, room: int, sender: Any) -> None:
         """An abort for a room not queued here: nothing of it is being written, say so now.
@@ -831,13 +852,14 @@ class PrefillSession:
             for k in self._abort_senders.get(room, ()):
                 told[k] = self.decode_peers[k]
             self._drop(room)
-            self._ended[room] = (self.clock(), failed.reason)
+            self._ended[room] = (self.clock(), None if failed.from_other_rank else failed.reason)
             if self.manager is not None:
                 self.manager.sender_abort(room, failed.reason)
                 # Cleared, and acknowledged to decode, only once no write can land (rule 8).
                 self._draining[room] = told
                 if self.notify_decode is not None and targets:
-                    self.notify_decode(room, tuple(p for p, _ in targets), False, failed.reason)
+                    reason = None if failed.from_other_rank else failed.reason
+                    self.notify_decode(room, tuple(p for p, _ in targets), False, reason)
             _log_abort("prefill", failed)
         if self.manager is not None:
             self.observers.call(
