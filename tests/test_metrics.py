@@ -29,15 +29,32 @@ def relay_and_registry():
 
 def test_step_sets_queue_depth_per_stage(relay_and_registry):
     relay, registry = relay_and_registry
-    stages = np.array([0, 8, 8, 0, 8], dtype=np.uint8)
-    relay.call("kvbridge_step", role=Role.DECODE, rank=DECODE, queued=5, reduced=5, stages=stages)
+    stages = np.array([0, 8, 8, 0, 8, 16], dtype=np.uint8)
+    relay.call(
+        "kvbridge_step",
+        role=Role.DECODE,
+        rank=DECODE,
+        queued=6,
+        reduced=6,
+        stages=stages,
+        fenced_bytes=4096,
+    )
     get = registry.get_sample_value
     assert get("kvbridge_queue_depth", {**D, "stage": "transfer"}) == 3
     assert get("kvbridge_queue_depth", {**D, "stage": "prealloc"}) == 2
+    assert get("kvbridge_queue_depth", {**D, "stage": "fenced"}) == 1
+    assert get("kvbridge_fenced_bytes", D) == 4096
     relay.call(
-        "kvbridge_step", role=Role.DECODE, rank=DECODE, queued=0, reduced=1, stages=stages[:0]
+        "kvbridge_step",
+        role=Role.DECODE,
+        rank=DECODE,
+        queued=0,
+        reduced=1,
+        stages=stages[:0],
+        fenced_bytes=0,
     )
     assert get("kvbridge_queue_depth", {**D, "stage": "transfer"}) == 0
+    assert get("kvbridge_fenced_bytes", D) == 0
     assert get("kvbridge_steps_total", D) == 2
     relay.call(
         "kvbridge_step",
@@ -46,6 +63,7 @@ def test_step_sets_queue_depth_per_stage(relay_and_registry):
         queued=2,
         reduced=2,
         stages=np.array([1, 0], dtype=np.uint8),
+        fenced_bytes=0,
     )
     p = {"role": "prefill", "rank": "dp0.cp0.tp0"}
     assert get("kvbridge_queue_depth", {**p, "stage": "inflight"}) == 1
@@ -141,3 +159,24 @@ def test_core_imports_and_discovers_without_prometheus_client():
         "assert 'prometheus' not in {n for n, _ in relay.plugin_manager.list_name_plugin()}\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_rejected_and_untrusted_frames_are_counted_by_cause(relay_and_registry):
+    from types import SimpleNamespace
+
+    from kvbridge.observe import ControlLosses
+
+    relay, registry = relay_and_registry
+    receiver = SimpleNamespace(dropped=0, rejected=0)
+    sender = SimpleNamespace(failed=0)
+    untrusted = [0]
+    losses = ControlLosses(relay, DECODE, receiver, [sender], untrusted=lambda: untrusted[0])
+    receiver.rejected, untrusted[0], receiver.dropped = 3, 2, 1
+    losses.check()
+    get = registry.get_sample_value
+    name = "kvbridge_control_frames_dropped_total"
+    assert get(name, {**D, "cause": "unauthenticated"}) == 3
+    assert get(name, {**D, "cause": "untrusted"}) == 2
+    assert get(name, {**D, "cause": "malformed"}) == 1
+    losses.check()  # nothing new: nothing more counted
+    assert get(name, {**D, "cause": "unauthenticated"}) == 3

@@ -302,14 +302,23 @@ class ObserverSpec:
 
     @hookspec
     def kvbridge_step(
-        self, role: Role, rank: RankIdentity, queued: int, reduced: int, stages: np.ndarray
+        self,
+        role: Role,
+        rank: RankIdentity,
+        queued: int,
+        reduced: int,
+        stages: np.ndarray,
+        fenced_bytes: int,
     ) -> None:
         """A scheduler step ran: ``queued`` live requests, ``reduced`` statuses all-reduced.
 
         :param stages: the queue's stage column (uint8, one entry per live request, in queue
-            order): decode ``0`` waiting for resolution or memory, ``8`` transferring; prefill
-            ``0`` waiting for decode metadata, ``1`` in flight. Read-only and only valid during
-            the call: count it (``np.count_nonzero``), never keep or modify it.
+            order): decode ``0`` waiting for resolution or memory, ``8`` transferring, ``16``
+            aborted and fenced; prefill ``0`` waiting for decode metadata, ``1`` in flight.
+            Read-only and only valid during the call: count it (``np.count_nonzero``), never
+            keep or modify it.
+        :param fenced_bytes: decode: KV bytes of this rank held by the abort fence (aborted
+            rooms whose prefill writers have not confirmed they stopped); prefill: 0.
 
         Called by the sessions at the end of every step that reduced something (decode every
         rank; prefill the ranks that own a transport manager), on the scheduler thread. Runs

@@ -69,7 +69,11 @@ SECONDS_BUCKETS = (
 )
 BYTES_BUCKETS = tuple(float(1 << k) for k in range(14, 34, 2))  # 16 KiB .. 8 GiB, x4
 #: Stage names by role, for stage value 0 and any other value (see ``kvbridge_step``).
-STAGES = {Role.DECODE: ("prealloc", "transfer"), Role.PREFILL: ("bootstrap", "inflight")}
+#: Stage names by the queue's stage values (see ``kvbridge_step``).
+STAGES = {
+    Role.DECODE: ((0, "prealloc"), (8, "transfer"), (16, "fenced")),
+    Role.PREFILL: ((0, "bootstrap"), (1, "inflight")),
+}
 
 # (substring of the reason, cause), first match wins; checked in order.
 _CAUSES = (
@@ -114,11 +118,12 @@ class _Bound:
         self.success = obs.requests.labels(*labels, "success")
         self.failed = obs.requests.labels(*labels, "failed")
         self.steps = obs.steps.labels(*labels)
-        waiting, moving = STAGES[role]
-        self.depth_waiting = obs.queue_depth.labels(*labels, waiting)
-        self.depth_moving = obs.queue_depth.labels(*labels, moving)
+        self.stage_values = tuple(v for v, _ in STAGES[role])
+        self.depth_gauges = tuple(obs.queue_depth.labels(*labels, n) for _, n in STAGES[role])
+        self.fenced_bytes = obs.fenced_bytes.labels(*labels)
         self.labels = labels
-        self.depth = (-1, -1)  # last (waiting, moving) set: unchanged depths cost nothing
+        self.depth: tuple[int, ...] = ()  # last depths set: unchanged depths cost nothing
+        self.fenced = -1
 
 
 class PrometheusObserver:
@@ -169,6 +174,13 @@ class PrometheusObserver:
             [*roles, "cause"],
             **common,
         )
+        self.fenced_bytes = prom.Gauge(
+            "fenced_bytes",
+            "Decode KV bytes held by the abort fence (aborted, waiting for the prefill to stop)",
+            roles,
+            multiprocess_mode="livesum",
+            **common,
+        )
         self.steps = prom.Counter(
             "steps", "Scheduler steps that reduced something", roles, **common
         )
@@ -182,15 +194,17 @@ class PrometheusObserver:
 
     @hookimpl
     def kvbridge_step(
-        self, role: Role, rank: RankIdentity, queued: int, stages: np.ndarray
+        self, role: Role, rank: RankIdentity, queued: int, stages: np.ndarray, fenced_bytes: int
     ) -> None:
         bound = self._get(role, rank)
-        moving = int(np.count_nonzero(stages))
-        depth = (queued - moving, moving)
+        depth = tuple(int(np.count_nonzero(stages == v)) for v in bound.stage_values)
         if depth != bound.depth:
             bound.depth = depth
-            bound.depth_waiting.set(depth[0])
-            bound.depth_moving.set(depth[1])
+            for gauge, value in zip(bound.depth_gauges, depth, strict=True):
+                gauge.set(value)
+        if fenced_bytes != bound.fenced:
+            bound.fenced = fenced_bytes
+            bound.fenced_bytes.set(fenced_bytes)
         bound.steps.inc()
 
     @hookimpl

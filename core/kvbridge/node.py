@@ -128,7 +128,11 @@ class PrefillNode:
         self.control = _control_receiver(self._on_message, config, host, key)
         self._next_heartbeat = 0.0
         self._losses = ControlLosses(
-            self.session.observers, rank, self.control, (self._out, self._acks)
+            self.session.observers,
+            rank,
+            self.control,
+            (self._out, self._acks),
+            untrusted=lambda: self.session.untrusted,
         )
         # Kept registration: sent again by the client's upkeep thread if bootstrap restarts.
         self.client = BootstrapClient.from_config(config)
@@ -303,7 +307,13 @@ class DecodeNode:
             observers=observers if observers is not None else ObserverRelay(discover=True),
             page_bytes=sum(r.item_bytes for r in self.kv_regions),
         )
-        self._losses = ControlLosses(self.session.observers, rank, self.control, (self._out,))
+        self._losses = ControlLosses(
+            self.session.observers,
+            rank,
+            self.control,
+            (self._out,),
+            untrusted=lambda: self.session.untrusted,
+        )
 
     def _on_message(self, message: Message) -> None:
         if isinstance(message, Status):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvbridge.plugins import ObserverRelay
@@ -18,14 +18,22 @@ class ControlLosses:
     """
 
     def __init__(
-        self, observers: ObserverRelay, rank: RankIdentity, receiver: Any, senders: Sequence[Any]
+        self,
+        observers: ObserverRelay,
+        rank: RankIdentity,
+        receiver: Any,
+        senders: Sequence[Any],
+        untrusted: Callable[[], int] | None = None,
     ) -> None:
         self.observers = observers
         self.rank = rank
         self.receiver = receiver
         self.senders = tuple(senders)
+        self.untrusted = untrusted
         self._malformed = 0
         self._send_failed = 0
+        self._rejected = 0
+        self._untrusted = 0
 
     def check(self) -> None:
         if not self.observers.active:
@@ -38,6 +46,14 @@ class ControlLosses:
         if send_failed != self._send_failed:
             self._report(send_failed - self._send_failed, "send_failed")
             self._send_failed = send_failed
+        rejected = getattr(self.receiver, "rejected", 0)
+        if rejected != self._rejected:  # failed authentication (shared secret)
+            self._report(rejected - self._rejected, "unauthenticated")
+            self._rejected = rejected
+        untrusted = self.untrusted() if self.untrusted is not None else 0
+        if untrusted != self._untrusted:  # a sender not allowed to say that (rule 9)
+            self._report(untrusted - self._untrusted, "untrusted")
+            self._untrusted = untrusted
 
     def _report(self, count: int, cause: str) -> None:
         self.observers.call(

@@ -401,6 +401,7 @@ class DecodeSession:
             queued=len(self.queue),
             reduced=len(reduced),
             stages=self.queue.cols.stage,
+            fenced_bytes=self.queue.fenced_pages * self.page_bytes if self.queue.fenced else 0,
         )
         return step
 
@@ -869,6 +870,7 @@ class PrefillSession:
                 queued=len(self.queue),
                 reduced=len(reduced),
                 stages=self.queue.cols.stage,
+                fenced_bytes=0,
             )
         return step
 
