@@ -14,16 +14,12 @@ from kvbridge import PagePool, RankIdentity, Role, TransferConfig
 from kvbridge.bootstrap.server import BootstrapServer
 from kvbridge.node import DecodeNode, PrefillNode
 from kvbridge.queue import DecodeRequest, PrefillRequest
+from kvbridge.queue.collective import SingleRankReducer
 from kvbridge.queue.outcomes import DecodeStep, PrefillStep
 from kvbridge.testing.buffers import RankBuffers
 
 PAGE_BYTES = 4096
 REGIONS = 2
-
-
-def alone(local: np.ndarray, rooms: np.ndarray) -> np.ndarray:
-    """The MIN over a group of one rank."""
-    return local
 
 
 class Prefill:
@@ -43,7 +39,7 @@ class Prefill:
             rank=RankIdentity(Role.PREFILL),
             kv_regions=self.buffers.kv_regions,
             aux_regions=self.buffers.aux_regions,
-            reducer=alone,
+            reducer=SingleRankReducer(),
             bootstrap_addr=self.addr,
             page_size=16,
             kv_dtype="uint8",
@@ -86,7 +82,7 @@ class Decode:
             kv_regions=self.buffers.kv_regions,
             aux=self.buffers.aux,
             pages=self.pool,
-            reducer=alone,
+            reducer=SingleRankReducer(),
             page_size=16,
             kv_dtype="uint8",
         )

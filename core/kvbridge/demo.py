@@ -10,7 +10,6 @@ work is done, when told to stop, or when the parent disappears.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import logging
 import math
 import multiprocessing
@@ -29,6 +28,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from kvbridge.queue.collective import init_gloo
 from kvbridge.queue.decode import FROM_OTHER_RANK
 
 log = logging.getLogger("kvbridge.demo")
@@ -184,18 +184,6 @@ def _orphaned(parent: int) -> bool:
     return os.getppid() != parent
 
 
-def _gloo(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
-
-
 def prefill_main(
     g: int, plan: DemoPlan, ports: dict[str, int], parent: int, stop: Any, results: Any
 ) -> None:
@@ -214,7 +202,7 @@ def prefill_main(
         per_replica = plan.prefill_cp * plan.prefill_tp
         dp, local = divmod(g, per_replica)
         cp, tp = divmod(local, plan.prefill_tp)
-        _gloo(g, plan.prefill_dp * per_replica, ports["prefill_gloo"])
+        init_gloo(g, plan.prefill_dp * per_replica, ports["prefill_gloo"])
         groups = [
             dist.new_group(list(range(r * per_replica, (r + 1) * per_replica)))
             for r in range(plan.prefill_dp)
@@ -327,7 +315,7 @@ def decode_main(
         from kvbridge.node import DecodeNode
         from kvbridge.queue import DecodeRequest, TorchMinReducer
 
-        _gloo(d, plan.decode_tp, ports["decode_gloo"])
+        init_gloo(d, plan.decode_tp, ports["decode_gloo"])
         buffers = _buffers(plan, plan.decode_tp, d, num_slots=max(plan.requests // 2, 8))
         patterns = Patterns(plan, plan.decode_tp, d)
         pool = PagePool(buffers.kv[0].shape[0])

@@ -18,6 +18,23 @@ from kvbridge.errors import LockstepError
 log = logging.getLogger("kvbridge")
 
 
+def init_gloo(
+    rank: int, world: int, port: int, host: str = "127.0.0.1", timeout_s: float = 120.0
+) -> None:
+    """Join a gloo process group over TCP: what the demo, the benchmarks and the tests use."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://{host}:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
 class Reducer(Protocol):
     def __call__(self, local: np.ndarray, rooms: np.ndarray) -> np.ndarray:
         """Return the element-wise MIN of ``local`` over the group (may reuse ``local``)."""
