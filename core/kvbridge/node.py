@@ -302,6 +302,7 @@ class DecodeNode:
             send_metadata=self._send_metadata,
             send_abort=self._send_abort,
             send_early_abort=self._send_early_abort,
+            on_writer_dead=lambda key: self.directory.writer_dead(str(key).rsplit("/", 2)[0]),
             send_waiting=self._send_waiting,
             verify=self._verify if config.verify_checksums else None,
             observers=observers if observers is not None else ObserverRelay(discover=True),

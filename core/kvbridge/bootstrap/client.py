@@ -422,6 +422,10 @@ class _Address:
     misses: int = 0
     next_health: float = 0.0
     targets: dict[int, PrefillTarget | str] = attrs.Factory(dict)
+    #: The info version whose ranks liveness saw die, and until when it is not handed out
+    #: again (a restarted prefill re-registers with another version before that, normally).
+    dead_version: tuple[str, int] | None = None
+    dead_until: float = 0.0
 
     def need_info(self, now: float) -> None:
         self.info = self.version = None
@@ -494,6 +498,23 @@ class BootstrapDirectory:
         """The prefill addresses currently remembered (for tests and diagnostics)."""
         with self._lock:
             return sorted(self._addresses)
+
+    def writer_dead(self, addr: str) -> None:
+        """Liveness declared a rank of ``addr`` dead: stop handing out its cached ranks.
+
+        New requests wait (retried like a starting prefill) until bootstrap lists other
+        ranks, a restarted prefill, or ``bootstrap_retry_after`` passed (the ranks may only
+        have been partitioned). Rooms already resolved keep their targets.
+        """
+        now = time.monotonic()
+        with self._lock:
+            state = self._addresses.get(addr)
+            if state is None or state.info is None:
+                return
+            state.dead_version = state.version
+            state.dead_until = now + self.config.bootstrap_retry_after
+            state.need_info(now)
+        self._wake.set()
 
     def rank_control(self, addr: str, dp_rank: int, tp_rank: int) -> str | None:
         """The control address the prefill rank registered last, from cached info."""
@@ -695,11 +716,16 @@ class BootstrapDirectory:
                 )
         else:
             now = time.monotonic()
+            version = (str(info.get("instance")), int(info.get("generation", 0)))
             with self._lock:
-                if state.failure is None:
+                if version == state.dead_version and now < state.dead_until:
+                    # The ranks liveness saw die are still what bootstrap lists: wait for the
+                    # restarted prefill to register (or for dead_until) before using them.
+                    state.next_try = now + backoff(2, self.config.bootstrap_backoff_max)
+                elif state.failure is None:
                     state.need_info(now)
                     state.info = info
-                    state.version = (str(info.get("instance")), int(info.get("generation", 0)))
+                    state.version = version
                     state.next_health = now + self.config.heartbeat_interval
         if lost is not None and self.on_lost is not None:
             self.on_lost(addr, lost)

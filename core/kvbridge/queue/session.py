@@ -92,6 +92,7 @@ class DecodeSession:
         send_metadata: MetadataSink,
         send_abort: AbortSink | None = None,
         send_early_abort: Callable[[int, str, str | None], None] | None = None,
+        on_writer_dead: Callable[[object], None] | None = None,
         send_waiting: Callable[[Sequence[tuple[int, PrefillTarget]]], None] | None = None,
         verify: Verifier | None = None,
         aux_slots: AuxSlotPool | None = None,
@@ -135,6 +136,7 @@ class DecodeSession:
         self._fence_plans: dict[int, PrefillTarget] = {}
         self.verify = verify
         self.send_early_abort = send_early_abort
+        self.on_writer_dead = on_writer_dead
         self.send_waiting = send_waiting
         self._lease_every = config.heartbeat_interval
         self._next_lease = 0.0
@@ -247,6 +249,8 @@ class DecodeSession:
                     f"{self.liveness.limit:g}s)"
                 )
                 rooms = queue.writer_dead(writer, reason, lifts_fence=self._dead_lifts_fence)
+                if self.on_writer_dead is not None:
+                    self.on_writer_dead(writer)
                 log.warning("%s; failing %d rooms", reason, len(rooms))
         if self._unresolved:
             self._resolve()
