@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 
 import pytest
-from integrity_rig import Decode, Prefill, add_room, run_until
+from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
 from kvbridge.bootstrap.server import BootstrapServer
@@ -96,3 +96,27 @@ def test_sockets_to_a_prefill_nobody_uses_any_more_are_closed() -> None:
     finally:
         decode.close()
         prefill.close()
+
+
+def test_a_dead_bootstrap_server_alone_fails_nothing_in_flight() -> None:
+    config = TransferConfig(
+        transport="fake", waiting_timeout=30.0, heartbeat_interval=0.1, heartbeat_max_misses=2
+    )
+    server = BootstrapServer("127.0.0.1", _free_port()).start()
+    prefill = Prefill(config, PAGES, server=server)
+    decode = Decode(config, 4 * PAGES)
+    try:
+        rooms = [11, 12, 13]
+        for room in rooms:
+            add_room(decode, prefill, room, PAGES)
+        run_until("all ready", lambda: set(rooms) <= prefill.ready, decode, prefill)
+        server.stop()  # the standalone bootstrap server dies; the prefill ranks live on
+        run_for(1.0, decode, prefill)  # many heartbeat intervals without bootstrap
+        for room in rooms:
+            prefill.send(room, fill=room)
+            run_until(f"{room} committed", lambda r=room: r in decode.committed, decode, prefill)
+            assert decode.pages_hold(room, room)
+        assert not decode.aborted
+    finally:
+        decode.close()
+        prefill.node.close()
