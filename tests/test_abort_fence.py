@@ -189,3 +189,38 @@ def test_one_sided_writer_declared_dead_keeps_the_fence_until_it_is_replaced(
         if successor is not None:
             successor.close()
         gone.server.stop()
+
+
+def test_an_abort_for_a_room_still_draining_is_acknowledged_only_after_the_drain() -> None:
+    """Prefill gave up first (its own timeout) while a write hung; decode's abort then arrives
+    for a room prefill no longer queues: the answer must still wait for the drain."""
+    import threading
+
+    prefill_config = TransferConfig(transport="fake", waiting_timeout=0.5, heartbeat_interval=30)
+    decode_config = TransferConfig(transport="fake", waiting_timeout=30, heartbeat_interval=30)
+    prefill, decode = Prefill(prefill_config, PAGES), Decode(decode_config, PAGES)
+    gate = threading.Event()
+    manager = prefill.node.manager
+    assert manager is not None
+    real_write = manager.raw.write
+
+    def held_write(*args: object, **kwargs: object) -> object:
+        gate.wait(20)
+        return real_write(*args, **kwargs)
+
+    manager.raw.write = held_write
+    try:
+        add_room(decode, prefill, 6, PAGES)
+        run_until("ready", lambda: 6 in prefill.ready, decode, prefill)
+        prefill.send(6, fill=0x66)  # hangs in the transport
+        run_until("prefill timed out", lambda: 6 in prefill.aborted, decode, prefill)
+        run_until("decode told", lambda: 6 in decode.aborted, decode, prefill)
+        run_for(0.5, decode, prefill)  # decode's abort reaches the draining prefill
+        assert 6 not in decode.released and decode.node.abort_acks == 0
+        gate.set()
+        run_until("released", lambda: 6 in decode.released, decode, prefill)
+        assert decode.pool.num_free == PAGES
+    finally:
+        gate.set()
+        decode.close()
+        prefill.close()

@@ -666,7 +666,14 @@ class PrefillSession:
         if peer is None:
             self._untrusted("an abort of room %d from unregistered decode rank %r", room, sender)
             return
-        self.acknowledge(room, (peer,))
+        self._acknowledge_when_drained(room, sender, peer)
+
+    def _acknowledge_when_drained(self, room: int, key: Any, peer: DecodePeer) -> None:
+        draining = self._draining.get(room)
+        if draining is not None:
+            draining[key] = peer  # its writes may still land: acknowledged once drained
+        elif self.acknowledge is not None:
+            self.acknowledge(room, (peer,))
 
     def _answer_ended(self, room: int, decode_key: Any) -> None:
         """Decode still wants a room that already failed here: tell it why, at once."""
@@ -676,8 +683,7 @@ class PrefillSession:
         reason = self._ended[room][1]
         if self.notify_decode is not None:
             self.notify_decode(room, (peer,), False, reason)
-        if self.acknowledge is not None:
-            self.acknowledge(room, (peer,))
+        self._acknowledge_when_drained(room, decode_key, peer)
 
     def _acknowledge_drained(self) -> None:
         assert self.manager is not None
