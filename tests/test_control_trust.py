@@ -3,12 +3,14 @@ with a shared secret no unauthenticated frame is acted on. Also the end-to-end c
 
 from __future__ import annotations
 
+import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
@@ -26,24 +28,45 @@ def _config(**kw: object) -> TransferConfig:
     return TransferConfig(**base)  # type: ignore[arg-type]
 
 
+_HOSTILE_PROCESS = """
+import base64, json, sys, time
+import zmq
+context = zmq.Context()
+sockets = {}
+for address, frame in json.load(sys.stdin):
+    sock = sockets.get(address)
+    if sock is None:
+        sock = sockets[address] = context.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 5000)
+        sock.connect(address)
+    sock.send_multipart([base64.b64decode(part) for part in frame])
+for sock in sockets.values():
+    sock.close()
+context.term()
+"""
+
+
 class Hostile:
-    """A local process that found the control sockets: raw ZMQ, no kvbridge sender."""
+    """Another local process that found the control sockets: raw ZMQ, no kvbridge sender."""
 
     def __init__(self) -> None:
-        self.context = zmq.Context.instance()
-        self.sockets: dict[str, zmq.Socket] = {}
+        self.queued: list[tuple[str, list[str]]] = []
 
     def send(self, address: str, frames: list[bytes]) -> None:
-        sock = self.sockets.get(address)
-        if sock is None:
-            sock = self.sockets[address] = self.context.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(address)
-        sock.send_multipart(frames)
+        self.queued.append((address, [base64.b64encode(f).decode() for f in frames]))
+
+    def flush(self) -> None:
+        subprocess.run(
+            [sys.executable, "-c", _HOSTILE_PROCESS],
+            input=json.dumps(self.queued),
+            text=True,
+            check=True,
+            timeout=60,
+        )
+        self.queued.clear()
 
     def close(self) -> None:
-        for sock in self.sockets.values():
-            sock.close()
+        self.queued.clear()
 
 
 def _honest_round(decode: Decode, prefill: Prefill, room: int, fill: int) -> None:
@@ -125,6 +148,7 @@ def test_hostile_frames_without_a_secret_stop_nothing_and_count_nothing_as_hones
         for address, frames in _hostile_frames(decode, prefill, room).items():
             for frame in frames:
                 hostile.send(address, frame)
+        hostile.flush()
         run_for(0.5, decode, prefill)
         prefill.send(room, fill=0x3C)
         run_until("committed", lambda: room in decode.committed, decode, prefill)
@@ -161,6 +185,7 @@ def test_with_a_secret_even_well_formed_spoofed_frames_are_rejected() -> None:
             for frame in frames:
                 hostile.send(address, frame)
                 sent += 1
+        hostile.flush()
         run_for(0.5, decode, prefill)
         rejected = decode.node.control.rejected + prefill.node.control.rejected
         assert rejected == sent
