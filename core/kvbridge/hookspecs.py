@@ -216,9 +216,15 @@ class TransportSpec:
             ``chunk.is_last`` marks the final chunk, which includes the aux row write (its room
             stamp last) and may contain no KV pages at all.
 
+        Each run also names the device of its source and destination memory
+        (``Descriptors.src_device`` / ``dst_device``: -1 host memory, N ``cuda:N``), so a
+        transport describes each run as the memory it is (``Descriptors.device_groups``).
+
         Must return without waiting for the writes. Writes of one room to one peer must land
         in the order of ``send`` calls; within a chunk the order is free except that the aux
-        row lands after the KV pages of the same chunk. Report completion through ``poll``.
+        row lands after the KV pages of the same chunk. The core relies on this order: on a
+        decode rank written by one prefill rank, the landed room stamp alone completes the
+        room. Report completion through ``poll``.
         """
 
     @hookspec(firstresult=True)
