@@ -121,6 +121,9 @@ class FakeManager(BookedManager):
             return "injected failure (fake transport fault plan)"
         return None
 
+    def injects_failures(self) -> bool:
+        return bool(self.faults.fail_rooms)
+
     def write(
         self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
     ) -> str | None:
