@@ -32,6 +32,10 @@ class WriterLiveness:
     def silence(self, writer: Hashable, now: float) -> float:
         return now - self._last.get(writer, now)
 
+    def due(self, now: float) -> bool:
+        """Whether :meth:`dead` would look now (callers skip building ``in_use`` if not)."""
+        return now >= self._next_check and bool(self._last)
+
     def dead(self, now: float, in_use: Collection[Hashable] | None = None) -> list[Hashable]:
         """Writers silent for longer than the limit (then forgotten). Cheap between checks.
 

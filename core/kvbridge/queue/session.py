@@ -85,7 +85,7 @@ class DecodeSession:
         *,
         config: TransferConfig,
         manager: TransportManager,
-        pages: PageAllocator,
+        pages: PageAllocator | None,
         aux: np.ndarray,
         reducer: Reducer,
         directory: PrefillDirectory,
@@ -242,7 +242,7 @@ class DecodeSession:
         now = self.clock()
         while self._heartbeats:
             self.liveness.heard(self._heartbeats.popleft(), now)
-        if len(self.liveness):
+        if self.liveness.due(now):  # writers_in_use() is a loop over rooms: only when due
             for writer in self.liveness.dead(now, queue.writers_in_use()):
                 reason = (
                     f"lost connection to prefill {writer} (no heartbeat for "
