@@ -85,7 +85,7 @@ class DecodeSession:
         *,
         config: TransferConfig,
         manager: TransportManager,
-        pages: PageAllocator | None,
+        pages: PageAllocator,
         aux: np.ndarray,
         reducer: Reducer,
         directory: PrefillDirectory,
