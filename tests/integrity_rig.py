@@ -71,7 +71,8 @@ class Prefill:
 
 
 class Decode:
-    def __init__(self, config: TransferConfig, pages: int) -> None:
+    def __init__(self, config: TransferConfig, pages: int, engine_pages: bool = False) -> None:
+        """``engine_pages``: kvbridge gets no allocator; every request brings its pages."""
         self.buffers = RankBuffers.allocate(
             num_regions=REGIONS, num_pages=pages, page_bytes=PAGE_BYTES, num_slots=8
         )
@@ -81,7 +82,7 @@ class Decode:
             rank=RankIdentity(Role.DECODE),
             kv_regions=self.buffers.kv_regions,
             aux=self.buffers.aux,
-            pages=self.pool,
+            pages=None if engine_pages else self.pool,
             reducer=SingleRankReducer(),
             page_size=16,
             kv_dtype="uint8",

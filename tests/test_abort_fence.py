@@ -224,3 +224,35 @@ def test_an_abort_for_a_room_still_draining_is_acknowledged_only_after_the_drain
         gate.set()
         decode.close()
         prefill.close()
+
+
+def test_engine_owned_pages_are_written_never_freed_and_released_after_the_fence() -> None:
+    """An engine with its own allocator (vLLM, SGLang) hands kvbridge the pages per request."""
+    from kvbridge.queue import DecodeRequest, PrefillRequest
+
+    config = _config("mooncake")
+    require_transport("mooncake")
+    slow = Prefill(config, PAGES)
+    decode = Decode(config, PAGES, engine_pages=True)  # no kvbridge allocator at all
+    try:
+        mine = np.arange(PAGES)[::-1].copy()  # the engine's choice of pages
+        decode.node.add([DecodeRequest(301, PAGES, slow.addr, pages=mine)])
+        slow.node.add([PrefillRequest(301)])
+        run_until("metadata sent", lambda: 301 in slow.ready, decode, slow)
+        run_until("timed out", lambda: 301 in decode.aborted, decode)
+        run_for(0.5, decode)
+        assert 301 not in decode.released  # the prefill may still write the engine's pages
+        slow.send(301, fill=0xEE)
+        run_until("released", lambda: 301 in decode.released, decode, slow)
+        # Committed: the engine's own pages come back as the request's pages.
+        decode.node.add([DecodeRequest(302, PAGES, slow.addr, pages=mine)])
+        slow.node.add([PrefillRequest(302)])
+        run_until("302 ready", lambda: 302 in slow.ready, decode, slow)
+        slow.send(302, fill=0x3A)
+        run_until("302 committed", lambda: 302 in decode.committed, decode, slow)
+        assert np.array_equal(decode.committed[302].pages, mine)
+        assert decode.pages_hold(302, 0x3A)
+        assert decode.pool.num_free == PAGES  # kvbridge's own pool was never touched
+    finally:
+        decode.close()
+        slow.close()

@@ -252,7 +252,7 @@ class DecodeNode:
         rank: RankIdentity,
         kv_regions: Sequence[MemoryRegion],
         aux: np.ndarray,
-        pages: PageAllocator,
+        pages: PageAllocator | None,
         reducer: Reducer,
         page_size: int,
         kv_dtype: str,

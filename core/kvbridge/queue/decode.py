@@ -66,12 +66,30 @@ class DecodeRequest:
     bootstrap_addr: str = ""
     #: Known when the router already chose the prefill DP rank.
     prefill_dp_rank: int | None = None
+    #: Pages the engine already allocated for this request (its own allocator: vLLM, SGLang).
+    #: kvbridge writes into them but never frees them: ``DecodeStep.released`` says when they
+    #: are safe to reuse after an abort (the fence). None: kvbridge allocates ``num_pages``.
+    pages: np.ndarray | None = attrs.field(default=None, eq=False, hash=False)
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.room < 2**64:
             raise ValueError(f"room must be in 1..2**64-1 (0 is reserved), got {self.room}")
         if self.num_pages < 0:
             raise ValueError(f"num_pages must be >= 0, got {self.num_pages}")
+        if self.pages is not None:
+            pages = np.ascontiguousarray(self.pages, dtype=np.int64).reshape(-1)
+            if len(pages) != self.num_pages:
+                raise ValueError(
+                    f"room {self.room}: num_pages is {self.num_pages} but {len(pages)} engine "
+                    f"pages were given"
+                )
+            if len(pages) and pages.min() < 0:
+                raise ValueError(f"room {self.room}: negative page index")
+            object.__setattr__(self, "pages", pages)
+
+    @property
+    def engine_owned(self) -> bool:
+        return self.pages is not None
 
 
 @attrs.frozen(eq=False)
@@ -98,7 +116,7 @@ class DecodeQueue:
 
     def __init__(
         self,
-        pages: PageAllocator,
+        pages: PageAllocator | None,
         aux_slots: PageAllocator,
         aux: np.ndarray,
         *,
@@ -162,9 +180,12 @@ class DecodeQueue:
             self.requests[r.room] = r
         self.cols.append([r.room for r in requests], BOOTSTRAPPING, now + self.bootstrap_timeout)
         capacity = getattr(self.pages, "capacity", None)
+        for r in requests:
+            if self.pages is None and not r.engine_owned:
+                self.fail(r.room, "no page allocator: this request must bring its engine pages")
         if capacity is not None:
             for r in requests:
-                if r.num_pages > capacity:
+                if not r.engine_owned and r.num_pages > capacity:
                     # It could never be allocated and, FIFO, would block every later request.
                     self.fail(
                         r.room,
@@ -437,6 +458,7 @@ class DecodeQueue:
                 aborted.append(failed)
                 if not fenced:
                     remove.append(i)
+                    released.append(failed.room)  # nothing can still be writing it
 
         if self.fenced and len(key) and key.max() == _RELEASE_KEY:
             for i in np.flatnonzero(key == _RELEASE_KEY).tolist():
@@ -457,6 +479,7 @@ class DecodeQueue:
                 aborted.append(failed)
                 if fenced:
                     continue
+                released.append(room)
             else:
                 row = self.aux[slot].copy()
                 pages = self.allocated.pop(room)
@@ -470,21 +493,18 @@ class DecodeQueue:
         first = int(is_ready.argmax()) if len(key) else 0
         ready = np.zeros(0, dtype=np.int64)
         # Usually the head of the line does not fit and nothing else needs looking at.
-        if (
-            len(key)
-            and is_ready[first]
-            and self.pages.can_alloc(self.requests[int(cols.rooms[first])].num_pages)
-        ):
+        if len(key) and is_ready[first] and self._fits(self.requests[int(cols.rooms[first])]):
             ready = np.flatnonzero(is_ready)
         for k in range(len(ready)):
             i = int(ready[k])
             room = int(cols.rooms[i])
-            new_pages = self.pages.alloc(self.requests[room].num_pages)
+            request = self.requests[room]
+            new_pages = self._alloc(request)
             if new_pages is None:
                 break  # FIFO: nobody overtakes the first request that does not fit
             slots = self.aux_slots.alloc(1)
             if slots is None:
-                self.pages.free(new_pages)
+                self._return(request, new_pages)
                 break
             self.allocated[room] = new_pages
             cols.stage[i] = TRANSFER
@@ -534,13 +554,29 @@ class DecodeQueue:
         self._forget(room)
         return room
 
+    def _fits(self, request: DecodeRequest) -> bool:
+        if request.engine_owned:
+            return True
+        return self.pages is not None and self.pages.can_alloc(request.num_pages)
+
+    def _alloc(self, request: DecodeRequest) -> np.ndarray | None:
+        if request.pages is not None:
+            return request.pages
+        return self.pages.alloc(request.num_pages) if self.pages is not None else None
+
+    def _return(self, request: DecodeRequest, pages: np.ndarray) -> None:
+        """Give pages back to kvbridge's allocator; the engine's own are never freed here."""
+        if not request.engine_owned and self.pages is not None:
+            self.pages.free(pages)
+
     def _free(self, i: int, room: int) -> None:
         cols = self.cols
         if cols.slot[i] >= 0:
             self.aux_slots.free(np.array([cols.slot[i]]))
         pages = self.allocated.pop(room, None)
-        if pages is not None:
-            self.pages.free(pages)
+        request = self.requests.get(room)
+        if pages is not None and request is not None:
+            self._return(request, pages)
 
     def _forget(self, room: int) -> None:
         self.requests.pop(room, None)

@@ -38,7 +38,11 @@ class DecodeStep:
     #: Failed requests. An abort after the metadata went out fences the pages and aux slot:
     #: they stay allocated until every prefill rank that may write them has stopped.
     aborted: tuple[Aborted, ...] = ()
-    #: Rooms whose fence lifted this step (on every rank): their pages are free again.
+    #: Aborted rooms whose pages and aux slot are safe to reuse from now on, on every rank in
+    #: the same step: at once when nothing can be writing them (the abort came before the
+    #: metadata went out), else once the fence lifted. kvbridge frees pages it allocated
+    #: itself; an engine that brought its own pages (``DecodeRequest.pages``) reuses them
+    #: only after they appear here. Committed pages belong to the engine at once.
     released: tuple[int, ...] = ()
 
 

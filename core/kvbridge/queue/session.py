@@ -85,7 +85,7 @@ class DecodeSession:
         *,
         config: TransferConfig,
         manager: TransportManager,
-        pages: PageAllocator,
+        pages: PageAllocator | None,
         aux: np.ndarray,
         reducer: Reducer,
         directory: PrefillDirectory,
