@@ -13,6 +13,7 @@ from kvbridge.errors import (
 from kvbridge.hookspecs import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.memory import AuxLayout, AuxSlotPool, PagePool
 from kvbridge.plugins import TransportRegistry
+from kvbridge.secret import Secret
 from kvbridge.status import KVPoll
 from kvbridge.transports import Transport, TransportManager
 from kvbridge.types import (
@@ -43,6 +44,7 @@ __all__ = [
     "PollResult",
     "RankIdentity",
     "Role",
+    "Secret",
     "SendChunk",
     "TransferConfig",
     "Transport",
