@@ -1,0 +1,3 @@
+from kvbridge_vllm.proxy import main
+
+main()

@@ -1,0 +1,315 @@
+"""The worker half of KvbridgeConnector: one kvbridge node per vLLM worker (TP rank).
+
+The node (:class:`kvbridge.node.DecodeNode` or :class:`~kvbridge.node.PrefillNode`) is built
+with a :class:`~kvbridge.queue.collective.SingleRankReducer`: a group of one, no collective.
+vLLM's KVOutputAggregator is the cross-rank agreement (a request moves only when every worker
+reported it); kvbridge's rank mapping still pairs prefill and decode TP ranks, because each
+node registers its real ``tp_rank``/``tp_size``.
+
+A driver thread owns the node and steps it (every ``poll_interval`` while rooms are live), so
+transfers progress and heartbeats flow between engine steps; the vLLM hooks only queue work
+for it and collect what finished. Pages are vLLM's blocks: kvbridge writes into them and
+reports when they are safe to reuse, never frees them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
+from kvbridge.memory import AuxSlotPool
+from kvbridge.node import DecodeNode, PrefillNode
+from kvbridge.queue import DecodeRequest
+from kvbridge.queue.collective import SingleRankReducer
+from kvbridge.queue.prefill import PrefillRequest
+from kvbridge_vllm.config import ConnectorConfig
+from kvbridge_vllm.scheduler import KvbridgeMetadata
+
+log = logging.getLogger("kvbridge_vllm")
+ENDED_IN_VLLM = "request ended in vLLM while its KV was on its way (client gone or aborted)"
+
+
+def describe_kv_caches(kv_caches: dict[str, Any], block_size: int) -> list[MemoryRegion]:
+    """One region per distinct layer cache tensor, one page per vLLM block.
+
+    vLLM's CPU attention allocates ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
+    per layer: head-major inside a block, kvbridge's ``head_sharded`` layout (a TP rank's
+    heads are a contiguous slice of a block, which unequal TP needs)."""
+    regions: list[MemoryRegion] = []
+    seen: set[int] = set()
+    for name, tensor in kv_caches.items():
+        if tensor.data_ptr() in seen:  # layers sharing one cache
+            continue
+        seen.add(tensor.data_ptr())
+        if tensor.dim() != 4 or tensor.shape[2] != block_size:
+            raise RuntimeError(
+                f"kvbridge-vllm: KV cache of layer {name} has shape {tuple(tensor.shape)}; "
+                f"expected [num_blocks, num_kv_heads, block_size={block_size}, 2*head_size] "
+                f"(vLLM's CPU attention layout): this attention backend is not supported yet"
+            )
+        item_bytes = tensor.stride(0) * tensor.element_size()
+        regions.append(MemoryRegion.of(tensor, item_bytes))
+    return regions
+
+
+class KvbridgeWorker:
+    def __init__(self, vllm_config: Any, config: ConnectorConfig, engine_id: str) -> None:
+        from vllm.distributed.parallel_state import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        self.config = config
+        self.producer = vllm_config.kv_transfer_config.kv_role == "kv_producer"
+        self.block_size = int(vllm_config.cache_config.block_size)
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.tp_size = get_tensor_model_parallel_world_size()
+        self.engine_id = engine_id
+        self.node: DecodeNode | PrefillNode | None = None
+        self._lock = threading.Lock()
+        self._inbox: collections.deque[KvbridgeMetadata] = collections.deque()
+        self._finished_sending: set[str] = set()
+        self._finished_recving: set[str] = set()
+        self._failed_recving: set[str] = set()
+        self._stats: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Driver-thread state.
+        self._request_of: dict[int, str] = {}
+        self._started: dict[int, float] = {}
+        self._pages: dict[int, np.ndarray] = {}
+        self._slot: dict[int, int] = {}
+        self.page_bytes = 0
+        self.error: BaseException | None = None
+
+    # -- set-up ---------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        regions = describe_kv_caches(kv_caches, self.block_size)
+        self.page_bytes = sum(r.item_bytes for r in regions)
+        first = next(iter(kv_caches.values()))
+        kv_dtype = str(first.dtype).removeprefix("torch.")
+        role = Role.PREFILL if self.producer else Role.DECODE
+        rank = RankIdentity(role, tp_rank=self.tp_rank, tp_size=self.tp_size)
+        common = dict(
+            config=self.config.transfer,
+            rank=rank,
+            kv_regions=regions,
+            reducer=SingleRankReducer(),
+            page_size=self.block_size,
+            kv_dtype=kv_dtype,
+            kv_layout="head_sharded",
+        )
+        if self.producer:
+            self.aux = AuxLayout().allocate(self.config.aux_slots)
+            self.slots = AuxSlotPool(self.aux["room"])
+            self.node = PrefillNode(
+                aux_regions=[MemoryRegion.of(self.aux, self.aux.dtype.itemsize)],
+                bootstrap_addr=self.config.bootstrap_addr,
+                **common,  # type: ignore[arg-type]
+            )
+        else:
+            # The decode aux rows (room stamps) are kvbridge's own small array, not vLLM memory.
+            self.aux = AuxLayout().allocate(self.config.aux_slots)
+            self.node = DecodeNode(aux=self.aux, pages=None, **common)  # type: ignore[arg-type]
+        log.info(
+            "kvbridge-vllm %s worker tp %d/%d: %d KV regions, %d bytes per block, transport %s",
+            role.value if hasattr(role, "value") else role,
+            self.tp_rank,
+            self.tp_size,
+            len(regions),
+            self.page_bytes,
+            self.config.transfer.transport,
+        )
+        self._thread = threading.Thread(target=self._run, name="kvbridge-vllm", daemon=True)
+        self._thread.start()
+
+    # -- vLLM hooks (engine thread) -------------------------------------------------------------
+
+    def start_load_kv(self, metadata: KvbridgeMetadata | None) -> None:
+        if metadata is not None and (metadata.recv or metadata.send or metadata.abort):
+            with self._lock:
+                self._inbox.append(metadata)
+
+    def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        if self.error is not None:
+            raise RuntimeError("kvbridge-vllm driver thread failed") from self.error
+        with self._lock:
+            out = self._finished_sending, self._finished_recving, self._failed_recving
+            self._finished_sending, self._finished_recving, self._failed_recving = (
+                set(),
+                set(),
+                set(),
+            )
+        return out
+
+    def take_stats(self) -> dict[str, float]:
+        with self._lock:
+            stats, self._stats = self._stats, {}
+        return stats
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5)
+        if self.node is not None:
+            self.node.close()
+            self.node = None
+
+    # -- driver thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self._step()
+                self._stop.wait(self.config.poll_interval if busy else 0.005)
+        except BaseException as exc:  # surfaced to vLLM by the next transfer_results
+            log.exception("kvbridge-vllm driver thread failed")
+            self.error = exc
+
+    def _count(self, **values: float) -> None:
+        with self._lock:
+            for k, v in values.items():
+                self._stats[k] = self._stats.get(k, 0.0) + v
+
+    def _step(self) -> bool:
+        with self._lock:
+            work = list(self._inbox)
+            self._inbox.clear()
+        if self.producer:
+            return self._step_prefill(work)
+        return self._step_decode(work)
+
+    def _step_decode(self, work: list[KvbridgeMetadata]) -> bool:
+        node = self.node
+        assert isinstance(node, DecodeNode)
+        done_ok: set[str] = set()
+        done_failed: set[str] = set()
+        for meta in work:
+            for r in meta.recv:
+                request = DecodeRequest(
+                    r.room,
+                    len(r.block_ids),
+                    r.bootstrap_addr,
+                    pages=np.asarray(r.block_ids, dtype=np.int64),
+                )
+                try:
+                    node.add([request])
+                except ValueError as exc:  # room still queued or fenced: nothing was written
+                    log.error("request %s (room %d) refused: %s", r.request_id, r.room, exc)
+                    done_failed.add(r.request_id)
+                    continue
+                self._request_of[r.room] = r.request_id
+                self._started[r.room] = time.monotonic()
+                self._pages[r.room] = request.pages  # type: ignore[assignment]
+            for request_id, room in meta.abort:
+                if self._request_of.get(room) == request_id:
+                    node.session.queue.fail(room, ENDED_IN_VLLM)
+        result = node.step()
+        now = time.monotonic()
+        for c in result.committed:
+            request_id = self._request_of.pop(c.room, None)
+            if request_id is None:
+                continue
+            done_ok.add(request_id)
+            n = len(self._pages.pop(c.room, ()))
+            self._count(
+                transfers=1,
+                bytes=n * self.page_bytes,
+                seconds=now - self._started.pop(c.room, now),
+            )
+        for a in result.aborted:
+            log.warning(
+                "room %d (request %s) failed: %s", a.room, self._request_of.get(a.room), a.reason
+            )
+            self._count(failures=1)
+        for room in result.released:
+            request_id = self._request_of.pop(room, None)
+            self._pages.pop(room, None)
+            self._started.pop(room, None)
+            if request_id is not None:
+                done_failed.add(request_id)
+        if done_ok or done_failed:
+            with self._lock:
+                self._finished_recving |= done_ok | done_failed
+                self._failed_recving |= done_failed
+        return bool(len(node.session))
+
+    def _expected_pages(self, room: int) -> int | None:
+        """How many pages decode allocated for ``room`` (fewer than prefill holds when decode
+        had a local prefix-cache hit: then prefill sends its last blocks)."""
+        node = self.node
+        assert isinstance(node, PrefillNode)
+        targets = node.session._targets.get(room)  # see the report: needs a public accessor
+        if not targets:
+            return None
+        counts = {len(meta.pages) for _, meta in targets if meta.writes}
+        return max(counts) if counts else None
+
+    def _step_prefill(self, work: list[KvbridgeMetadata]) -> bool:
+        node = self.node
+        assert isinstance(node, PrefillNode)
+        finished: set[str] = set()
+        for meta in work:
+            for s in meta.send:
+                slots = self.slots.alloc(1)
+                if slots is None:
+                    log.error(
+                        "request %s: no free aux slot (aux_slots=%d)", s.request_id, len(self.aux)
+                    )
+                    finished.add(s.request_id)
+                    continue
+                slot = int(slots[0])
+                try:
+                    node.add([PrefillRequest(s.room)])
+                except ValueError as exc:
+                    log.error("request %s (room %d) refused: %s", s.request_id, s.room, exc)
+                    self.slots.free(slots)
+                    finished.add(s.request_id)
+                    continue
+                self.aux[slot]["room"] = s.room
+                self._slot[s.room] = slot
+                self._request_of[s.room] = s.request_id
+                self._pages[s.room] = np.asarray(s.block_ids, dtype=np.int64)
+        result = node.step()
+        now = time.monotonic()
+        for room in result.ready:
+            pages = self._pages[room]
+            want = self._expected_pages(room)
+            if want is not None and want > len(pages):
+                node.session.queue.fail(
+                    room, f"decode allocated {want} blocks, this prefill holds {len(pages)}"
+                )
+                continue
+            if want is not None:
+                pages = pages[len(pages) - want :]
+            self._started[room] = now
+            node.send(room, pages, is_last=True, aux_slot=self._slot[room])
+            self._count(bytes=len(pages) * self.page_bytes)
+        ended = [(room, True) for room in result.finished]
+        ended += [(a.room, False) for a in result.aborted]
+        for room, ok in ended:
+            request_id = self._request_of.pop(room, None)
+            self._pages.pop(room, None)
+            slot = self._slot.pop(room, None)
+            if slot is not None:
+                self.slots.free(np.array([slot]))
+            started = self._started.pop(room, None)
+            if ok:
+                self._count(transfers=1, seconds=now - started if started else 0.0)
+            else:
+                self._count(failures=1)
+            if request_id is not None:
+                finished.add(request_id)
+        for a in result.aborted:
+            log.warning("room %d failed on prefill: %s", a.room, a.reason)
+        if finished:
+            with self._lock:
+                self._finished_sending |= finished
+        return bool(len(node.session))
