@@ -53,6 +53,8 @@ PAGE = 64 << 10
 POOL_BYTES = 256 << 20  # decode pool per rank
 MAX_INFLIGHT = 32
 SLOTS = 64
+#: The results file keeps everything from this line on when the tables are rewritten.
+NOTES_MARK = "<!-- notes: written by hand, kept by benchmarks/handoff.py -->"
 
 
 def _free_port() -> int:
@@ -85,13 +87,17 @@ def _observers(on: bool) -> Any:
     return ObserverRelay(discover=on)
 
 
-def phases(sizes_kib: list[int]) -> list[tuple[str, int, int]]:
+def phases(
+    sizes_kib: list[int], modes: tuple[str, ...] = ("latency", "throughput")
+) -> list[tuple[str, int, int]]:
     """(mode, pages per request, requests) in run order; a warm-up first."""
     out = [("warmup", 1, 4)]
     for kib in sizes_kib:
         pages = max(kib * 1024 // PAGE, 1)
-        out.append(("latency", pages, 0))
-        out.append(("throughput", pages, min(MAX_INFLIGHT, POOL_BYTES // PAGE // pages)))
+        if "latency" in modes:
+            out.append(("latency", pages, 0))
+        if "throughput" in modes:
+            out.append(("throughput", pages, min(MAX_INFLIGHT, POOL_BYTES // PAGE // pages)))
     return out
 
 
@@ -199,7 +205,7 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         _gloo(rank, world, args["ports"]["prefill_gloo"])
         if rank == 0:
             server = BootstrapServer("127.0.0.1", args["ports"]["bootstrap"]).start()
-        max_pages = max(p for _, p, _ in phases(args["sizes_kib"]))
+        max_pages = max(p for _, p, _ in phases(args["sizes_kib"], args["modes"]))
         kv = np.random.default_rng(rank).integers(0, 256, (max_pages, PAGE), dtype=np.uint8)
         aux = AuxLayout().allocate(SLOTS + 1)  # the last row stays zero: raw writes copy it
         kv_regions = (MemoryRegion.of(kv, PAGE),)
@@ -218,7 +224,7 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         )
         poll = args["poll_ms"] / 1e3
         src_all = np.arange(max_pages, dtype=np.int64)
-        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"])):
+        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"], args["modes"])):
             count = count or args["repeats"]
             rooms = _rooms(index, count)
             barrier.wait(timeout=300)
@@ -296,7 +302,10 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         _gloo(rank, world, args["ports"]["decode_gloo"])
         listener = socket.create_server(("127.0.0.1", args["ports"]["fake_raw"][rank]))
         threading.Thread(target=_fake_raw_server, args=(listener, stop), daemon=True).start()
-        kv = np.zeros((POOL_BYTES // PAGE, PAGE), dtype=np.uint8)
+        # Resident, like an engine's KV pool: np.zeros maps pages lazily, and the first write
+        # to each would pay a page fault that the raw path (always the same pages) never pays.
+        kv = np.empty((POOL_BYTES // PAGE, PAGE), dtype=np.uint8)
+        kv.fill(0)
         aux = AuxLayout().allocate(SLOTS)
         pool = PagePool(kv.shape[0])
         node = DecodeNode(
@@ -314,7 +323,7 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         bootstrap = f"127.0.0.1:{args['ports']['bootstrap']}"
         stamps = aux["room"]
         poll = args["poll_ms"] / 1e3
-        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"])):
+        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"], args["modes"])):
             count = count or args["repeats"]
             rooms = _rooms(index, count)
             added: dict[int, float] = {}
@@ -398,6 +407,7 @@ def _observer_cost(node: Any, n: int = 2000) -> float:
             queued=64,
             reduced=64,
             stages=stages,
+            fenced_bytes=0,
         )
     return (time.perf_counter() - t0) / n * 1e6
 
@@ -421,6 +431,7 @@ def run(transport: str, world: int, args: argparse.Namespace) -> list[dict[str, 
         "repeats": args.repeats,
         "poll_ms": args.poll_ms,
         "observers": args.observers == "on",
+        "modes": tuple(args.modes),
     }
     barrier, results = ctx.Barrier(2 * world), ctx.Queue()
     procs = [
@@ -465,7 +476,7 @@ def summarise(
     prefill = [o for o in outs if o["role"] == "prefill"]
     decode = [o for o in outs if o["role"] == "decode"]
     rows = []
-    for index, (mode, pages, count) in enumerate(phases(args.sizes_kib)):
+    for index, (mode, pages, count) in enumerate(phases(args.sizes_kib, tuple(args.modes))):
         if mode == "warmup":
             continue
         dp = [o["phases"][index] for o in decode]
@@ -559,6 +570,15 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             )
     cost = max(r["observer_step_us"] for r in rows)
     lines += ["", f"Observer (Prometheus exporter) cost per step call: {cost:.1f} us."]
+    loads = {(r["transport"], r["world"]): r.get("load_1m") for r in rows}
+    lines += [
+        "",
+        "Load average (1 min) at the start / end of each transport and world (2 vCPUs): "
+        + "; ".join(
+            f"{t} w{w} {v[0]:.2f} / {v[1]:.2f}" for (t, w), v in loads.items() if v is not None
+        )
+        + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -572,6 +592,13 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--poll-ms", type=float, default=0.5, help="sleep between steps")
     parser.add_argument("--observers", choices=["on", "off"], default="on")
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["latency", "throughput"],
+        default=["latency", "throughput"],
+        help="phases to run (profiling one: repeat a size, e.g. --sizes-kib 1024 1024 1024)",
+    )
     parser.add_argument("--timeout", type=float, default=540.0, help="per transport and world")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", default="handoff", help="results file stem")
@@ -584,7 +611,11 @@ def main() -> int:
         for world in args.worlds:
             print(f"measuring {name} world {world} ...", file=sys.stderr, flush=True)
             try:
-                rows += run(name, world, args)
+                load = os.getloadavg()[0]
+                measured = run(name, world, args)
+                for row in measured:  # 1-minute load average, start / end of this run
+                    row["load_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+                rows += measured
             except Exception as exc:  # recorded; the other transports still run
                 print(f"{name} world {world} failed: {exc}", file=sys.stderr, flush=True)
     command = "python benchmarks/handoff.py " + " ".join(sys.argv[1:])
@@ -592,7 +623,11 @@ def main() -> int:
     print(text)
     if not args.no_write:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / f"{args.out}.md").write_text(text)
+        md = RESULTS / f"{args.out}.md"
+        old = md.read_text() if md.exists() else ""
+        if NOTES_MARK in old:
+            text += "\n" + old[old.index(NOTES_MARK) :]
+        md.write_text(text)
         (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
