@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from kvbridge.queue.collective import init_gloo
+
 RESULTS = Path(__file__).parent / "results"
 PAGE = 64 << 10
 POOL_BYTES = 256 << 20  # decode pool per rank
@@ -61,18 +63,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _gloo(rank: int, world: int, port: int) -> None:
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=120),
-    )
 
 
 def _config(name: str) -> Any:
@@ -202,7 +192,7 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         from kvbridge.types import Descriptors
 
         world = args["world"]
-        _gloo(rank, world, args["ports"]["prefill_gloo"])
+        init_gloo(rank, world, args["ports"]["prefill_gloo"])
         if rank == 0:
             server = BootstrapServer("127.0.0.1", args["ports"]["bootstrap"]).start()
         max_pages = max(p for _, p, _ in phases(args["sizes_kib"], args["modes"]))
@@ -299,7 +289,7 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         from kvbridge.queue import DecodeRequest, TorchMinReducer
 
         world = args["world"]
-        _gloo(rank, world, args["ports"]["decode_gloo"])
+        init_gloo(rank, world, args["ports"]["decode_gloo"])
         listener = socket.create_server(("127.0.0.1", args["ports"]["fake_raw"][rank]))
         threading.Thread(target=_fake_raw_server, args=(listener, stop), daemon=True).start()
         # Resident, like an engine's KV pool: np.zeros maps pages lazily, and the first write
