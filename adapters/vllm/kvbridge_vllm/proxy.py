@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     proxy = Proxy(args.prefill, args.decode, args.timeout)
     print(json.dumps({"proxy": f"http://{args.host}:{args.port}"}), flush=True)
-    web.run_app(proxy.app(), host=args.host, port=args.port, print=None)
+    # handler_cancellation: a client that goes away cancels the upstream requests too.
+    web.run_app(proxy.app(), host=args.host, port=args.port, print=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

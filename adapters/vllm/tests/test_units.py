@@ -1,0 +1,95 @@
+"""Rooms, config and version checks: no vLLM needed."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+from kvbridge_vllm.config import ConnectorConfig, normalize_addr
+from kvbridge_vllm.proxy import decode_body, prefill_body
+from kvbridge_vllm.rooms import RoomCollision, RoomTable, room_of
+from kvbridge_vllm.version import Unsupported, check_config, check_version
+
+
+def test_room_is_stable_nonzero_64bit() -> None:
+    assert room_of("kvb-1") == room_of("kvb-1")
+    assert room_of("kvb-1") != room_of("kvb-2")
+    rooms = {room_of(f"id-{i}") for i in range(10000)}
+    assert len(rooms) == 10000
+    assert all(0 < r < 2**64 for r in rooms)
+    with pytest.raises(ValueError):
+        room_of("")
+
+
+def test_room_table_refuses_a_second_live_request() -> None:
+    table = RoomTable()
+    room = table.claim("t1", "req-a")
+    assert table.claim("t1", "req-a") == room  # the same request again is fine
+    with pytest.raises(RoomCollision, match="req-a"):
+        table.claim("t1", "req-b")
+    assert table.release("req-a") == room
+    assert table.claim("t1", "req-b") == room
+    assert len(table) == 1
+
+
+def test_config_from_extra() -> None:
+    cfg = ConnectorConfig.from_extra(
+        {"kvbridge": {"transport": "nixl", "bootstrap_timeout": 5}, "bootstrap_port": 9000}
+    )
+    assert cfg.transfer.transport == "nixl"
+    assert cfg.transfer.bootstrap_timeout == 5
+    assert cfg.bootstrap_addr == "127.0.0.1:9000"
+    with pytest.raises(ValueError, match="unknown keys"):
+        ConnectorConfig.from_extra({"transport": "nixl"})
+    with pytest.raises(ValueError):
+        ConnectorConfig.from_extra({"kvbridge": {"transport": "fake", "no_such": 1}})
+    assert normalize_addr("http://10.0.0.1:8998/") == "10.0.0.1:8998"
+
+
+def test_version_refusal_names_the_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_version("0.32.0") == "0.32.0"
+    assert check_version("0.32.1+cpu") == "0.32.1+cpu"
+    monkeypatch.delenv("KVBRIDGE_VLLM_ALLOW_UNTESTED", raising=False)
+    with pytest.raises(Unsupported, match="KVBRIDGE_VLLM_ALLOW_UNTESTED"):
+        check_version("0.40.0")
+    monkeypatch.setenv("KVBRIDGE_VLLM_ALLOW_UNTESTED", "1")
+    assert check_version("0.40.0") == "0.40.0"
+
+
+def _vllm_config(role: str = "kv_producer", pp: int = 1, dp: int = 1, mla: bool = False):
+    ns = types.SimpleNamespace
+    return ns(
+        kv_transfer_config=ns(kv_role=role),
+        parallel_config=ns(
+            pipeline_parallel_size=pp, data_parallel_size=dp, decode_context_parallel_size=1
+        ),
+        model_config=ns(use_mla=mla),
+    )
+
+
+def test_config_refusals_name_the_flag() -> None:
+    check_config(_vllm_config(), types.SimpleNamespace(kv_cache_groups=[1]))
+    with pytest.raises(Unsupported, match="kv_both"):
+        check_config(_vllm_config(role="kv_both"))
+    with pytest.raises(Unsupported, match="--pipeline-parallel-size"):
+        check_config(_vllm_config(pp=2))
+    with pytest.raises(Unsupported, match="--data-parallel-size"):
+        check_config(_vllm_config(dp=2))
+    with pytest.raises(Unsupported, match="MLA"):
+        check_config(_vllm_config(mla=True))
+    with pytest.raises(Unsupported, match="KV cache groups"):
+        check_config(_vllm_config(), types.SimpleNamespace(kv_cache_groups=[1, 2]))
+
+
+def test_proxy_bodies() -> None:
+    body = {"prompt": "w1", "max_tokens": 9, "stream": True}
+    p = prefill_body(body, "t")
+    assert p["max_tokens"] == 1 and p["stream"] is False
+    assert p["kv_transfer_params"] == {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "transfer_id": "t",
+    }
+    assert decode_body(body, {"x": 1})["kv_transfer_params"] == {"x": 1}
+    assert "kv_transfer_params" not in decode_body(body, None)
+    assert body == {"prompt": "w1", "max_tokens": 9, "stream": True}
