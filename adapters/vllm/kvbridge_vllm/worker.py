@@ -58,6 +58,10 @@ def describe_kv_caches(kv_caches: dict[str, Any], block_size: int) -> list[Memor
     return regions
 
 
+def _pop(table: dict[int, Any], key: int) -> Any:
+    return table.pop(key) if key in table else None
+
+
 class KvbridgeWorker:
     def __init__(self, vllm_config: Any, config: ConnectorConfig, engine_id: str) -> None:
         from vllm.distributed.parallel_state import (
@@ -214,7 +218,7 @@ class KvbridgeWorker:
         result = node.step()
         now = time.monotonic()
         for c in result.committed:
-            request_id = self._request_of.pop(c.room, None)
+            request_id = _pop(self._request_of, c.room)
             if request_id is None:
                 continue
             done_ok.add(request_id)
@@ -230,7 +234,7 @@ class KvbridgeWorker:
             )
             self._count(failures=1)
         for room in result.released:
-            request_id = self._request_of.pop(room, None)
+            request_id = _pop(self._request_of, room)
             self._pages.pop(room, None)
             self._started.pop(room, None)
             if request_id is not None:
@@ -295,9 +299,9 @@ class KvbridgeWorker:
         ended = [(room, True) for room in result.finished]
         ended += [(a.room, False) for a in result.aborted]
         for room, ok in ended:
-            request_id = self._request_of.pop(room, None)
+            request_id = _pop(self._request_of, room)
             self._pages.pop(room, None)
-            slot = self._slot.pop(room, None)
+            slot = _pop(self._slot, room)
             if slot is not None:
                 self.slots.free(np.array([slot]))
             started = self._started.pop(room, None)

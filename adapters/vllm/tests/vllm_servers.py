@@ -53,7 +53,10 @@ def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -
         "transport": transport,
         "bootstrap_timeout": 15,
         "waiting_timeout": 30,
-        "heartbeat_interval": 1,
+        # Fake: fast liveness for the killed-prefill test. Mooncake and NIXL keep kvbridge's
+        # default (5 s x 2): their first connection to a peer can stall a step for seconds on
+        # this 2-core machine, and a 2 s limit then fails that room (seen with Mooncake).
+        "heartbeat_interval": 1 if transport == "fake" else 5,
         **kvbridge,
     }
     return json.dumps(
