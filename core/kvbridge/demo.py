@@ -237,6 +237,7 @@ def prefill_main(
         tokens = {room: t for room, t, _ in mine}
         pool, slots = PagePool(buffers.kv[0].shape[0]), PagePool(len(buffers.aux))
         forward: dict[int, list[Any]] = {}  # room -> [pages, sent, slot]
+        waiting_forward: list[int] = []  # ready rooms this rank has no pages for yet
         step = 0
         while not stop.is_set() and not _orphaned(parent):
             arriving = mine[step * plan.arrivals_per_step : (step + 1) * plan.arrivals_per_step]
@@ -245,10 +246,15 @@ def prefill_main(
                     node.publish_dp_ranks({room: dp for room, _, _ in arriving})
                 node.add([PrefillRequest(room) for room, _, _ in arriving])
             result = node.step()
-            for room in result.ready:  # "forward pass": compute this request's KV
+            # "Forward pass": compute the KV of rooms decode is ready for, oldest first, as far
+            # as this rank's pool allows (every rank has the same pool, so all defer alike).
+            waiting_forward.extend(result.ready)
+            while waiting_forward:
+                room = waiting_forward[0]
                 pages = pool.alloc(plan.pages_of(tokens[room]))
                 if pages is None:
-                    raise RuntimeError("prefill KV pool exhausted")
+                    break  # the pool frees as earlier rooms finish
+                waiting_forward.pop(0)
                 slot_ids = slots.alloc(1)
                 assert slot_ids is not None  # one slot per request, sized for all of them
                 slot = int(slot_ids[0])
@@ -270,6 +276,9 @@ def prefill_main(
                 entry[1] = -1 if last else sent + len(chunk)
                 if last:
                     out["done_at"][room] = time.time()
+            for a in result.aborted:
+                if a.room in waiting_forward:
+                    waiting_forward.remove(a.room)
             for room in list(result.finished) + [a.room for a in result.aborted]:
                 if room in forward:
                     entry = forward.pop(room)
