@@ -136,3 +136,27 @@ def test_root_causes_cross_with_their_origin_and_echoes_stay_echoes() -> None:
     finally:
         decode.close()
         prefill.close()
+
+
+def test_engine_side_abort_reaches_the_prefill_and_prefill_sees_the_requested_pages() -> None:
+    config = TransferConfig(transport="fake", heartbeat_interval=0.2, waiting_timeout=30.0)
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        add_room(decode, prefill, 51, PAGES // 2)
+        run_until("51 ready", lambda: 51 in prefill.ready, decode, prefill)
+        assert prefill.node.requested_pages(51) == PAGES // 2
+        decode.node.abort(51, "client disconnected")
+        run_until("prefill told", lambda: 51 in prefill.aborted, decode, prefill)
+        assert prefill.aborted[51].endswith("client disconnected")
+        assert decode.aborted[51] == "client disconnected"
+        run_until("released", lambda: 51 in decode.released, decode, prefill)
+        # And from the prefill's side.
+        add_room(decode, prefill, 52, PAGES)
+        run_until("52 ready", lambda: 52 in prefill.ready, decode, prefill)
+        prefill.node.abort(52, "request cancelled in the engine")
+        run_until("decode told", lambda: 52 in decode.aborted, decode, prefill)
+        assert decode.aborted[52].endswith("request cancelled in the engine")
+        run_until("memory back", lambda: decode.pool.num_free == PAGES, decode, prefill)
+    finally:
+        decode.close()
+        prefill.close()

@@ -220,6 +220,14 @@ class PrefillNode:
         Non-blocking: sent (and retried) by the bootstrap client's background thread."""
         self.client.publish_rooms(self.bootstrap_addr, dp_ranks)
 
+    def abort(self, room: int, reason: str) -> None:
+        """Give up on ``room`` from the engine's side (see ``DecodeNode.abort``)."""
+        self.session.abort(room, reason)
+
+    def requested_pages(self, room: int) -> int | None:
+        """Pages decode allocated for a ready room (its prefix-cache hits excluded)."""
+        return self.session.requested_pages(room)
+
     def step(self) -> PrefillStep:
         self._losses.check()
         now = time.monotonic()
@@ -453,6 +461,12 @@ class DecodeNode:
 
     def add(self, requests: Sequence[DecodeRequest]) -> None:
         self.session.add(requests)
+
+    def abort(self, room: int, reason: str) -> None:
+        """Give up on ``room`` (client disconnected, request cancelled): it aborts on every
+        rank at the next step, the prefill is told, and its pages are released through the
+        fence (``DecodeStep.released``)."""
+        self.session.abort(room, reason)
 
     def step(self) -> DecodeStep:
         self._losses.check()

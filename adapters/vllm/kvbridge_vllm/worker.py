@@ -214,7 +214,7 @@ class KvbridgeWorker:
                 self._pages[r.room] = request.pages  # type: ignore[assignment]
             for request_id, room in meta.abort:
                 if self._request_of.get(room) == request_id:
-                    node.session.queue.fail(room, ENDED_IN_VLLM)
+                    node.abort(room, ENDED_IN_VLLM)
         result = node.step()
         now = time.monotonic()
         for c in result.committed:
@@ -250,11 +250,7 @@ class KvbridgeWorker:
         had a local prefix-cache hit: then prefill sends its last blocks)."""
         node = self.node
         assert isinstance(node, PrefillNode)
-        targets = node.session._targets.get(room)  # see the report: needs a public accessor
-        if not targets:
-            return None
-        counts = {len(meta.pages) for _, meta in targets if meta.writes}
-        return max(counts) if counts else None
+        return node.requested_pages(room)
 
     def _step_prefill(self, work: list[KvbridgeMetadata]) -> bool:
         node = self.node
@@ -287,9 +283,7 @@ class KvbridgeWorker:
             pages = self._pages[room]
             want = self._expected_pages(room)
             if want is not None and want > len(pages):
-                node.session.queue.fail(
-                    room, f"decode allocated {want} blocks, this prefill holds {len(pages)}"
-                )
+                node.abort(room, f"decode allocated {want} blocks, this prefill holds {len(pages)}")
                 continue
             if want is not None:
                 pages = pages[len(pages) - want :]

@@ -155,6 +155,15 @@ class DecodeSession:
             reason = FOLLOWED
         self._events.append((room, sender, ok, reason))
 
+    def abort(self, room: int, reason: str) -> None:
+        """The engine gives up on ``room`` (client gone, request cancelled). Scheduler thread.
+
+        A local observation like any other (rule 2): the room aborts on every rank at the next
+        reduction, the prefill is told (also before resolution), and its pages follow the fence.
+        An unknown or already ended room is ignored.
+        """
+        self.queue.fail(room, reason)
+
     def notify_heartbeat(self, sender: object) -> None:
         """A prefill rank said it is alive. Thread-safe."""
         self._heartbeats.append(sender)

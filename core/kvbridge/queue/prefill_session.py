@@ -143,6 +143,19 @@ class PrefillSession:
         """
         self._events.append(("abort", (room, reason, sender)))
 
+    def abort(self, room: int, reason: str) -> None:
+        """The engine gives up on ``room``. Scheduler thread; see ``DecodeSession.abort``."""
+        self.queue.fail(room, reason)
+
+    def requested_pages(self, room: int) -> int | None:
+        """How many pages decode allocated for ``room`` (None before its metadata arrived).
+
+        Fewer than the prompt's pages when decode had a prefix-cache hit of its own: this
+        rank then sends only the request's last pages.
+        """
+        counts = {len(meta.pages) for _, meta in self._targets.get(room, ()) if meta.writes}
+        return max(counts) if counts else None
+
     def live_decode_controls(self) -> set[Any]:
         """Control addresses of decode ranks with rooms in flight here (heartbeat targets)."""
         keys: set[Any] = set()
