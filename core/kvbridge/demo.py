@@ -239,7 +239,14 @@ def prefill_main(
         forward: dict[int, list[Any]] = {}  # room -> [pages, sent, slot]
         waiting_forward: list[int] = []  # ready rooms this rank has no pages for yet
         step = 0
-        while not stop.is_set() and not _orphaned(parent):
+        stop_seen = 0.0
+        while not _orphaned(parent):
+            if stop.is_set():
+                # Leave in lock-step: only once the queue is empty on every rank (emptiness
+                # is agreed, so no rank is left inside a collective), or after a grace period.
+                stop_seen = stop_seen or time.monotonic()
+                if not len(node.session) or time.monotonic() - stop_seen > 5.0:
+                    break
             arriving = mine[step * plan.arrivals_per_step : (step + 1) * plan.arrivals_per_step]
             if arriving:
                 if cp == 0 and tp == 0:
