@@ -160,3 +160,25 @@ def test_engine_side_abort_reaches_the_prefill_and_prefill_sees_the_requested_pa
     finally:
         decode.close()
         prefill.close()
+
+
+def test_a_prefill_that_has_not_added_the_room_yet_still_heartbeats_to_its_decode() -> None:
+    """Decode's metadata can arrive long before the prefill engine adds the room (a router
+    dispatching to both at once, a long forward pass): that is not a dead prefill."""
+    config = TransferConfig(
+        transport="fake", heartbeat_interval=0.1, heartbeat_max_misses=2, waiting_timeout=30.0
+    )
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        _commit(decode, prefill, 61, PAGES, 0x61)  # decode knows this prefill's ranks
+        decode.pool.free(decode.committed[61].pages)
+        decode.add(62, PAGES, prefill)  # the prefill engine has not got to room 62 yet
+        run_for(1.0, decode, prefill)  # five liveness windows
+        assert 62 not in decode.aborted, decode.aborted.get(62)
+        prefill.node.add([PrefillRequest(62)])
+        run_until("62 ready", lambda: 62 in prefill.ready, decode, prefill)
+        prefill.send(62, fill=0x62)
+        run_until("62 committed", lambda: 62 in decode.committed, decode, prefill)
+    finally:
+        decode.close()
+        prefill.close()

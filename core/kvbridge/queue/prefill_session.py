@@ -161,6 +161,10 @@ class PrefillSession:
         keys: set[Any] = set()
         for senders in self._metadata.values():
             keys.update(senders)
+        # Metadata that came before the engine added the room (a router that dispatches to
+        # both sides at once, a long forward pass): that decode rank waits on us too.
+        for _, events in self._early.values():
+            keys.update(payload.decode_rank for kind, payload in events if kind == "meta")
         for peers in self._draining.values():
             keys.update(peers)
         return {self.decode_peers[k].control for k in keys if k in self.decode_peers}
