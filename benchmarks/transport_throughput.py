@@ -63,8 +63,8 @@ def raw_transfer(name: str, manager, session_or_agent: str, src, dst, lengths) -
 
 def measure(name: str, size: int, repeats: int) -> dict:
     from kvbridge import KVPoll, PeerWrite, RankIdentity, Role, SendChunk
+    from kvbridge.buffers import RankBuffers
     from kvbridge.memory import kv_descriptors
-    from kvbridge.testing.buffers import RankBuffers
     from kvbridge.testing.remote import RemoteReceiver
     from kvbridge.testing.rig import load
 

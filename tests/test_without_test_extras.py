@@ -98,3 +98,34 @@ def test_demo_runs_without_test_packages(env: dict[str, str]) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+LIBRARY_ROOTS = [
+    REPO / "core" / "kvbridge",
+    *sorted((REPO / "plugins").glob("*/kvbridge_*")),
+    REPO / "adapters" / "vllm" / "kvbridge_vllm",
+]
+
+
+def test_no_library_module_imports_test_code() -> None:
+    """The kit (``kvbridge.testing``), pytest and hypothesis are for tests; nothing a user's
+    pip install runs may import them (the kit itself, under testing/, is the exception)."""
+    import ast
+
+    offenders = []
+    for root in LIBRARY_ROOTS:
+        for path in root.rglob("*.py"):
+            rel = path.relative_to(REPO).as_posix()
+            if "/testing/" in rel:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    names = [node.module]
+                for name in names:
+                    top = name.split(".")
+                    if top[0] in BLOCKED or top[:2] == ["kvbridge", "testing"]:
+                        offenders.append(f"{rel}:{node.lineno} imports {name}")
+    assert not offenders, offenders

@@ -124,7 +124,7 @@ def _config(plan: DemoPlan) -> Any:
 
 
 def _buffers(plan: DemoPlan, tp: int, tp_rank: int, num_slots: int) -> Any:
-    from kvbridge.testing.buffers import RankBuffers
+    from kvbridge.buffers import RankBuffers
 
     head_bytes = plan.heads // tp * HEAD_BYTES
     buffers = RankBuffers.allocate(

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from kvbridge.buffers import RankBuffers
 from kvbridge.config import TransferConfig
 from kvbridge.plugins import TransportRegistry
-from kvbridge.testing.buffers import RankBuffers
 from kvbridge.transports import Transport
 from kvbridge.types import RankIdentity, Role
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from kvbridge.buffers import RankBuffers
 from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.plugins import LoadedTransport, TransportRegistry
 from kvbridge.status import KVPoll
-from kvbridge.testing.buffers import RankBuffers
 from kvbridge.transports import Transport
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, RankIdentity, Role, SendChunk
 
