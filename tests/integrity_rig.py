@@ -4,6 +4,7 @@ scheduler step itself, so it decides exactly when each side learns what."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -63,6 +64,20 @@ class Prefill:
         self.buffers.write_aux(slot, room)
         self.node.send(room, np.arange(n), is_last=True, aux_slot=slot)
         return np.arange(n)
+
+    def hold_writes(self) -> threading.Event:
+        """Make every write of this rank's transport wait (in flight) until the event is set."""
+        gate = threading.Event()
+        manager = self.node.manager
+        assert manager is not None
+        real_write = manager.raw.write
+
+        def held_write(*args: object, **kwargs: object) -> object:
+            gate.wait(20)
+            return real_write(*args, **kwargs)
+
+        manager.raw.write = held_write
+        return gate
 
     def close(self) -> None:
         self.node.close()

@@ -122,20 +122,9 @@ def test_fence_outliving_its_timeout_is_counted_and_memory_stays_held() -> None:
 
 def test_prefill_acknowledges_only_after_its_transport_drained() -> None:
     """The prefill half: no AbortAck while a write of the room is still in flight."""
-    import threading
-
     config = _config("fake")
     prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
-    gate = threading.Event()
-    manager = prefill.node.manager
-    assert manager is not None
-    real_write = manager.raw.write
-
-    def held_write(*args: object, **kwargs: object) -> object:
-        gate.wait(20)
-        return real_write(*args, **kwargs)
-
-    manager.raw.write = held_write
+    gate = prefill.hold_writes()
     try:
         add_room(decode, prefill, 5, PAGES)
         run_until("ready", lambda: 5 in prefill.ready, decode, prefill)
@@ -194,21 +183,10 @@ def test_one_sided_writer_declared_dead_keeps_the_fence_until_it_is_replaced(
 def test_an_abort_for_a_room_still_draining_is_acknowledged_only_after_the_drain() -> None:
     """Prefill gave up first (its own timeout) while a write hung; decode's abort then arrives
     for a room prefill no longer queues: the answer must still wait for the drain."""
-    import threading
-
     prefill_config = TransferConfig(transport="fake", waiting_timeout=0.5, heartbeat_interval=30)
     decode_config = TransferConfig(transport="fake", waiting_timeout=30, heartbeat_interval=30)
     prefill, decode = Prefill(prefill_config, PAGES), Decode(decode_config, PAGES)
-    gate = threading.Event()
-    manager = prefill.node.manager
-    assert manager is not None
-    real_write = manager.raw.write
-
-    def held_write(*args: object, **kwargs: object) -> object:
-        gate.wait(20)
-        return real_write(*args, **kwargs)
-
-    manager.raw.write = held_write
+    gate = prefill.hold_writes()
     try:
         add_room(decode, prefill, 6, PAGES)
         run_until("ready", lambda: 6 in prefill.ready, decode, prefill)

@@ -1,13 +1,8 @@
-"""The decode side's session: the I/O edge around the pure queues.
+"""A decode rank's session (see :mod:`kvbridge.queue.session` for how a step runs).
 
-A session's step is ``prepare`` (drain control-channel events, resolve prefill targets, poll
-the transport once, build the local vector) -> one reduce -> ``finish`` (apply the reduced
-vector, execute the decisions). Engines call :meth:`step`; tests with in-process ranks call
-``prepare``/``finish`` around their own reducer.
-
-Events from other threads (completion and metadata messages) go through a lock-free deque and
-are applied at the start of the next step, so all queue state is touched only by the
-scheduler thread.
+Its prepare drains completions, acknowledgements, heartbeats and checksums, declares silent
+writers dead, resolves prefill targets, renews memory leases and polls the receivers; its
+finish sends metadata and aborts and releases fenced memory.
 """
 
 from __future__ import annotations

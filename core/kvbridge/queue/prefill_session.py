@@ -1,13 +1,8 @@
-"""The prefill side's session: the I/O edge around the pure queues.
+"""A prefill rank's session (see :mod:`kvbridge.queue.session` for how a step runs).
 
-A session's step is ``prepare`` (drain control-channel events, resolve prefill targets, poll
-the transport once, build the local vector) -> one reduce -> ``finish`` (apply the reduced
-vector, execute the decisions). Engines call :meth:`step`; tests with in-process ranks call
-``prepare``/``finish`` around their own reducer.
-
-Events from other threads (completion and metadata messages) go through a lock-free deque and
-are applied at the start of the next step, so all queue state is touched only by the
-scheduler thread.
+It binds each room to the decode ranks whose metadata completes it first, turns chunks into
+descriptors, announces completions (and checksums), and acknowledges aborts only once the
+transport has drained the room.
 """
 
 from __future__ import annotations
