@@ -217,6 +217,7 @@ class DecodeSession:
                     sender,
                 )
         now = self.clock()
+        self.liveness.looking(now)
         while self._heartbeats:
             self.liveness.heard(self._heartbeats.popleft(), now)
         if self.liveness.due(now):  # writers_in_use() is a loop over rooms: only when due
