@@ -34,6 +34,14 @@ log = logging.getLogger("kvbridge.nixl")
 OPTIONS = {"backend": "UCX", "io_timeout": 30.0}
 
 
+#: Polling a transfer's state backs off from 20 us to 1 ms. A ``sleep(0)`` spin gives up the
+#: GIL and takes it back thousands of times a second: in an engine's worker process that
+#: starves the threads that must run meanwhile (kvbridge's step loop, its heartbeats), by
+#: seconds on a loaded host; the backoff adds at most 1 ms to a long transfer.
+POLL_FIRST = 20e-6
+POLL_MAX = 1e-3
+
+
 def nixl_memory(device: int) -> tuple[str, int]:
     """NIXL's (memory type, device id) of a device code (-1 host, N for ``cuda:N``)."""
     return ("DRAM", 0) if device == HOST else ("VRAM", int(device))
@@ -151,10 +159,12 @@ class NixlManager(BookedManager):
                 )
                 state = self.agent.transfer(handle)
             deadline = time.monotonic() + float(self.options["io_timeout"])
+            pause = POLL_FIRST
             while state == "PROC":
                 if time.monotonic() > deadline:
                     return f"nixl write of room {room} to {agent} timed out"
-                time.sleep(0)
+                time.sleep(pause)
+                pause = min(pause * 2, POLL_MAX)
                 with self._lock:
                     state = self.agent.check_xfer_state(handle)
             if state != "DONE":
