@@ -180,6 +180,48 @@ def test_one_sided_writer_declared_dead_keeps_the_fence_until_it_is_replaced(
         gone.server.stop()
 
 
+@pytest.mark.parametrize("transport", ["mooncake", "nixl"])
+def test_fence_lifts_when_the_whole_instance_restarts_with_no_new_request(
+    transport: str,
+) -> None:
+    """The prefill instance dies with its bootstrap server (a killed vLLM prefill); decode's
+    look-ups of the address fail until it is refused. Nothing else asks for that address,
+    yet the fenced room is released once a new instance serves at the same address."""
+    from kvbridge.bootstrap.server import BootstrapServer
+
+    require_transport(transport)
+    config = TransferConfig(
+        transport=transport,
+        waiting_timeout=30.0,
+        heartbeat_interval=0.2,
+        heartbeat_max_misses=2,
+        fence_timeout=30.0,
+        bootstrap_timeout=1.0,
+        bootstrap_retry_after=0.5,
+    )
+    gone = Prefill(config, PAGES)
+    port = int(gone.addr.rsplit(":", 1)[1])
+    decode = Decode(config, PAGES)
+    successor = server = None
+    try:
+        add_room(decode, gone, 12, PAGES)
+        run_until("metadata sent", lambda: 12 in gone.ready, decode, gone)
+        gone.close()  # rank and bootstrap server gone
+        run_until("room 12 failed", lambda: 12 in decode.aborted, decode, timeout=10)
+        run_for(2.5, decode)  # look-ups fail past bootstrap_timeout: the address is refused
+        assert 12 not in decode.released and decode.pool.num_free == 0
+        server = BootstrapServer("127.0.0.1", port, token=config.bootstrap_token).start()
+        successor = Prefill(config, PAGES, server=server)
+        run_until("room 12 released", lambda: 12 in decode.released, decode, successor, timeout=15)
+        assert decode.pool.num_free == PAGES
+    finally:
+        decode.close()
+        if successor is not None:
+            successor.close()
+        if server is not None:
+            server.stop()
+
+
 def test_an_abort_for_a_room_still_draining_is_acknowledged_only_after_the_drain() -> None:
     """Prefill gave up first (its own timeout) while a write hung; decode's abort then arrives
     for a room prefill no longer queues: the answer must still wait for the drain."""

@@ -435,6 +435,7 @@ class DecodeNode:
         """A dead writer whose rank re-registered with another control address is a new
         process: the old one, and any write it had in flight, is gone (the fence may lift)."""
         for room, writer, target in self.session.dead_writers():
+            self.directory.watch(target.bootstrap_addr)
             for contact in target.plan:
                 if contact.prefill_key != writer:
                     continue

@@ -516,6 +516,26 @@ class BootstrapDirectory:
             state.need_info(now)
         self._wake.set()
 
+    def watch(self, addr: str) -> None:
+        """Rooms fenced on a dead rank of ``addr`` wait for that rank's replacement: keep the
+        address remembered and look it up again once a refusal has expired. No new request
+        for ``addr`` may ever come to do it, and only a fresh look-up shows a new process."""
+        now = time.monotonic()
+        wake = False
+        with self._lock:
+            state = self._addresses.get(addr)
+            if state is None:
+                state = self._addresses[addr] = _Address(last_used=now)
+                state.need_info(now)
+                wake = True
+            state.last_used = now
+            if state.failure is not None and now >= state.retry_at:
+                log.info("looking up prefill bootstrap %s again (fenced rooms wait on it)", addr)
+                state.need_info(now)
+                wake = True
+        if wake:
+            self._wake.set()
+
     def rank_control(self, addr: str, dp_rank: int, tp_rank: int) -> str | None:
         """The control address the prefill rank registered last, from cached info."""
         with self._lock:
