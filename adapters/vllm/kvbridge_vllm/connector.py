@@ -13,6 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbridge_vllm.config import ConnectorConfig
+from kvbridge_vllm.logs import route_to_vllm_log
 from kvbridge_vllm.scheduler import KvbridgeMetadata, KvbridgeScheduler
 from kvbridge_vllm.stats import KvbridgeStats
 from kvbridge_vllm.version import check_config, check_version
@@ -33,6 +34,7 @@ class KvbridgeConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.P2P  # vLLM labels the transferred prompt tokens p2p
 
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any = None) -> None:
+        route_to_vllm_log()
         check_version()
         check_config(vllm_config, kv_cache_config)
         super().__init__(vllm_config, role, kv_cache_config)
@@ -139,6 +141,19 @@ class KvbridgeConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbridgeStats:
         return KvbridgeStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[type, type],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> Any:
+        """kvbridge's series on vLLM's ``/metrics``: a ``KvbridgePromMetrics`` (stats.py)."""
+        from kvbridge_vllm.stats import KvbridgePromMetrics
+
+        return KvbridgePromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self.kb_worker is not None:

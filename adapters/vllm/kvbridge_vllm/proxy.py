@@ -80,11 +80,32 @@ class Proxy:
         return web.json_response({"status": "ok"})
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        assert self.session is not None
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "the request body is not JSON")
+        if not isinstance(body, dict):
+            return _error(400, "the request body is not a JSON object")
         path = request.path
         transfer_id = f"kvb-{uuid.uuid4().hex}"
         prefill_url = next(self._prefill) + path
+        decode_url = next(self._decode) + path
+        try:
+            return await self._forward(request, body, transfer_id, prefill_url, decode_url)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            # An instance gone (killed, restarting) or too slow: the client gets a clear 502.
+            log.warning("%s %s: %s: %s", path, transfer_id, type(exc).__name__, exc)
+            return _error(502, f"upstream failed: {type(exc).__name__}: {exc}")
+
+    async def _forward(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        transfer_id: str,
+        prefill_url: str,
+        decode_url: str,
+    ) -> web.StreamResponse:
+        assert self.session is not None
         async with self.session.post(prefill_url, json=prefill_body(body, transfer_id)) as resp:
             if resp.status != 200:
                 text = await resp.text()
@@ -92,8 +113,7 @@ class Proxy:
             first = await resp.json()
         params = first.get("kv_transfer_params")
         if not params:
-            log.warning("prefill returned no kv_transfer_params for %s: decoding locally", path)
-        decode_url = next(self._decode) + path
+            log.warning("prefill %s returned no kv_transfer_params: decoding locally", prefill_url)
         async with self.session.post(decode_url, json=decode_body(body, params)) as resp:
             if not body.get("stream"):
                 data = await resp.read()
@@ -101,10 +121,18 @@ class Proxy:
             out = web.StreamResponse(status=resp.status)
             out.content_type = resp.headers.get("Content-Type", "text/event-stream")
             await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                # Headers are out: all that is left to say is that the stream ends early.
+                log.warning("decode stream %s broke: %s: %s", transfer_id, type(exc).__name__, exc)
             await out.write_eof()
             return out
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "code": status}}, status=status)
 
 
 def main(argv: list[str] | None = None) -> None:

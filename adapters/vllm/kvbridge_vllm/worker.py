@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -30,6 +31,8 @@ from kvbridge.queue.collective import SingleRankReducer
 from kvbridge.queue.prefill import PrefillRequest
 from kvbridge_vllm.config import ConnectorConfig
 from kvbridge_vllm.scheduler import KvbridgeMetadata
+from kvbridge_vllm.stalls import StallWatch
+from kvbridge_vllm.stats import count
 
 log = logging.getLogger("kvbridge_vllm")
 ENDED_IN_VLLM = "request ended in vLLM while its KV was on its way (client gone or aborted)"
@@ -81,7 +84,7 @@ class KvbridgeWorker:
         self._finished_sending: set[str] = set()
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
-        self._stats: dict[str, float] = {}
+        self._stats: dict[str, Any] = {}  # kvbridge_vllm.stats.count's interval data
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Driver-thread state.
@@ -131,6 +134,13 @@ class KvbridgeWorker:
             self.page_bytes,
             self.config.transfer.transport,
         )
+        if self.config.gil_switch_interval is not None:
+            log.info(
+                "kvbridge-vllm: GIL switch interval %g s (was %g s)",
+                self.config.gil_switch_interval,
+                sys.getswitchinterval(),
+            )
+            sys.setswitchinterval(self.config.gil_switch_interval)
         self._thread = threading.Thread(target=self._run, name="kvbridge-vllm", daemon=True)
         self._thread.start()
 
@@ -153,7 +163,7 @@ class KvbridgeWorker:
             )
         return out
 
-    def take_stats(self) -> dict[str, float]:
+    def take_stats(self) -> dict[str, Any]:
         with self._lock:
             stats, self._stats = self._stats, {}
         return stats
@@ -169,18 +179,25 @@ class KvbridgeWorker:
     # -- driver thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        watch = StallWatch(self.config.transfer.heartbeat_interval)
         try:
+            last = time.monotonic()
             while not self._stop.is_set():
+                began = time.monotonic()
                 busy = self._step()
+                ended = time.monotonic()
+                watch.step_done(last, began, ended)
+                last = ended
                 self._stop.wait(self.config.poll_interval if busy else 0.005)
         except BaseException as exc:  # surfaced to vLLM by the next transfer_results
             log.exception("kvbridge-vllm driver thread failed")
             self.error = exc
+        finally:
+            watch.close()
 
     def _count(self, **values: float) -> None:
         with self._lock:
-            for k, v in values.items():
-                self._stats[k] = self._stats.get(k, 0.0) + v
+            count(self._stats, **values)
 
     def _step(self) -> bool:
         with self._lock:
