@@ -93,3 +93,89 @@ def test_proxy_bodies() -> None:
     assert decode_body(body, {"x": 1})["kv_transfer_params"] == {"x": 1}
     assert "kv_transfer_params" not in decode_body(body, None)
     assert body == {"prompt": "w1", "max_tokens": 9, "stream": True}
+
+
+def test_kvbridge_logs_join_vllms_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import logging
+
+    from kvbridge_vllm.logs import LOGGERS, route_to_vllm_log
+
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).level) for n in LOGGERS}
+    stream = io.StringIO()
+    vllm_handler = logging.StreamHandler(stream)
+    vllm_handler.setFormatter(logging.Formatter("VLLM %(levelname)s %(name)s: %(message)s"))
+    vllm_logger = logging.getLogger("vllm")
+    vllm_logger.addHandler(vllm_handler)
+    try:
+        for name in LOGGERS:
+            logging.getLogger(name).handlers.clear()
+        monkeypatch.setenv("KVBRIDGE_LOG_LEVEL", "debug")
+        route_to_vllm_log()
+        route_to_vllm_log()  # twice: still one handler each
+        logging.getLogger("kvbridge.queue").debug("room %d", 7)
+        logging.getLogger("kvbridge_vllm").info("hello")
+        assert stream.getvalue().splitlines() == [
+            "VLLM DEBUG kvbridge.queue: room 7",
+            "VLLM INFO kvbridge_vllm: hello",
+        ]
+        assert all(len(logging.getLogger(n).handlers) == 1 for n in LOGGERS)
+    finally:
+        vllm_logger.removeHandler(vllm_handler)
+        for name, (handlers, level) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.setLevel(level)
+            logger.propagate = True
+
+
+def test_proxy_answers_bad_input_and_dead_instances_clearly() -> None:
+    import asyncio
+    import socket
+
+    from aiohttp.test_utils import TestClient, TestServer
+    from kvbridge_vllm.proxy import Proxy
+
+    with socket.socket() as s:  # a port nobody listens on: an instance that is gone
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+
+    async def run() -> None:
+        client = TestClient(TestServer(Proxy([dead], [dead], timeout=5).app()))
+        await client.start_server()
+        try:
+            r = await client.post("/v1/completions", data=b"{not json")
+            assert r.status == 400
+            assert "not JSON" in (await r.json())["error"]["message"]
+            r = await client.post("/v1/completions", json=["a list"])
+            assert r.status == 400
+            r = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
+            assert r.status == 502
+            assert "upstream failed" in (await r.json())["error"]["message"]
+            assert (await client.get("/health")).status == 200
+        finally:
+            await client.close()
+
+    asyncio.run(run())
+
+
+def test_a_late_driver_step_is_reported_with_its_cause(caplog: pytest.LogCaptureFixture) -> None:
+    from kvbridge_vllm.stalls import WARN_EVERY, StallWatch
+
+    watch = StallWatch(heartbeat_interval=1.0)
+    with caplog.at_level("WARNING", logger="kvbridge_vllm"):
+        watch.step_done(last=10.0, began=10.004, ended=10.005)  # on time: nothing
+        assert caplog.records == []
+        watch.step_done(last=10.0, began=13.0, ended=13.25)  # starved 3 s, slow step 0.25 s
+        (record,) = caplog.records
+        assert "3.25 s since its last step (3.00 s waiting to run, 0.25 s inside" in (
+            record.getMessage()
+        )
+        watch.step_done(last=14.0, began=15.0, ended=15.0)  # within WARN_EVERY: held back
+        assert len(caplog.records) == 1
+        t = 13.25 + WARN_EVERY
+        watch.step_done(last=t, began=t + 2, ended=t + 2)
+        assert len(caplog.records) == 2
+        assert "(1 more late steps not logged)" in caplog.records[1].getMessage()
+    assert watch.stalls == 3
+    watch.close()

@@ -48,15 +48,24 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -> str:
+def kv_config(
+    role: str,
+    transport: str,
+    bootstrap_port: int,
+    extra: dict[str, Any] | None = None,
+    **kvbridge: Any,
+) -> str:
+    """``--kv-transfer-config``: ``kvbridge`` settings, plus top-level connector ``extra``."""
     settings = {
         "transport": transport,
         "bootstrap_timeout": 15,
         "waiting_timeout": 30,
-        # Fake: fast liveness for the killed-prefill test. Mooncake and NIXL keep kvbridge's
-        # default (5 s x 2): their first connection to a peer can stall a step for seconds on
-        # this 2-core machine, and a 2 s limit then fails that room (seen with Mooncake).
-        "heartbeat_interval": 1 if transport == "fake" else 5,
+        # A dead prefill is noticed after 15 s. Frequent heartbeats, many misses allowed:
+        # this 2-vCPU VM (steal time, two vLLM instances busy-polling) stalls single threads
+        # of a worker for 2-6 s ("driver thread was late" in the log); kvbridge's default
+        # 5 s x 2 tolerates a stall of the prefill's driver thread of about 5 s, this 14 s.
+        "heartbeat_interval": 1,
+        "heartbeat_max_misses": 15,
         **kvbridge,
     }
     return json.dumps(
@@ -65,7 +74,11 @@ def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -
             "kv_connector_module_path": "kvbridge_vllm",
             "kv_role": role,
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"kvbridge": settings, "bootstrap_port": bootstrap_port},
+            "kv_connector_extra_config": {
+                "kvbridge": settings,
+                "bootstrap_port": bootstrap_port,
+                **(extra or {}),
+            },
         }
     )
 
@@ -103,7 +116,12 @@ def start(name: str, args: list[str], port: int, log_dir: Path, env: dict[str, s
 
 
 def start_vllm(
-    name: str, model: Path, log_dir: Path, kv: str | None = None, port: int | None = None
+    name: str,
+    model: Path,
+    log_dir: Path,
+    kv: str | None = None,
+    port: int | None = None,
+    tp: int = 1,
 ) -> Server:
     port = port or free_port()
     args = [
@@ -112,6 +130,8 @@ def start_vllm(
         "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
         "--max-num-seqs", "16", "--seed", "0",
     ]  # fmt: skip
+    if tp > 1:
+        args += ["--tensor-parallel-size", str(tp)]
     if kv is not None:
         args += ["--kv-transfer-config", kv]
     return start(name, args, port, log_dir, base_env())

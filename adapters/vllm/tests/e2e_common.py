@@ -1,0 +1,98 @@
+"""What the end-to-end tests share: the tiny model, the single-instance reference outputs,
+the prompts, and a prefill/decode pair of real vLLM servers behind the kvbridge proxy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import vllm_servers as vs
+from kvbridge_vllm.tiny_model import build, prompt
+
+# Prompt lengths in tokens (one word = one token): under, at and over a 128-token block.
+PROMPTS = [prompt(n, seed) for seed, n in enumerate((20, 127, 128, 200, 300, 420))]
+MAX_TOKENS = 12
+#: Every test of a pair runs once per transport (`KVBRIDGE_VLLM_TRANSPORTS=fake` for one).
+TRANSPORTS = os.environ.get("KVBRIDGE_VLLM_TRANSPORTS", "fake,mooncake,nixl").split(",")
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("vllm-logs")
+
+
+@pytest.fixture(scope="session")
+def baseline(model: Path, logs: Path) -> dict[str, str]:
+    """Greedy outputs of one plain (non-disaggregated) instance."""
+    server = vs.start_vllm("single", model, logs)
+    try:
+        vs.wait_ready([server])
+        return {
+            p: vs.complete(server.url, model, p, MAX_TOKENS)["choices"][0]["text"] for p in PROMPTS
+        }
+    finally:
+        vs.stop(server)
+
+
+class Pair:
+    def __init__(
+        self, model: Path, logs: Path, transport: str, decode_tp: int = 1, **kvbridge: Any
+    ) -> None:
+        """``kvbridge``: settings for both instances on top of ``vs.kv_config``'s."""
+        self.model, self.logs, self.transport = model, logs, transport
+        self.settings = kvbridge
+        self.boot = vs.free_port()
+        self.prefill = self.start_prefill()
+        self.decode = vs.start_vllm(
+            f"decode-{transport}" + (f"-tp{decode_tp}" if decode_tp > 1 else ""),
+            model,
+            logs,
+            vs.kv_config("kv_consumer", transport, vs.free_port(), **kvbridge),
+            tp=decode_tp,
+        )
+        self.proxy = vs.start_proxy(self.prefill, self.decode, logs)
+
+    def start_prefill(self, port: int | None = None) -> vs.Server:
+        return vs.start_vllm(
+            f"prefill-{self.transport}",
+            self.model,
+            self.logs,
+            vs.kv_config("kv_producer", self.transport, self.boot, **self.settings),
+            port=port,
+        )
+
+    def stop(self) -> None:
+        for s in (self.proxy, self.decode, self.prefill):
+            vs.stop(s)
+
+
+def sources(server: vs.Server) -> dict[str, float]:
+    """Decode's prompt tokens by where they came from (vLLM's own counter)."""
+    m = vs.metrics(server)
+    return {
+        src: m.get(f'vllm:prompt_tokens_by_source_total{{source="{src}"}}', 0.0)
+        for src in ("local_compute", "local_cache_hit", "external_kv_transfer")
+    }
+
+
+def assert_every_prompt_handed_off(pair: Pair, model: Path, baseline: dict[str, str]) -> None:
+    """Greedy outputs through the pair equal the single instance's, and vLLM's own counters
+    show no prompt token computed on decode: each came over kvbridge, or from decode's prefix
+    cache of an earlier transfer."""
+    before = sources(pair.decode)
+    for p in PROMPTS:
+        out = vs.complete(pair.proxy.url, model, p, MAX_TOKENS)
+        assert out["choices"][0]["text"] == baseline[p], p[:40]
+    after = sources(pair.decode)
+    delta = {k: after[k] - before[k] for k in after}
+    total = sum(len(p.split()) for p in PROMPTS)
+    assert delta["local_compute"] == 0, delta
+    assert delta["external_kv_transfer"] + delta["local_cache_hit"] == total, delta
+    assert delta["external_kv_transfer"] > 0, delta
