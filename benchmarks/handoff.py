@@ -178,6 +178,23 @@ class RawPath:
 # -- processes ---------------------------------------------------------------------------------
 
 
+def fail(out: dict[str, Any], barrier: Any) -> None:
+    """In a benchmark process's ``except``: record the error, release the others' barrier."""
+    out["error"] = traceback.format_exc()
+    with contextlib.suppress(Exception):
+        barrier.abort()
+
+
+def hand_in(out: dict[str, Any], results: Any, *opened: Any) -> None:
+    """In its ``finally``: report ``out`` whatever happened, then close what it opened
+    (nodes and raw paths ``close()``, bootstrap servers ``stop()``; None skipped)."""
+    with contextlib.suppress(Exception):
+        results.put(out)
+    for thing in opened:
+        if thing is not None:
+            (thing.close if hasattr(thing, "close") else thing.stop)()
+
+
 def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> None:
     out: dict[str, Any] = {"role": "prefill", "rank": rank, "error": None, "phases": []}
     node = server = raw = None
@@ -262,18 +279,9 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
             barrier.wait(timeout=300)
             out["phases"].append({"last_send": last_send, "raw": raw_times})
     except Exception:
-        out["error"] = traceback.format_exc()
-        with contextlib.suppress(Exception):
-            barrier.abort()
+        fail(out, barrier)
     finally:
-        with contextlib.suppress(Exception):
-            results.put(out)
-        if raw is not None:
-            raw.close()
-        if node is not None:
-            node.close()
-        if server is not None:
-            server.stop()
+        hand_in(out, results, raw, node, server)
 
 
 def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> None:
@@ -369,15 +377,10 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
             )
         out["observer_us"] = _observer_cost(node)
     except Exception:
-        out["error"] = traceback.format_exc()
-        with contextlib.suppress(Exception):
-            barrier.abort()
+        fail(out, barrier)
     finally:
         stop.set()
-        with contextlib.suppress(Exception):
-            results.put(out)
-        if node is not None:
-            node.close()
+        hand_in(out, results, node)
 
 
 def _observer_cost(node: Any, n: int = 2000) -> float:
@@ -431,18 +434,23 @@ def run(transport: str, world: int, args: argparse.Namespace) -> list[dict[str, 
         ctx.Process(target=decode_main, args=(r, common, barrier, results), daemon=True)
         for r in range(world)
     ]
+    outs = run_processes(procs, results, args.timeout, f"{transport} world {world}")
+    return summarise(transport, world, outs, args)
+
+
+def run_processes(procs: list[Any], results: Any, timeout: float, what: str) -> list[Any]:
+    """Start ``procs``, gather one result each (stopping at the first error), make sure none
+    is left running, and raise the first error. Returns the results."""
     outs: list[dict[str, Any]] = []
     try:
         for p in procs:
             p.start()
-        deadline = time.monotonic() + args.timeout
-        while len(outs) < len(procs):
+        deadline = time.monotonic() + timeout
+        while len(outs) < len(procs) and not any(o["error"] for o in outs):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{transport} world {world} did not finish")
+                raise TimeoutError(f"{what} did not finish")
             with contextlib.suppress(Exception):
                 outs.append(results.get(timeout=1))
-            if any(o["error"] for o in outs):
-                break
     finally:
         for p in procs:
             p.join(20)
@@ -452,8 +460,8 @@ def run(transport: str, world: int, args: argparse.Namespace) -> list[dict[str, 
                 p.join(5)
     errors = [o["error"] for o in outs if o["error"]]
     if errors:
-        raise RuntimeError(f"{transport} world {world} failed:\n{errors[0]}")
-    return summarise(transport, world, outs, args)
+        raise RuntimeError(f"{what} failed:\n{errors[0]}")
+    return outs
 
 
 def _p(values: list[float], q: float) -> float:

@@ -21,7 +21,6 @@ _KEYS = {
     "bootstrap_port",
     "poll_interval",
     "aux_slots",
-    "gil_switch_interval",
 }
 
 
@@ -34,10 +33,6 @@ class ConnectorConfig:
     poll_interval: float = 0.001
     #: Prefill aux rows (one per room being sent, room stamp last).
     aux_slots: int = 1024
-    #: If set, the worker process's ``sys.setswitchinterval`` (seconds; Python's default is
-    #: 0.005). Every hop of a handoff between kvbridge's threads and the driver thread waits
-    #: for the GIL, which vLLM's busy-polling main thread gives up only every switch interval.
-    gil_switch_interval: float | None = None
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -58,7 +53,6 @@ class ConnectorConfig:
             bootstrap_port=port,
             poll_interval=float(extra.get("poll_interval", 0.001)),
             aux_slots=int(extra.get("aux_slots", 1024)),
-            gil_switch_interval=_switch_interval(extra.get("gil_switch_interval")),
         )
 
     @property
@@ -70,15 +64,6 @@ class ConnectorConfig:
                 "bootstrap_host 0.0.0.0 needs kvbridge.advertise_host naming this machine"
             )
         return f"{host}:{self.bootstrap_port}"
-
-
-def _switch_interval(value: Any) -> float | None:
-    if value is None:
-        return None
-    seconds = float(value)
-    if not 1e-6 <= seconds <= 0.1:
-        raise ValueError(f"gil_switch_interval must be 1e-6..0.1 seconds, got {value!r}")
-    return seconds
 
 
 def normalize_addr(addr: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import sys
 import threading
 import time
 from typing import Any
@@ -134,13 +133,6 @@ class KvbridgeWorker:
             self.page_bytes,
             self.config.transfer.transport,
         )
-        if self.config.gil_switch_interval is not None:
-            log.info(
-                "kvbridge-vllm: GIL switch interval %g s (was %g s)",
-                self.config.gil_switch_interval,
-                sys.getswitchinterval(),
-            )
-            sys.setswitchinterval(self.config.gil_switch_interval)
         self._thread = threading.Thread(target=self._run, name="kvbridge-vllm", daemon=True)
         self._thread.start()
 

@@ -48,14 +48,8 @@ def base_env() -> dict[str, str]:
     return env
 
 
-def kv_config(
-    role: str,
-    transport: str,
-    bootstrap_port: int,
-    extra: dict[str, Any] | None = None,
-    **kvbridge: Any,
-) -> str:
-    """``--kv-transfer-config``: ``kvbridge`` settings, plus top-level connector ``extra``."""
+def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -> str:
+    """``--kv-transfer-config`` for a test instance; ``kvbridge``: settings on top of these."""
     settings = {
         "transport": transport,
         "bootstrap_timeout": 15,
@@ -74,11 +68,7 @@ def kv_config(
             "kv_connector_module_path": "kvbridge_vllm",
             "kv_role": role,
             "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {
-                "kvbridge": settings,
-                "bootstrap_port": bootstrap_port,
-                **(extra or {}),
-            },
+            "kv_connector_extra_config": {"kvbridge": settings, "bootstrap_port": bootstrap_port},
         }
     )
 
