@@ -19,8 +19,11 @@ import vllm_servers as vs
 from e2e_common import Pair, assert_every_prompt_handed_off
 
 #: The TP run: which transport carries it (one is enough: the head slicing is kvbridge's
-#: rank mapping, the same for every transport; NIXL moves the sliced runs for real).
-TP_TRANSPORT = os.environ.get("KVBRIDGE_VLLM_TP_TRANSPORT", "nixl")
+#: rank mapping, the same for every transport). Mooncake: with NIXL, the prefill worker of
+#: this 7-process run froze for 28-40 s at a time on this 2-vCPU VM (the stall watch: 28 s
+#: inside one step, then 40 s waiting to run), most likely in NIXL/UCX setting up the
+#: connections to the two new decode agents, the only calls there that can block that long.
+TP_TRANSPORT = os.environ.get("KVBRIDGE_VLLM_TP_TRANSPORT", "mooncake")
 
 
 def test_decode_tp2_from_prefill_tp1(model: Path, logs: Path, baseline: dict[str, str]) -> None:
