@@ -64,6 +64,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             timeout=args.timeout,
             metrics_port=args.metrics_port,
+            heartbeat_max_misses=args.heartbeat_max_misses,
         )
     except (ValueError, TypeError) as exc:
         print(f"kvbridge demo: {exc}", file=sys.stderr)
@@ -129,6 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-prompt-tokens", type=int, default=2048)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--timeout", type=float, default=600.0, help="seconds before giving up")
+    demo.add_argument(
+        "--heartbeat-max-misses",
+        type=int,
+        default=3,
+        help="1 s heartbeats a decode rank may miss before failing a prefill's rooms (default 3)",
+    )
     demo.add_argument(
         "--metrics-port",
         type=int,
