@@ -276,3 +276,44 @@ def test_engine_owned_pages_are_written_never_freed_and_released_after_the_fence
     finally:
         decode.close()
         slow.close()
+
+
+@pytest.mark.parametrize("transport", ["mooncake", "nixl"])
+def test_a_dead_prefill_does_not_take_the_decode_instance_out_of_service(transport: str) -> None:
+    """Rooms resolved to a prefill that liveness declared dead, still waiting for decode
+    memory, fail at once instead of holding the head of the line for ever; a request for
+    another prefill instance is served while the dead writer's in-flight room stays fenced
+    (a fenced room once kept every other room of the queue from committing, too)."""
+    require_transport(transport)
+    config = TransferConfig(
+        transport=transport,
+        waiting_timeout=30.0,
+        heartbeat_interval=0.2,
+        heartbeat_max_misses=2,
+        fence_timeout=30.0,
+    )
+    gone = Prefill(config, PAGES)
+    other = Prefill(config, PAGES)
+    decode = Decode(config, 2 * PAGES)
+    try:
+        add_room(decode, gone, 8, PAGES)
+        run_until("metadata sent", lambda: 8 in gone.ready, decode, gone)
+        # Resolved to the same prefill; does not fit while room 8 holds its pages.
+        add_room(decode, gone, 9, PAGES + 1)
+        run_for(0.3, decode, gone)
+        assert 9 not in gone.ready
+        gone.node.close()  # silent from now on
+        add_room(decode, other, 10, PAGES)
+        run_until("room 8 failed", lambda: 8 in decode.aborted, decode, other, timeout=10)
+        run_until("room 9 failed", lambda: 9 in decode.aborted, decode, other, timeout=10)
+        assert decode.aborted[9].startswith("lost connection to prefill")
+        assert 9 in decode.released  # no metadata went out: nothing can write its memory
+        run_until("room 10 ready", lambda: 10 in other.ready, decode, other, timeout=10)
+        other.send(10, fill=7)
+        run_until("room 10 committed", lambda: 10 in decode.committed, decode, other, timeout=10)
+        assert decode.pages_hold(10, 7)
+        assert 8 not in decode.released  # the one-sided writer's room stays fenced
+    finally:
+        decode.close()
+        other.close()
+        gone.server.stop()

@@ -252,3 +252,30 @@ def test_double_free_through_the_pool_is_still_caught() -> None:
     rank.pages.free(pages)
     with pytest.raises(DoubleFreeError):
         rank.pages.free(pages)
+
+
+def test_a_fenced_room_blocks_no_commit_and_a_dead_writer_frees_the_queue() -> None:
+    """Pure reproduction of "after a prefill dies, decode stops serving everyone": room 1 is
+    fenced on a dead one-sided writer, room 2 (same writer) waits for memory, room 3 (another
+    prefill) must still be allocated and committed."""
+    rank = make_rank()
+    q = rank.queue
+    q.add([DecodeRequest(1, 12), DecodeRequest(2, 20), DecodeRequest(3, 12)], 0.0)
+    q.initialised(1, 1, ["dead"])
+    q.initialised(2, 1, ["dead"])
+    q.initialised(3, 1, ["alive"])
+    none = np.full(3, KVPoll.WaitingForInput, dtype=np.uint8)
+    sent = q.apply(q.local_statuses(none, {}, 0.1), 0.1).send_metadata
+    assert [m.room for m in sent] == [1]  # room 2 does not fit; FIFO holds room 3 behind it
+    assert q.writer_dead("dead", "lost connection to prefill dead", lifts_fence=False) == [1]
+    step = q.apply(q.local_statuses(np.full(3, 2, dtype=np.uint8), {}, 0.2), 0.2)
+    assert sorted(a.room for a in step.step.aborted) == [1, 2]
+    assert step.step.released == (2,)  # room 1 stays fenced: its writer may still write
+    assert [m.room for m in step.send_metadata] == [3]
+    slot = step.send_metadata[0].aux_slot
+    rank.aux["room"][slot] = 3
+    assert q.completed(3, "alive")
+    polled = np.array([KVPoll.Transferring, KVPoll.Success], dtype=np.uint8)
+    step = q.apply(q.local_statuses(polled, {}, 0.3), 0.3)
+    assert [c.room for c in step.step.committed] == [3]
+    assert list(q.rooms) == [1]

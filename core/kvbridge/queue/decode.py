@@ -289,14 +289,27 @@ class DecodeQueue:
                         self.dead.setdefault(room, set()).add(w)
 
     def writer_dead(self, writer: object, reason: str, *, lifts_fence: bool = True) -> list[int]:
-        """Liveness declared ``writer`` dead: fail the rooms it writes.
+        """Liveness declared ``writer`` dead: fail the rooms it writes or was to write.
 
         With ``lifts_fence`` its silence also counts as "will write no more". Without it (a
         transport whose writes the receiver cannot refuse: a partitioned prefill may come back
         and finish a write) the fence waits for its acknowledgement, or for
-        :meth:`writer_replaced`.
+        :meth:`writer_replaced`. Returns the rooms whose metadata had gone out.
         """
         hit = [r for r in self._writing_rooms() if writer in self._still_to_hear(r)]
+        # Rooms resolved to the dead writer that still wait for memory fail too: no metadata
+        # went out, so nothing can write them, and waiting for memory has no deadline. Left
+        # queued they would hold the head of the line (FIFO) for every other prefill's rooms.
+        waiting = [
+            r
+            for r, writers in self.writers.items()
+            if writers
+            and writer in writers
+            and (i := self.cols.index_of(r)) is not None
+            and self.cols.stage[i] == PREALLOC
+        ]
+        for room in waiting:
+            self.fail(room, reason)
         for room in hit:
             self.fail(room, reason)
             i = self.cols.index_of(room)
@@ -465,11 +478,9 @@ class DecodeQueue:
                 released.append(self._release(i))
                 remove.append(i)
 
-        commits = (
-            np.flatnonzero(key == _COMMIT_KEY)
-            if len(key) and key.max() == _COMMIT_KEY
-            else np.zeros(0, dtype=np.int64)
-        )
+        # Not ``key.max() == _COMMIT_KEY``: a fenced room's key is higher, and while one waits
+        # for its writers every other room would wait for it too.
+        commits = np.flatnonzero(key == _COMMIT_KEY)
         for i in commits.tolist():
             room, slot = int(cols.rooms[i]), int(cols.slot[i])
             stamp = int(self.stamps[slot])
