@@ -215,9 +215,13 @@ class DecodeQueue:
         self.cols.deadline[i] = NEVER  # waiting for memory is not a failure
 
     def fail(self, room: int, reason: str) -> None:
-        """A local failure (resolution, transport, control channel, liveness)."""
+        """A local failure (resolution, transport, control channel, liveness).
+
+        The first cause wins; a room failed only by a follow (:meth:`peer_failed` without a
+        reason) has none yet, so a cause seen before the abort becomes its reason (rule 7).
+        """
         i = self.cols.index_of(room)
-        if i is None or self.cols.local[i] == FAILED or self.cols.stage[i] == FENCED:
+        if i is None or room in self.reasons or self.cols.stage[i] == FENCED:
             return  # unknown (late report for a finished room) or already failed: first wins
         self.cols.local[i] = FAILED
         self.reasons[room] = reason

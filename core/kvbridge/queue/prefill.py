@@ -106,8 +106,10 @@ class PrefillQueue:
             self.cols.local[i] = FAILED
 
     def fail(self, room: int, reason: str) -> None:
+        """A local failure. The first cause wins; a room only followed (:meth:`follow`) has
+        none yet, so a cause seen before the abort becomes its reason (rule 7)."""
         i = self.cols.index_of(room)
-        if i is None or self.cols.local[i] == FAILED:
+        if i is None or room in self.reasons:
             return
         self.cols.local[i] = FAILED
         self.reasons[room] = reason
