@@ -279,3 +279,39 @@ def test_a_fenced_room_blocks_no_commit_and_a_dead_writer_frees_the_queue() -> N
     step = q.apply(q.local_statuses(polled, {}, 0.3), 0.3)
     assert [c.room for c in step.step.committed] == [3]
     assert list(q.rooms) == [1]
+
+
+@pytest.mark.parametrize("moved_to", [0, 99])
+def test_a_stamp_that_moves_between_the_gate_and_the_commit_on_one_rank_keeps_lock_step(
+    moved_to: int,
+) -> None:
+    """The commit is decided on the reduced vector alone: a stamp that one rank sees change
+    after its gate passed (a stray write past the fence, an API 1.0 transport) cannot make that
+    rank abort while the others commit. The row it hands out is the one its gate checked."""
+    ranks = [make_rank() for _ in range(3)]
+    for rank in ranks:
+        rank.queue.add([DecodeRequest(room=7, num_pages=2)], 0.0)
+        rank.queue.initialised(7, 1)
+    waiting = np.array([KVPoll.WaitingForInput], dtype=np.uint8)
+    reduced = fake_reduce([r.queue.local_statuses(waiting, {}, 0.0) for r in ranks])
+    for rank in ranks:
+        (meta,) = rank.queue.apply(reduced.copy(), 0.0).send_metadata
+        rank.aux["output_token_id"][meta.aux_slot] = 4242
+        rank.aux["room"][meta.aux_slot] = 7
+        rank.queue.completed(7, "p")
+    transferring = np.array([KVPoll.Transferring], dtype=np.uint8)
+    local = [r.queue.local_statuses(transferring, {}, 0.1) for r in ranks]
+    assert all(v.tolist() == [KVPoll.Success] for v in local)  # every gate passed
+    slot = int(ranks[1].queue.cols.slot[0])
+    ranks[1].aux["room"][slot] = moved_to  # between this rank's gate and the commit
+    ranks[1].aux["output_token_id"][slot] = 1
+    reduced = fake_reduce(local)
+    decisions = [r.queue.apply(reduced.copy(), 0.1) for r in ranks]
+    for d in decisions:
+        assert [c.room for c in d.step.committed] == [7]
+        assert d.step.aborted == () and d.step.released == ()
+    rows = [d.step.committed[0].aux_row for d in decisions]
+    assert all(int(row["room"]) == 7 and int(row["output_token_id"]) == 4242 for row in rows)
+    assert decisions[1].stamp_moved == (7,) and decisions[0].stamp_moved == ()
+    for rank in ranks:
+        assert not len(rank.queue) and not rank.queue.requests

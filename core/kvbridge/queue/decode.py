@@ -105,6 +105,10 @@ class MetadataToSend:
 class DecodeDecisions:
     send_metadata: tuple[MetadataToSend, ...] = ()
     step: DecodeStep = attrs.field(factory=DecodeStep)
+    #: Committed rooms whose stamp on this rank no longer named them at the commit: something
+    #: wrote the aux slot after this rank's gate passed (a write past the fence). They commit
+    #: like on every other rank, with the row the gate checked; the driver reports them.
+    stamp_moved: tuple[int, ...] = ()
 
     @property
     def finished(self) -> tuple[int, ...]:
@@ -138,6 +142,9 @@ class DecodeQueue:
         self.required: dict[int, int] = {}
         self.completions: dict[int, set[object]] = {}
         self._locally_complete: set[int] = set()  # rooms the gate must look at
+        #: The aux row of each room as its last gate saw it (stamp naming the room): what a
+        #: commit hands out, so the commit needs nothing but the reduced vector.
+        self._gated: dict[int, np.void] = {}
         self.fence_timeout = fence_timeout
         #: A room with one writer is complete here once its stamp landed: the contract has
         #: a writer's bytes land in send order with the aux row last, so the stamp proves
@@ -403,6 +410,11 @@ class DecodeQueue:
             stamps = self.stamps[cols.slot[done]]
             rooms = cols.rooms[done]
             v[done[stamps == 0]] = TRANSFERRING
+            passed = done[(stamps == rooms) & (cols.stage[done] == TRANSFER)]
+            if len(passed):
+                rows = self.aux[cols.slot[passed]]  # a copy: later writes cannot change it
+                for k, i in enumerate(passed.tolist()):
+                    self._gated[int(cols.rooms[i])] = rows[k]
             wrong = done[(stamps != 0) & (stamps != rooms)]
             for i in wrong.tolist():
                 self.fail(
@@ -485,22 +497,20 @@ class DecodeQueue:
         # Not ``key.max() == _COMMIT_KEY``: a fenced room's key is higher, and while one waits
         # for its writers every other room would wait for it too.
         commits = np.flatnonzero(key == _COMMIT_KEY)
+        moved: list[int] = []
         for i in commits.tolist():
+            # Decided on the reduced vector alone (rule 1): every rank's gate passed this room
+            # before the MIN, so every rank commits it. A stamp that changed since on this rank
+            # is reported, never a rank-local abort; the row is the one the gate checked.
             room, slot = int(cols.rooms[i]), int(cols.slot[i])
-            stamp = int(self.stamps[slot])
-            if stamp != room:  # unreachable while the gate holds; never retry, never diverge
-                self.reasons.setdefault(room, f"room stamp {stamp} at commit (aux slot {slot})")
-                failed, fenced = self._abort(i, now)
-                aborted.append(failed)
-                if fenced:
-                    continue
-                released.append(room)
-            else:
-                row = self.aux[slot].copy()
-                pages = self.allocated.pop(room)
-                self.aux_slots.free(np.array([slot]))
-                committed.append(Committed(room, pages, row))
-                self._forget(room)
+            gated = self._gated.pop(room, None)
+            row = gated if gated is not None else self.aux[slot].copy()
+            if int(self.stamps[slot]) != room:
+                moved.append(room)
+            pages = self.allocated.pop(room)
+            self.aux_slots.free(np.array([slot]))
+            committed.append(Committed(room, pages, row))
+            self._forget(room)
             remove.append(i)
 
         # key in 2..4, tested with one wrapping uint8 subtraction and one comparison.
@@ -535,7 +545,9 @@ class DecodeQueue:
             keep[remove] = False
             cols.keep(keep)
         return DecodeDecisions(
-            tuple(to_send), DecodeStep(tuple(committed), tuple(aborted), tuple(released))
+            tuple(to_send),
+            DecodeStep(tuple(committed), tuple(aborted), tuple(released)),
+            tuple(moved),
         )
 
     def _abort(self, i: int, now: float) -> tuple[Aborted, bool]:
@@ -558,6 +570,7 @@ class DecodeQueue:
             self.reasons.pop(room, None)
             self.completions.pop(room, None)
             self._locally_complete.discard(room)
+            self._gated.pop(room, None)
             return outcome, True
         self._free(i, room)
         self._forget(room)
@@ -604,6 +617,7 @@ class DecodeQueue:
         self.fenced.pop(room, None)
         self._fence_warned.discard(room)
         self._locally_complete.discard(room)
+        self._gated.pop(room, None)
 
     def pending_reasons(self, rooms: Iterable[int]) -> dict[int, str]:
         return {r: self.reasons[r] for r in rooms if r in self.reasons}

@@ -93,6 +93,8 @@ class DecodeSession:
         self._targets: dict[int, PrefillTarget] = {}
         #: Fences that outlived ``fence_timeout`` (logged once each; the memory stays held).
         self.fence_overdue = 0
+        #: Commits whose aux slot this rank saw written again after its gate passed.
+        self.stamp_moved = 0
         self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
         # A receiver that refuses writes for rooms it dropped (the Fake) is safe once a
         # silent writer is declared dead; with one-sided writes a partitioned prefill could
@@ -330,6 +332,13 @@ class DecodeSession:
             return DecodeStep()
         decisions = self.queue.apply(reduced, self.clock())
         now = self.clock()
+        for room in decisions.stamp_moved:
+            self.stamp_moved += 1
+            log.warning(
+                "room %d: its aux slot was written again after the metadata gate passed (a "
+                "write past the abort fence?); committed with the row the gate checked",
+                room,
+            )
         for meta in decisions.send_metadata:
             target = self._targets[meta.room]
             for writer in target.controls:
