@@ -77,3 +77,11 @@ def test_head_sharded_with_incompatible_sizes_is_refused_with_both_values() -> N
         routes(2, 2, 512, 256, "head_sharded")
     with pytest.raises(ConfigError, match="kv_layout"):
         routes(1, 1, 1, 1, "paged-whatever")
+
+
+def test_token_major_pages_map_one_to_one_and_refuse_unequal_tp() -> None:
+    assert routes(2, 2, 4096, 4096, "token_major") == routes(2, 2, 4096, 4096, "head_sharded")
+    with pytest.raises(ConfigError, match=r"token_major .* prefill 2 and decode 1"):
+        routes(2, 1, 2048, 4096, "token_major")
+    with pytest.raises(ConfigError, match="page size differs"):
+        routes(1, 1, 2048, 4096, "token_major")

@@ -1,6 +1,6 @@
 """Rank mapping: which prefill ranks write which part of each page into which decode rank.
 
-Two KV layouts are supported:
+Three KV layouts are supported:
 
 ``replicated``
     Every TP rank holds the whole KV (MLA-style latent cache). Decode rank ``d`` reads whole
@@ -10,6 +10,11 @@ Two KV layouts are supported:
     one. With different TP sizes one side's page holds a contiguous *slice* of the other
     side's page, so pages must be stored head-major (``[heads, tokens, head_dim]`` within a
     page) and the larger TP size must be a multiple of the smaller.
+
+``token_major``
+    KV heads are split over TP ranks but a page holds several tokens with all of this rank's
+    heads each (``[tokens, heads, head_dim]``, SGLang's paged MHA pool): a rank's heads are
+    not contiguous in a page, so only equal TP sizes combine, page to page.
 
 With context parallelism on prefill only CP rank 0 of each TP shard (the authoritative rank,
 holding the gathered KV) is a transfer target; the other CP ranks send nothing and take part
@@ -22,7 +27,7 @@ import attrs
 
 from kvbridge.errors import ConfigError
 
-KV_LAYOUTS = ("replicated", "head_sharded")
+KV_LAYOUTS = ("replicated", "head_sharded", "token_major")
 AUTHORITATIVE_CP_RANK = 0
 
 
@@ -55,6 +60,12 @@ def routes(
         raise ConfigError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     if prefill_tp < 1 or decode_tp < 1:
         raise ConfigError(f"TP sizes must be >= 1, got prefill {prefill_tp}, decode {decode_tp}")
+    if kv_layout == "token_major" and prefill_tp != decode_tp:
+        raise ConfigError(
+            f"token_major KV (pages of several tokens, heads inside each token) needs equal TP "
+            f"sizes, got prefill {prefill_tp} and decode {decode_tp}: use the same TP size, "
+            f"or page size 1 (head_sharded)"
+        )
     if kv_layout == "replicated" or prefill_tp == decode_tp:
         if prefill_page_bytes != decode_page_bytes:
             raise ConfigError(
