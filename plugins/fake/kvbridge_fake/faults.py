@@ -30,6 +30,9 @@ class FaultPlan:
     - ``aux_delay``: aux rows land this many seconds late on ``aux_delay_ranks``; with
       ``ack_before_aux`` the write is acknowledged (so the sender reports completion) first.
     - ``gone_ranks``: these ranks' listeners drop every incoming write (a vanished peer).
+    - ``discard_kv_ranks``: these ranks' listeners accept incoming KV page writes but throw
+      the bytes away; aux rows still land, so the room completes. A control for engine tests:
+      what a receiver computes without the transferred KV.
     """
 
     delay: Mapping[str, float] = attrs.field(factory=dict, hash=False)
@@ -40,6 +43,7 @@ class FaultPlan:
     aux_delay_ranks: frozenset[int] | None = attrs.field(default=None, converter=_ranks)
     ack_before_aux: bool = False
     gone_ranks: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
+    discard_kv_ranks: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
 
     @classmethod
     def from_options(

@@ -204,6 +204,11 @@ class FakeManager(BookedManager):
             return None
         if delay:
             time.sleep(delay)
+        if not flags & wire.FLAG_AUX and self.tp_rank in self.faults.discard_kv_ranks:
+            for n in lengths.tolist():
+                scratch = (ctypes.c_char * n)()
+                read_into(ctypes.addressof(scratch), n)
+            return None
         for addr, n in zip(dst.tolist(), lengths.tolist()):
             read_into(addr, n)
         return None

@@ -135,3 +135,14 @@ def test_unknown_transport_option_is_refused() -> None:
     transport, config = load("fake", {"hots": "127.0.0.1"})
     with pytest.raises(ValueError, match="unknown fake transport option"):
         TransferRig(transport, config)
+
+
+def test_discard_kv_lands_the_aux_row_but_not_the_pages(rigs: list[TransferRig]) -> None:
+    rig = make_rig({"discard_kv_ranks": [0]})
+    rigs.append(rig)
+    rig.open(ROOM, PAGES, 2)
+    rig.transfer(ROOM, PAGES, PAGES, 2, 2)
+    assert rig.wait_sender(ROOM, 10)[0] == KVPoll.Success
+    assert rig.decode.aux_matches(2, ROOM)
+    assert len(rig.decode.mismatches(ROOM, PAGES)) == len(PAGES) * len(rig.decode.kv)
+    assert all(not region[PAGES].any() for region in rig.decode.kv)
