@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -79,3 +80,75 @@ def test_early_messages_for_rooms_that_never_come_are_dropped_after_the_timeout(
     finally:
         sender.close()
         receiver.close()
+
+
+FLOOD = 50_000
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_forged_aborts_from_unregistered_senders_are_not_kept_and_log_a_handful(caplog) -> None:
+    """Without a secret anyone can send Abort frames: from a sender that never registered
+    they are counted and dropped, not kept for ``bootstrap_timeout``, and the log gets the
+    first one and a periodic summary, not one line each. A real early abort still works."""
+    now = [0.0]
+    session, sender, receiver = make_session(TransferConfig(), clock=lambda: now[0])
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvbridge"):
+            session.on_decode_abort(6, "decode gave up", "d0")  # the room's real decode rank
+            for i in range(FLOOD):
+                session.on_decode_abort(1_000_000 + i, "forged", f"attacker{i % 7}")
+            session.step()
+            assert session.pending_early() == 1  # only the real one waits for add()
+            assert session.untrusted == FLOOD
+            assert len(_warnings(caplog)) <= 3
+            now[0] += 60.0  # the summary names how many more were dropped
+            session.step()
+        assert any(str(FLOOD - 1) in w for w in _warnings(caplog)), _warnings(caplog)
+        assert len(_warnings(caplog)) <= 4
+        session.add([PrefillRequest(6)])
+        (aborted,) = session.step().aborted
+        assert aborted.room == 6 and "decode gave up" in aborted.reason
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_early_messages_from_a_registered_sender_are_bounded_and_spare_the_others(
+    caplog,
+) -> None:
+    """A registered decode rank (or one forged without a secret) cannot grow the early store
+    past its cap: its own oldest rooms are evicted and counted, another rank's early abort
+    stays, and expiry logs a summary, not a line per room."""
+    now = [0.0]
+    session, sender, receiver = make_session(
+        TransferConfig(bootstrap_timeout=5), clock=lambda: now[0]
+    )
+    try:
+        session.register_decode_peer("flooder", session_peer(receiver))
+        with caplog.at_level(logging.WARNING, logger="kvbridge"):
+            session.on_decode_abort(6, "decode gave up", "d0")
+            for i in range(FLOOD):
+                session.on_decode_abort(1_000_000 + i, "forged", "flooder")
+                session.on_decode_abort(1_000_000 + i, "forged again", "flooder")
+            session.step()
+            assert session.pending_early() < FLOOD // 2
+            limit = session.early.capacity
+            assert session.pending_early() == limit
+            assert session.early.evicted == FLOOD + 1 - limit
+            session.add([PrefillRequest(6)])
+            (aborted,) = session.step().aborted
+            assert aborted.room == 6 and "decode gave up" in aborted.reason
+            now[0] += 10.0  # past bootstrap_timeout: everything left expires
+            session.step()
+            assert session.pending_early() == 0
+        assert len(_warnings(caplog)) <= 6, _warnings(caplog)[:10]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def session_peer(receiver) -> DecodePeer:
+    return DecodePeer(receiver.endpoint, (), ())

@@ -44,6 +44,7 @@ from kvbridge.queue.session import (
     PrefillSession,
     PrefillTarget,
 )
+from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.transports import Transport
 from kvbridge.types import MemoryRegion, RankIdentity
 
@@ -125,6 +126,7 @@ class PrefillNode:
         key = _control_key(config)
         self._out = ControlSender(key)  # scheduler thread only
         self._acks = ControlSender(key)  # control thread only (ZMQ sockets are single-threaded)
+        self._warn_misdirected = ThrottledWarning(log, "misdirected control messages ignored")
         self.control = _control_receiver(self._on_message, config, host, key)
         self._next_heartbeat = 0.0
         self._losses = ControlLosses(
@@ -192,7 +194,11 @@ class PrefillNode:
             )
         else:
             self.session.untrusted += 1
-            log.warning("ignored a %s control message on a prefill rank", type(message).__name__)
+            self._warn_misdirected(
+                time.monotonic(),
+                "ignored a %s control message on a prefill rank",
+                type(message).__name__,
+            )
 
     def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
         if not ok:
@@ -280,6 +286,7 @@ class DecodeNode:
         self.abort_acks = 0
         key = _control_key(config)
         self._out = ControlSender(key)
+        self._warn_misdirected = ThrottledWarning(log, "misdirected control messages ignored")
         self._registered: set[str] = set()
         self._last_used: dict[str, float] = {}
         self._next_idle_check = 0.0
@@ -341,7 +348,11 @@ class DecodeNode:
             self.session.notify_heartbeat(message.prefill_key)
         else:  # Register / Metadata / Abort are prefill's to receive
             self.session.queue.untrusted += 1
-            log.warning("ignored a %s control message on a decode rank", type(message).__name__)
+            self._warn_misdirected(
+                time.monotonic(),
+                "ignored a %s control message on a decode rank",
+                type(message).__name__,
+            )
 
     def _ensure_registered(self, control: str) -> None:
         """A prefill rank hears who this decode rank is before anything else from it."""

@@ -17,6 +17,7 @@ import zmq
 
 from kvbridge.control.auth import AuthError, Sealer, Verifier
 from kvbridge.control.messages import MalformedFrame, Message, decode, encode
+from kvbridge.ratelimit import ThrottledWarning
 
 log = logging.getLogger("kvbridge.control")
 _POLL_MS = 100
@@ -58,6 +59,9 @@ class ControlReceiver:
         self.rejected = 0
         #: Messages whose handler raised (logged; the loop goes on).
         self.handler_errors = 0
+        # Anyone who can reach the socket can send these: logged first, then counted.
+        self._warn_rejected = ThrottledWarning(log, "control frames rejected")
+        self._warn_dropped = ThrottledWarning(log, "malformed control frames dropped")
         self._stop = threading.Event()
         self._thread = threading.Thread(
             target=self._loop, name=f"kvbridge-control-{port}", daemon=True
@@ -69,6 +73,9 @@ class ControlReceiver:
         poller.register(self._socket, zmq.POLLIN)
         while not self._stop.is_set():
             if not poller.poll(_POLL_MS):
+                now = time.monotonic()  # quiet: a summary of what was suppressed may be due
+                self._warn_rejected.flush(now)
+                self._warn_dropped.flush(now)
                 continue
             try:
                 frames = self._socket.recv_multipart(zmq.NOBLOCK)
@@ -87,13 +94,17 @@ class ControlReceiver:
                 frames = self._verifier.open(frames, _now_ms())
             except AuthError as exc:
                 self.rejected += 1
-                log.warning("rejected control frame on %s: %s", self.address, exc)
+                self._warn_rejected(
+                    time.monotonic(), "rejected control frame on %s: %s", self.address, exc
+                )
                 return
         try:
             message = decode(frames)
         except MalformedFrame as exc:
             self.dropped += 1
-            log.warning("dropped malformed control frame on %s: %s", self.address, exc)
+            self._warn_dropped(
+                time.monotonic(), "dropped malformed control frame on %s: %s", self.address, exc
+            )
             return
         self.received += 1
         self.on_message(message)

@@ -38,6 +38,7 @@ from kvbridge.queue.wiring import (
     Verifier,
     log_abort,
 )
+from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.status import KVPoll
 from kvbridge.transports import TransportManager
 from kvbridge.types import Role
@@ -115,6 +116,7 @@ class DecodeSession:
         self._checksum_events: collections.deque[tuple[int, object, int]] = collections.deque()
         self._verified: set[int] = set()
         self._heartbeats: collections.deque[object] = collections.deque()
+        self._warn_untrusted = ThrottledWarning(log, "untrusted prefill reports ignored")
         self._events: collections.deque[tuple[int, object, bool | None, str | None]] = (
             collections.deque()
         )
@@ -213,12 +215,14 @@ class DecodeSession:
                     None if reason is FOLLOWED else reason or "prefill reported failure",
                 )
             if not trusted:
-                log.warning(
+                self._warn_untrusted(
+                    self.clock(),
                     "ignored a report for room %d from %r: not a prefill rank that writes it",
                     room,
                     sender,
                 )
         now = self.clock()
+        self._warn_untrusted.flush(now)
         self.liveness.looking(now)
         while self._heartbeats:
             self.liveness.heard(self._heartbeats.popleft(), now)

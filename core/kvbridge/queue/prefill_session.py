@@ -21,6 +21,7 @@ from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.plugins import ObserverRelay
 from kvbridge.queue.collective import Reducer
 from kvbridge.queue.columns import FAILED, SUCCESS
+from kvbridge.queue.early import EarlyMessages
 from kvbridge.queue.outcomes import PrefillStep
 from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.wiring import (
@@ -32,6 +33,7 @@ from kvbridge.queue.wiring import (
     DecodePeer,
     log_abort,
 )
+from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.transports import TransportManager
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, Role, SendChunk
 
@@ -83,10 +85,10 @@ class PrefillSession:
         self._notified: set[int] = set()
         self._sent: dict[int, list[float]] = {}  # observers only: room -> [first send, bytes]
         self._events: collections.deque[tuple[str, Any]] = collections.deque()
-        # Decode may hear of a request before this prefill rank does: its metadata or abort
-        # waits here (with its arrival time) until add() brings the room, or expires.
-        self._early: dict[int, tuple[float, list[tuple[str, Any]]]] = {}
-        self._early_ttl = config.bootstrap_timeout
+        #: Decode may hear of a request before this prefill rank does: metadata and aborts
+        #: from registered decode ranks wait here until add() brings the room, or expire
+        #: after ``bootstrap_timeout``; bounded, so a flood evicts its own (counted).
+        self.early = EarlyMessages(config.bootstrap_timeout)
         # Decode may ask about a failed room as late as it waits for memory, then transfers.
         self._ended_ttl = config.bootstrap_timeout + config.waiting_timeout
         #: Aborted rooms whose writes may still be landing: who to acknowledge once drained.
@@ -97,6 +99,10 @@ class PrefillSession:
         self._ended: dict[int, tuple[float, str | None]] = {}
         #: Messages dropped because their sender may not say that (rule 9).
         self.untrusted = 0
+        # A peer may trigger these at will: the first is logged, then a periodic count.
+        self._warn_untrusted = ThrottledWarning(log, "untrusted control messages ignored")
+        self._warn_evicted = ThrottledWarning(log, "rooms' early decode messages evicted")
+        self._warn_expired = ThrottledWarning(log, "rooms' early decode messages expired")
 
     @property
     def authoritative(self) -> bool:
@@ -110,14 +116,14 @@ class PrefillSession:
         if self.manager is not None:
             for r in requests:
                 self.manager.sender_construct(r.room)
-        for r in requests:
-            if r.room in self._early:
-                for kind, payload in self._early.pop(r.room)[1]:
+        if self.early:
+            for r in requests:
+                for kind, payload in self.early.pop(r.room):
                     self._apply_event(kind, payload)
 
     def pending_early(self) -> int:
         """Rooms with messages waiting for this rank to add them."""
-        return len(self._early)
+        return len(self.early)
 
     def register_decode_peer(self, key: Any, peer: DecodePeer) -> None:
         """Thread-safe."""
@@ -158,8 +164,9 @@ class PrefillSession:
             keys.update(senders)
         # Metadata that came before the engine added the room (a router that dispatches to
         # both sides at once, a long forward pass): that decode rank waits on us too.
-        for _, events in self._early.values():
-            keys.update(payload.decode_rank for kind, payload in events if kind == "meta")
+        keys.update(
+            payload.decode_rank for kind, payload in self.early.messages() if kind == "meta"
+        )
         for peers in self._draining.values():
             keys.update(peers)
         return {self.decode_peers[k].control for k in keys if k in self.decode_peers}
@@ -177,8 +184,12 @@ class PrefillSession:
     def prepare(self) -> np.ndarray:
         while self._events:
             self._apply_event(*self._events.popleft())
-        if self._early or self._ended:
+        if self.early or self._ended:
             self._expire_early()
+        now = self.clock()
+        self._warn_untrusted.flush(now)
+        self._warn_evicted.flush(now)
+        self._warn_expired.flush(now)
         if self._draining:
             self._acknowledge_drained()
         queue = self.queue
@@ -194,7 +205,7 @@ class PrefillSession:
 
     def _untrusted(self, what: str, *args: Any) -> None:
         self.untrusted += 1
-        log.warning("ignored " + what, *args)
+        self._warn_untrusted(self.clock(), "ignored " + what, *args)
 
     def _apply_event(self, kind: str, payload: Any) -> None:
         if kind == "peer":
@@ -217,15 +228,29 @@ class PrefillSession:
             return
         room = payload.room if kind == "meta" else payload[0]
         if self.queue.cols.index_of(room) is None:
+            sender = payload[2] if kind == "abort" else payload.decode_rank
+            if sender is not None and sender not in self.decode_peers:
+                # Nothing from it could count once the room arrives: drop it now, not then.
+                self._untrusted(
+                    "%s for room %d from unregistered decode rank %r", kind, room, sender
+                )
+                return
             if kind == "abort":
-                self._abort_unqueued(room, payload[2])
+                self._abort_unqueued(room, sender)
                 if room in self._ended:
                     return  # it ended here already: nothing left to fail later
             elif room in self._ended:
-                self._answer_ended(room, payload.decode_rank)
+                self._answer_ended(room, sender)
                 return
-            entry = self._early.setdefault(room, (self.clock(), []))
-            entry[1].append((kind, payload))
+            evicted = self.early.keep(room, sender, kind, payload, self.clock())
+            if evicted is not None:
+                self._warn_evicted(
+                    self.clock(),
+                    "dropped decode messages for room %d: more than %d rooms wait for this "
+                    "prefill rank to add them",
+                    evicted,
+                    self.early.capacity,
+                )
         elif kind == "meta":
             self._take_metadata(payload)
         else:
@@ -247,16 +272,12 @@ class PrefillSession:
         """An abort for a room not queued here: nothing of it is being written, say so now.
 
         The room either ended here (its writes finished or drained) or was never added; in
-        the latter case the abort also waits in ``_early`` so a later ``add`` fails the room
-        before anything is sent.
+        the latter case the abort also waits in ``early`` so a later ``add`` fails the room
+        before anything is sent. ``sender`` is a registered decode rank (or None: unchecked).
         """
-        if sender is None or self.acknowledge is None:
-            return
         peer = self.decode_peers.get(sender)
-        if peer is None:
-            self._untrusted("an abort of room %d from unregistered decode rank %r", room, sender)
-            return
-        self._acknowledge_when_drained(room, sender, peer)
+        if peer is not None and self.acknowledge is not None:
+            self._acknowledge_when_drained(room, sender, peer)
 
     def _acknowledge_when_drained(self, room: int, key: Any, peer: DecodePeer) -> None:
         draining = self._draining.get(room)
@@ -287,7 +308,6 @@ class PrefillSession:
 
     def _expire_early(self) -> None:
         now = self.clock()
-        limit = now - self._early_ttl
         ended_limit = now - self._ended_ttl
         if self._ended and (
             len(self._ended) > _MAX_TOMBSTONES or next(iter(self._ended.values()))[0] < ended_limit
@@ -298,9 +318,9 @@ class PrefillSession:
                 if t >= ended_limit and len(self._ended) <= _MAX_TOMBSTONES:
                     break
                 del self._ended[room]
-        for room in [r for r, (t, _) in self._early.items() if t < limit]:
-            del self._early[room]
-            log.warning(
+        for room in self.early.expire(now):
+            self._warn_expired(
+                now,
                 "dropped decode messages for room %d: it was not queued on this "
                 "prefill rank within bootstrap_timeout (never added, or already ended)",
                 room,
