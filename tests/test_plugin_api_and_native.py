@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -26,8 +27,38 @@ def hooks(api_version: str) -> ManagerHooks:
 
 def test_managerhooks_reports_the_version_the_plugin_states_not_the_cores() -> None:
     assert hooks("1.0").kvbridge_transport_info().api_version == "1.0"
-    with pytest.raises(TypeError):
-        ManagerHooks("no_version", BookedManager)  # type: ignore[call-arg]
+
+
+def test_a_managerhooks_plugin_from_before_api_version_loads_as_1_0_with_a_note(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ManagerHooks took no ``api_version=`` while the API was 1.0; such a plugin must still
+    import and load (an older minor of the same major), saying which version it is taken as."""
+    with caplog.at_level(logging.INFO, logger="kvbridge"):
+        plugin = ManagerHooks("pre_versioned", BookedManager)
+        record = TransportRegistry().register("pre_versioned", plugin)
+    assert record.loaded, record.error
+    assert record.api_version == "1.0"
+    notes = [r.getMessage() for r in caplog.records if "pre_versioned" in r.getMessage()]
+    assert any("api_version" in n and "1.0" in n for n in notes), notes
+    assert any(KVBRIDGE_API_VERSION in n for n in notes), notes
+
+
+def test_a_plugin_stating_a_minor_without_the_hooks_it_added_is_refused_naming_them() -> None:
+    eps = [
+        md.EntryPoint("claims_1_1", "sample_plugins.recording:claims_1_1", TRANSPORT_GROUP),
+        md.EntryPoint(
+            "written_for_1_0", "sample_plugins.recording:written_for_1_0", TRANSPORT_GROUP
+        ),
+    ]
+    registry = TransportRegistry.discover(eps, environ={})
+    records = {r.name: r for r in registry.records()}
+    refused = records["claims_1_1"]
+    assert not refused.loaded
+    assert "kvbridge_sender_drained" in (refused.error or ""), refused.error
+    assert "1.1" in (refused.error or "")
+    assert records["written_for_1_0"].loaded, records["written_for_1_0"].error
+    assert registry.names() == ["written_for_1_0"]
 
 
 @pytest.mark.parametrize(

@@ -32,7 +32,10 @@ Versioning
 ----------
 :data:`KVBRIDGE_API_VERSION` is ``MAJOR.MINOR``. A plugin reports the version it was written
 against in :meth:`TransportSpec.kvbridge_transport_info`; the core refuses another major
-version, and a minor version newer than its own.
+version, and a minor version newer than its own. A plugin for an older minor loads (the hooks
+added since are optional for it, :data:`HOOKS_ADDED`); a plugin stating a minor must implement
+every hook that minor added, or it is refused naming the hook: claiming 1.1 without
+``kvbridge_sender_drained`` would silently give up the abort fence it claims.
 """
 
 from __future__ import annotations
@@ -275,9 +278,11 @@ class TransportSpec:
         """Forget ``room``; idempotent, like :meth:`kvbridge_receiver_clear`."""
 
 
-#: Hooks added in a minor version: a plugin written for an older minor may lack them, and the
-#: core then falls back as each hook's documentation says.
-OPTIONAL_HOOKS = ("kvbridge_sender_drained",)
+#: Hooks added in a minor version, with that version. A plugin written for an older minor may
+#: lack them (the core then falls back as each hook's documentation says); a plugin stating
+#: that minor or a later one must implement them.
+HOOKS_ADDED = {"kvbridge_sender_drained": "1.1"}
+OPTIONAL_HOOKS = tuple(HOOKS_ADDED)
 #: Every other operation hook; a transport missing one of them is refused at load time.
 REQUIRED_HOOKS = tuple(
     name

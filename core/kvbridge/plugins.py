@@ -18,6 +18,7 @@ import pluggy
 
 from kvbridge.errors import IncompatiblePluginError, PluginLoadError, TransportNotFoundError
 from kvbridge.hookspecs import (
+    HOOKS_ADDED,
     KVBRIDGE_API_VERSION,
     PROJECT_NAME,
     REQUIRED_HOOKS,
@@ -79,11 +80,16 @@ class LoadedTransport:
     plugin_manager: pluggy.PluginManager
 
 
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (int(x) for x in str(text).split("."))
+    return major, minor
+
+
 def check_api_version(plugin_version: str, core_version: str = KVBRIDGE_API_VERSION) -> None:
     """Raise :class:`IncompatiblePluginError` unless a plugin's API version fits this core."""
     try:
-        p_major, p_minor = (int(x) for x in str(plugin_version).split("."))
-        c_major, c_minor = (int(x) for x in core_version.split("."))
+        p_major, p_minor = _version(plugin_version)
+        c_major, c_minor = _version(core_version)
     except ValueError:
         raise IncompatiblePluginError(
             f"plugin API version {plugin_version!r} is not of the form MAJOR.MINOR"
@@ -122,6 +128,26 @@ def build_plugin_manager(name: str, plugin: object) -> tuple[pluggy.PluginManage
             f"plugin calls itself {info.name!r} but is installed under the name {name!r}"
         )
     check_api_version(info.api_version)
+    stated = _version(info.api_version)
+    lacking = [
+        f"{hook} (added in API {since})"
+        for hook, since in HOOKS_ADDED.items()
+        if _version(since) <= stated and not getattr(pm.hook, hook).get_hookimpls()
+    ]
+    if lacking:
+        raise PluginLoadError(
+            f"plugin states kvbridge plugin API {info.api_version} but lacks "
+            f"{', '.join(lacking)}: implement it, or state the older API version the plugin "
+            f"was written for"
+        )
+    if stated < _version(KVBRIDGE_API_VERSION):
+        log.info(
+            "kvbridge transport %r was written for plugin API %s (this kvbridge speaks %s): "
+            "loaded; hooks added since are optional for it",
+            name,
+            info.api_version,
+            KVBRIDGE_API_VERSION,
+        )
     return pm, info
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import queue
 import threading
 import time
@@ -22,9 +23,11 @@ import attrs
 import numpy as np
 
 from kvbridge.errors import MemoryRegistrationError
-from kvbridge.hookspecs import hookimpl
+from kvbridge.hookspecs import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.status import KVPoll
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, SendChunk
+
+log = logging.getLogger("kvbridge")
 
 
 def transport_options(
@@ -460,6 +463,11 @@ class BookedManager:
         self.release()
 
 
+#: The plugin API of a plugin whose ``ManagerHooks`` states no ``api_version``: the class took
+#: no such keyword only while the plugin API was 1.0.
+UNSTATED_API_VERSION = "1.0"
+
+
 class ManagerHooks:
     """Every operation hook of the contract, delegating to a :class:`BookedManager`.
 
@@ -472,9 +480,10 @@ class ManagerHooks:
         # [project.entry-points."kvbridge.transports"] mytransport = "my_pkg.plugin:plugin"
 
     ``create(config, rank, kv_regions, aux_regions)`` builds the manager. ``api_version`` is
-    required and is reported as is: it must be the version the plugin was *written for* (a
-    literal in the plugin), never the running core's ``KVBRIDGE_API_VERSION``, or the load-time
-    check could not refuse a plugin written for another API.
+    reported as is: it must be the version the plugin was *written for* (a literal in the
+    plugin), never the running core's ``KVBRIDGE_API_VERSION``, or the load-time check could
+    not refuse a plugin written for another API. Left out (plugins written before this keyword
+    existed) it is :data:`UNSTATED_API_VERSION`, with a logged note.
     """
 
     def __init__(
@@ -482,11 +491,22 @@ class ManagerHooks:
         name: str,
         create: Callable[..., BookedManager],
         *,
-        api_version: str,
+        api_version: str | None = None,
         capabilities: Sequence[str] = (),
         description: str = "",
     ) -> None:
         from kvbridge.types import TransportInfo
+
+        if api_version is None:
+            api_version = UNSTATED_API_VERSION
+            log.warning(
+                "transport %r states no api_version (ManagerHooks took none while the API "
+                "was 1.0): taken as kvbridge plugin API %s, this kvbridge speaks %s; pass "
+                "api_version= the version the plugin was written for",
+                name,
+                api_version,
+                KVBRIDGE_API_VERSION,
+            )
 
         self.info = TransportInfo(
             name, str(api_version), frozenset(str(c) for c in capabilities), description

@@ -91,8 +91,21 @@ class RecordingTransport:
         self._record("sender_clear", room)
 
 
-alpha = RecordingTransport("alpha")
-beta = RecordingTransport("beta")
+class Recording11(RecordingTransport):
+    """With the hook API 1.1 added, so it may state 1.1."""
+
+    @hookimpl
+    def kvbridge_sender_drained(self, manager, rooms) -> np.ndarray:
+        self._record("sender_drained", len(rooms))
+        return np.ones(len(rooms), dtype=bool)
+
+
+alpha = Recording11("alpha")
+beta = Recording11("beta")
+#: States 1.1 but has only the 1.0 hooks: it would silently lose the abort fence it claims.
+claims_1_1 = RecordingTransport("claims_1_1", api_version="1.1")
+#: Honestly written for 1.0: loads, and the core falls back where 1.1 hooks are missing.
+written_for_1_0 = RecordingTransport("written_for_1_0", api_version="1.0")
 old_api = RecordingTransport("old_api", api_version="0.9")
 future_api = RecordingTransport("future_api", api_version="1.99")
 misnamed = RecordingTransport("somebody_else")
