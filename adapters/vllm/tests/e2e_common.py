@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import vllm_servers as vs
+
 from kvbridge_vllm.tiny_model import build, prompt
 
 # Prompt lengths in tokens (one word = one token): under, at and over a 128-token block.

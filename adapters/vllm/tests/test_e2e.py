@@ -28,6 +28,7 @@ from e2e_common import (
     assert_every_prompt_handed_off,
     sources,
 )
+
 from kvbridge_vllm.tiny_model import prompt
 
 

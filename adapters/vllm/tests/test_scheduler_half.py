@@ -29,9 +29,6 @@ else:
     pytest.importorskip("vllm")
 
 import torch
-from kvbridge_vllm.connector import KvbridgeConnector
-from kvbridge_vllm.rooms import room_of
-from kvbridge_vllm.scheduler import KvbridgeMetadata, KvbridgeScheduler, RecvRoom, SendRoom
 from vllm import SamplingParams
 from vllm.config import (
     CacheConfig,
@@ -50,6 +47,10 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCache
 from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
+
+from kvbridge_vllm.connector import KvbridgeConnector
+from kvbridge_vllm.rooms import room_of
+from kvbridge_vllm.scheduler import KvbridgeMetadata, KvbridgeScheduler, RecvRoom, SendRoom
 
 BLOCK = 16
 NUM_BLOCKS = 64

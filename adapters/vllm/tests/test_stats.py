@@ -17,9 +17,6 @@ if os.environ.get("KVBRIDGE_VLLM_REQUIRED") == "1":
 else:
     pytest.importorskip("vllm")
 
-from kvbridge_vllm import KvbridgeConnector
-from kvbridge_vllm.stats import HANDOFFS, KvbridgePromMetrics, KvbridgeStats, count
-from kvbridge_vllm.worker import KvbridgeWorker
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from vllm.config import KVTransferConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
@@ -28,6 +25,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
 )
 from vllm.v1.metrics.stats import SchedulerStats
 from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+from kvbridge_vllm import KvbridgeConnector
+from kvbridge_vllm.stats import HANDOFFS, KvbridgePromMetrics, KvbridgeStats, count
+from kvbridge_vllm.worker import KvbridgeWorker
 
 LABELS = {"model_name": "tiny", "engine": "0"}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import types
 
 import pytest
+
 from kvbridge_vllm.config import ConnectorConfig, normalize_addr
 from kvbridge_vllm.proxy import decode_body, prefill_body
 from kvbridge_vllm.rooms import RoomCollision, RoomTable, room_of
@@ -134,6 +135,7 @@ def test_proxy_answers_bad_input_and_dead_instances_clearly() -> None:
     import socket
 
     from aiohttp.test_utils import TestClient, TestServer
+
     from kvbridge_vllm.proxy import Proxy
 
     with socket.socket() as s:  # a port nobody listens on: an instance that is gone

@@ -1,44 +1,24 @@
 """Start real vLLM OpenAI servers and the kvbridge proxy as separate processes (tests, bench).
 
-Every process gets its own session (process group): ``stop`` ends the whole group, SIGTERM
-first, SIGKILL after a grace period, so no engine-core or worker child outlives a test.
+Process handling (own process group, stop/kill, readiness) is :mod:`kvbridge.testing.processes`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import random
 import re
-import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvbridge.testing import processes
+from kvbridge.testing.processes import Server, free_port, kill, post, stop, wait_ready
+
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def free_port() -> int:
-    """A port free now and below Linux's ephemeral range (32768-60999 by default): a vLLM
-    instance binds it a minute or two later, and a port from ``bind(0)`` may by then have been
-    handed to another process's connection or engine (seen: the prefill's bootstrap port)."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
+__all__ = ["Server", "free_port", "kill", "post", "stop", "wait_ready"]
 
 
 def base_env() -> dict[str, str]:
@@ -84,38 +64,6 @@ def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -
     )
 
 
-@dataclass
-class Server:
-    name: str
-    port: int
-    proc: subprocess.Popen[bytes]
-    log: Path
-    args: list[str] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-
-def start(name: str, args: list[str], port: int, log_dir: Path, env: dict[str, str]) -> Server:
-    log = log_dir / f"{name}.log"
-    out = open(log, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen(
-        args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT
-    )
-    out.close()
-    return Server(name, port, proc, log, args)
-
-
 def start_vllm(
     name: str,
     model: Path,
@@ -135,7 +83,7 @@ def start_vllm(
         args += ["--tensor-parallel-size", str(tp)]
     if kv is not None:
         args += ["--kv-transfer-config", kv]
-    return start(name, args, port, log_dir, base_env())
+    return processes.start(name, args, port, log_dir, base_env(), ROOT)
 
 
 def start_proxy(prefill: Server, decode: Server, log_dir: Path) -> Server:
@@ -144,55 +92,7 @@ def start_proxy(prefill: Server, decode: Server, log_dir: Path) -> Server:
         sys.executable, "-m", "kvbridge_vllm.proxy", "--prefill", prefill.url,
         "--decode", decode.url, "--port", str(port),
     ]  # fmt: skip
-    return start("proxy", args, port, log_dir, base_env())
-
-
-def wait_ready(servers: list[Server], timeout: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout
-    pending = list(servers)
-    while pending:
-        for s in list(pending):
-            if not s.alive():
-                raise RuntimeError(f"{s.name} exited with {s.proc.returncode}:\n{s.tail()}")
-            try:
-                with urllib.request.urlopen(s.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        pending.remove(s)
-            except (urllib.error.URLError, OSError):
-                pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not ready after {timeout}s: {[s.name for s in pending]}")
-        time.sleep(0.5)
-
-
-def stop(server: Server | None, grace: float = 20.0) -> None:
-    if server is None or server.proc.poll() is not None:
-        return
-    try:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        server.proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        kill(server)
-    # Children (engine core, workers) share the group: make sure none is left.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.proc.pid, signal.SIGKILL)
-
-
-def kill(server: Server) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.proc.pid, signal.SIGKILL)
-    server.proc.wait(30)
-
-
-def post(url: str, body: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
-    req = urllib.request.Request(
-        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
+    return processes.start("proxy", args, port, log_dir, base_env(), ROOT)
 
 
 def complete(base: str, model: Path, prompt: str, max_tokens: int) -> dict[str, Any]:

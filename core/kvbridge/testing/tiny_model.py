@@ -1,9 +1,10 @@
 """Build a tiny random Llama in Hugging Face format, offline (no downloads).
 
-``python -m kvbridge_vllm.tiny_model DIR`` writes a 2-layer Llama (vocab 256, hidden 128, 2
+``python -m kvbridge.testing.tiny_model DIR`` writes a 2-layer Llama (vocab 256, hidden 128, 2
 attention heads, 2 KV heads, head_dim 64) with weights from a fixed seed and a word-level
-tokenizer whose words are ``w0`` .. ``w249``. Used by the end-to-end tests and the benchmark:
-vLLM's CPU backend runs it in a few seconds and greedy decoding is deterministic.
+tokenizer whose words are ``w0`` .. ``w249``. Used by the engine adapters' end-to-end tests and
+benchmarks: vLLM's and SGLang's CPU backends run it in seconds and greedy decoding is
+deterministic. Needs torch, transformers and tokenizers (an engine's environment has them).
 """
 
 from __future__ import annotations
