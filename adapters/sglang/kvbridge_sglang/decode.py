@@ -1,0 +1,253 @@
+"""The decode side of one SGLang rank: SGLang's receivers on one kvbridge :class:`DecodeNode`.
+
+SGLang owns the queues, the pages and the MIN over its TP ranks; kvbridge is this rank's
+protocol endpoint under it. The node runs with a :class:`SingleRankReducer` (a group of one, no
+collective of kvbridge's) and engine-owned pages: kvbridge writes SGLang's pages, never
+allocates or frees them, and says when an aborted request's pages are safe to reuse (the
+fence), which SGLang's deferred release asks through :meth:`DecodeEndpoint.release_safe`.
+
+Per room, what SGLang's calls do:
+
+- the receiver is made (``Bootstrapping``) and ``init(prefill_dp_rank)`` (``WaitingForInput``):
+  no I/O; the prefill's bootstrap info is fetched by :meth:`ensure_prefill_info` beforehand;
+- ``send_metadata(kv_indices, aux_index)`` adds the room to the node with SGLang's pages
+  (``Transferring``);
+- the driver thread steps the node: a commit publishes the metadata rows, an abort its reason;
+- ``poll()`` copies the committed rows into SGLang's metadata slot, then answers ``Success``
+  (so SGLang's own metadata gate sees the room stamp), or ``Failed``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+import numpy as np
+
+from kvbridge import MemoryRegion, RankIdentity, Role
+from kvbridge.bootstrap.client import BootstrapClient, BootstrapError
+from kvbridge.node import DecodeNode
+from kvbridge.queue import DecodeRequest
+from kvbridge.queue.collective import SingleRankReducer
+from kvbridge.status import KVPoll
+from kvbridge_sglang.config import AdapterConfig
+from kvbridge_sglang.driver import Driver
+from kvbridge_sglang.layout import AUX_FIELD, MetadataRows
+from kvbridge_sglang.rooms import (
+    NO_BOOTSTRAP_HOST,
+    RoomError,
+    RoomState,
+    address_problem,
+    check_room,
+)
+
+log = logging.getLogger("kvbridge_sglang")
+ENDED_IN_SGLANG = "request aborted in SGLang (client gone or cancelled)"
+
+
+@attrs.frozen
+class PrefillInfo:
+    """What SGLang's decode scheduler reads from ``kv_mgr.prefill_info_table[addr]``."""
+
+    dp_size: int
+    tp_size: int
+    #: The prefill DP rank is ``bootstrap_room % dp_size`` (SGLang's router convention).
+    follow_bootstrap_room: bool = True
+
+
+class DecodeEndpoint:
+    def __init__(
+        self,
+        config: AdapterConfig,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        kv_regions: Sequence[MemoryRegion],
+        rows: MetadataRows,
+        page_size: int,
+        kv_dtype: str,
+        kv_layout: str,
+    ) -> None:
+        self.config = config
+        self.rows = rows
+        self.aux = rows.aux_layout().allocate(rows.num_slots)
+        self.node = DecodeNode(
+            config=config.transfer,
+            rank=RankIdentity(Role.DECODE, tp_rank=tp_rank, tp_size=tp_size),
+            kv_regions=kv_regions,
+            aux=self.aux,
+            pages=None,
+            reducer=SingleRankReducer(),
+            page_size=page_size,
+            kv_dtype=kv_dtype,
+            kv_layout=kv_layout,
+            dp_follows_room=True,
+        )
+        # A request without bootstrap_host gets this address (plugin.py): it resolves at once
+        # so SGLang creates its receiver, which fails the request with the reason.
+        self.prefill_info_table: dict[str, PrefillInfo] = {NO_BOOTSTRAP_HOST: PrefillInfo(1, 1)}
+        self._lookups: set[str] = set()
+        self._lookup_failures: dict[str, str] = {}
+        self._client = BootstrapClient.from_config(config.transfer)
+        self._lock = threading.Lock()
+        self._rooms: dict[int, RoomState] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        #: Rooms handed to the node and not yet committed or released: their pages are
+        #: kvbridge's to write (an aborted one stays here until the fence lifts).
+        self._live: set[int] = set()
+        self.transfers = self.failures = self.bytes = 0
+        self.page_bytes = sum(r.item_bytes for r in kv_regions)
+        self.driver = Driver("kvbridge-sglang-decode", self._step, config.poll_interval)
+
+    # -- SGLang's scheduler thread ------------------------------------------------------------
+
+    def ensure_prefill_info(self, addr: str) -> bool:
+        """Non-blocking: True once ``addr``'s bootstrap info is cached; starts a look-up."""
+        if addr in self.prefill_info_table:
+            return True
+        with self._lock:
+            failure = self._lookup_failures.pop(addr, None)
+            if addr in self._lookups:
+                return False
+            self._lookups.add(addr)
+        if failure is not None:
+            log.warning("prefill bootstrap %s: %s (trying again)", addr, failure)
+        threading.Thread(
+            target=self._lookup, args=(addr,), name="kvbridge-sglang-lookup", daemon=True
+        ).start()
+        return False
+
+    def _lookup(self, addr: str) -> None:
+        try:
+            info = self._client.info(addr)
+            sizes = info["sizes"]
+            entry = PrefillInfo(int(sizes["dp_size"]), int(sizes["tp_size"]))
+        except (BootstrapError, KeyError, TypeError, ValueError) as exc:
+            with self._lock:
+                self._lookup_failures[addr] = str(exc)
+                self._lookups.discard(addr)
+            return
+        self.prefill_info_table[addr] = entry
+        with self._lock:
+            self._lookups.discard(addr)
+
+    def open_room(self, room: Any, bootstrap_addr: str) -> RoomState:
+        """A receiver was made: refuse a room that is not a 63-bit id or is live already."""
+        state = RoomState(room if isinstance(room, int) else 0, bootstrap_addr)
+        try:
+            state.room = check_room(room)
+        except RoomError as exc:
+            state.fail(str(exc))
+            return state
+        problem = address_problem(bootstrap_addr)
+        if problem is not None:
+            state.fail(problem)
+            state.room = 0
+            return state
+        with self._lock:
+            if state.room in self._rooms or state.room in self._live:
+                state.fail(
+                    f"bootstrap_room {state.room} is already live on this decode instance; "
+                    f"each request needs its own room"
+                )
+                state.room = 0  # never touches the live room's state
+                return state
+            self._rooms[state.room] = state
+        return state
+
+    def send_metadata(self, state: RoomState, pages: np.ndarray, aux_index: int) -> None:
+        if state.status == KVPoll.Failed:
+            return
+        request = DecodeRequest(
+            state.room,
+            len(pages),
+            state.bootstrap_addr,
+            prefill_dp_rank=state.prefill_dp_rank,
+            pages=pages,
+        )
+        state.aux_index = int(aux_index)
+        state.status = KVPoll.Transferring
+        state.metadata_sent = True
+        with self._lock:
+            self._live.add(state.room)
+            self._inbox.append(("add", request))
+        self.driver.wake()
+
+    def poll(self, state: RoomState) -> int:
+        if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
+            state.fail(f"kvbridge driver thread failed: {self.driver.error!r}")
+        if state.committed_row is not None:
+            self.rows.unpack(state.committed_row, state.aux_index)
+            state.committed_row = None
+            state.status = KVPoll.Success
+        return int(state.status)
+
+    def abort(self, state: RoomState) -> None:
+        if state.status in (KVPoll.Success, KVPoll.Failed):
+            return
+        state.fail(ENDED_IN_SGLANG)
+        if state.room and state.metadata_sent:
+            with self._lock:
+                self._inbox.append(("abort", state.room))
+            self.driver.wake()
+
+    def release_safe(self, room: int) -> bool:
+        """SGLang's deferred release: may the pages of aborted ``room`` be reused now?"""
+        with self._lock:
+            return room not in self._live
+
+    def clear(self, state: RoomState) -> None:
+        """SGLang is done with the receiver; kvbridge keeps a fenced room until it lifts."""
+        if not state.room:
+            return
+        with self._lock:
+            if self._rooms.get(state.room) is state:
+                del self._rooms[state.room]
+
+    def close(self) -> None:
+        self.driver.close()
+        self.node.close()
+
+    # -- driver thread --------------------------------------------------------------------------
+
+    def _step(self) -> bool:
+        with self._lock:
+            work, self._inbox = self._inbox, []
+        node = self.node
+        for kind, item in work:
+            if kind == "add":
+                try:
+                    node.add([item])
+                except ValueError as exc:  # still fenced or queued here: nothing was written
+                    with self._lock:
+                        self._live.discard(item.room)
+                    self._ended(item.room, None, f"refused by kvbridge: {exc}", False)
+            else:
+                node.abort(item, ENDED_IN_SGLANG)
+        result = node.step()
+        if result.committed or result.released:
+            with self._lock:
+                self._live.difference_update(c.room for c in result.committed)
+                self._live.difference_update(result.released)
+        for c in result.committed:
+            self._ended(c.room, np.array(c.aux_row[AUX_FIELD], dtype=np.uint8), None, False)
+            self.transfers += 1
+            self.bytes += len(c.pages) * self.page_bytes
+        for a in result.aborted:
+            self._ended(a.room, None, a.reason, a.from_other_rank)
+            self.failures += 1
+            log.warning("room %d failed on decode: %s", a.room, a.reason)
+        return bool(len(node.session))
+
+    def _ended(self, room: int, row: np.ndarray | None, reason: str | None, other: bool) -> None:
+        with self._lock:
+            state = self._rooms.get(room)
+            if state is None or state.status in (KVPoll.Success, KVPoll.Failed):
+                return
+            if row is not None:
+                state.committed_row = row
+            else:
+                state.fail(reason or "failed", from_other_rank=other)

@@ -1,0 +1,243 @@
+"""The prefill side of one SGLang rank: SGLang's senders on one kvbridge :class:`PrefillNode`.
+
+Per room, what SGLang's calls do:
+
+- the sender is made: the room is added to the node (``Bootstrapping``);
+- the driver thread steps the node; once decode's metadata arrived from every decode rank this
+  rank writes, the room is ready (``WaitingForInput``) and SGLang calls ``init(num_pages,
+  aux_index)`` and runs the forward pass;
+- ``send(page_indices)`` per chunk: the chunk is queued for the driver, which hands kvbridge
+  the pages decode asked for (decode skips its own prefix-cache hits: it asks for the last
+  pages only). The chunk that completes ``num_pages`` is the last: SGLang's metadata rows of
+  ``aux_index`` are packed into a kvbridge aux row first, and ride on it (``Transferring``);
+- kvbridge reports the room finished (every decode rank has it) -> ``Success``, or aborted ->
+  ``Failed`` with the root cause and where it was seen.
+
+A zero-page last chunk is still sent (``should_send_kv_chunk``): the aux row rides on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kvbridge import MemoryRegion, RankIdentity, Role
+from kvbridge.memory import AuxSlotPool
+from kvbridge.node import PrefillNode
+from kvbridge.queue.collective import SingleRankReducer
+from kvbridge.queue.prefill import PrefillRequest
+from kvbridge.status import KVPoll
+from kvbridge_sglang.config import AdapterConfig
+from kvbridge_sglang.driver import Driver
+from kvbridge_sglang.layout import AUX_FIELD, MetadataRows
+from kvbridge_sglang.rooms import RoomError, RoomState, address_problem, check_room
+
+log = logging.getLogger("kvbridge_sglang")
+ENDED_IN_SGLANG = "request aborted in SGLang on prefill (client gone or cancelled)"
+
+
+class SendState(RoomState):
+    """A sender's room: what has been sent so far, and the kvbridge aux slot of its rows."""
+
+    def __init__(self, room: int, bootstrap_addr: str) -> None:
+        super().__init__(room, bootstrap_addr)
+        self.total_pages: int | None = None
+        self.queued_pages = 0
+        self.slot = -1
+        self.started = 0.0
+        self.finished_at = 0.0
+        self.bytes = 0
+
+
+class PrefillEndpoint:
+    def __init__(
+        self,
+        config: AdapterConfig,
+        *,
+        tp_rank: int,
+        tp_size: int,
+        kv_regions: Sequence[MemoryRegion],
+        rows: MetadataRows,
+        page_size: int,
+        kv_dtype: str,
+        kv_layout: str,
+        bootstrap_addr: str,
+    ) -> None:
+        self.config = config
+        self.rows = rows
+        self.aux = rows.aux_layout().allocate(rows.num_slots)
+        self.slots = AuxSlotPool(self.aux["room"])
+        self.page_bytes = sum(r.item_bytes for r in kv_regions)
+        self.node = PrefillNode(
+            config=config.transfer,
+            rank=RankIdentity(Role.PREFILL, tp_rank=tp_rank, tp_size=tp_size),
+            kv_regions=kv_regions,
+            aux_regions=[MemoryRegion.of(self.aux, self.aux.dtype.itemsize)],
+            reducer=SingleRankReducer(),
+            bootstrap_addr=bootstrap_addr,
+            page_size=page_size,
+            kv_dtype=kv_dtype,
+            kv_layout=kv_layout,
+        )
+        self._lock = threading.Lock()
+        self._rooms: dict[int, SendState] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        #: Driver-thread only: pages of each room still to skip (decode's own prefix hit).
+        self._skip: dict[int, int] = {}
+        self.transfers = self.failures = 0
+        self.driver = Driver("kvbridge-sglang-prefill", self._step, config.poll_interval)
+
+    # -- SGLang's scheduler thread ------------------------------------------------------------
+
+    def open_room(self, room: Any, bootstrap_addr: str) -> SendState:
+        state = SendState(room if isinstance(room, int) else 0, bootstrap_addr)
+        try:
+            state.room = check_room(room)
+        except RoomError as exc:
+            state.fail(str(exc))
+            return state
+        problem = address_problem(bootstrap_addr)
+        if problem is not None:
+            state.fail(problem)
+            state.room = 0
+            return state
+        with self._lock:
+            if state.room in self._rooms:
+                state.fail(
+                    f"bootstrap_room {state.room} is already live on this prefill instance; "
+                    f"each request needs its own room"
+                )
+                state.room = 0
+                return state
+            self._rooms[state.room] = state
+            self._inbox.append(("add", state.room))
+        self.driver.wake()
+        return state
+
+    def init(self, state: SendState, num_pages: int, aux_index: int | None) -> None:
+        state.total_pages = int(num_pages)
+        state.aux_index = -1 if aux_index is None else int(aux_index)
+
+    def send(self, state: SendState, page_indices: np.ndarray) -> None:
+        if state.status in (KVPoll.Failed, KVPoll.Success) or state.total_pages is None:
+            if state.total_pages is None and state.status != KVPoll.Failed:
+                self.abort(state, "SGLang sent KV before init(): not a valid sender lifecycle")
+            return
+        pages = np.asarray(page_indices, dtype=np.int64).reshape(-1)
+        start = state.queued_pages
+        state.queued_pages += len(pages)
+        is_last = state.queued_pages >= state.total_pages
+        slot = -1
+        if is_last:
+            slots = self.slots.alloc(1)
+            if slots is None:
+                self.abort(state, f"no free kvbridge aux slot ({len(self.aux)} slots)")
+                return
+            slot = int(slots[0])
+            self.rows.pack(state.aux_index, self.aux[AUX_FIELD][slot])
+            self.aux["room"][slot] = state.room
+            state.slot = slot
+            state.status = KVPoll.Transferring
+        if not state.started:
+            state.started = time.monotonic()
+        with self._lock:
+            self._inbox.append(("send", (state.room, start, pages, is_last, slot, state)))
+        self.driver.wake()
+
+    def poll(self, state: SendState) -> int:
+        if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
+            state.fail(f"kvbridge driver thread failed: {self.driver.error!r}")
+        return int(state.status)
+
+    def abort(self, state: SendState, reason: str = ENDED_IN_SGLANG) -> None:
+        if state.status in (KVPoll.Success, KVPoll.Failed):
+            return
+        state.fail(reason)
+        if state.room:
+            with self._lock:
+                self._inbox.append(("abort", (state.room, reason)))
+            self.driver.wake()
+
+    def clear(self, state: SendState) -> None:
+        if not state.room:
+            return
+        # A room failed in SGLang only stays until kvbridge ends it (its abort is queued):
+        # its aux slot is freed when the node reports it.
+        with self._lock:
+            if self._rooms.get(state.room) is state and state.status == KVPoll.Success:
+                del self._rooms[state.room]
+
+    def close(self) -> None:
+        self.driver.close()
+        self.node.close()
+
+    # -- driver thread --------------------------------------------------------------------------
+
+    def _step(self) -> bool:
+        with self._lock:
+            work, self._inbox = self._inbox, []
+        node = self.node
+        for kind, item in work:
+            if kind == "add":
+                node.add([PrefillRequest(item)])
+            elif kind == "abort":
+                node.abort(*item)
+            else:
+                self._send(*item)
+        result = node.step()
+        for room in result.ready:
+            with self._lock:
+                state = self._rooms.get(room)
+            want = node.requested_pages(room)
+            if state is not None and state.status == KVPoll.Bootstrapping:
+                self._skip[room] = -1 if want is None else want  # resolved at the first send
+                state.status = KVPoll.WaitingForInput
+        for room in result.finished:
+            self._ended(room, None)
+            self.transfers += 1
+        for a in result.aborted:
+            self._ended(room=a.room, reason=a.reason, other=a.from_other_rank)
+            self.failures += 1
+            log.warning("room %d failed on prefill: %s", a.room, a.reason)
+        return bool(len(node.session))
+
+    def _send(
+        self, room: int, start: int, pages: np.ndarray, is_last: bool, slot: int, state: SendState
+    ) -> None:
+        total = state.total_pages or 0
+        want = self._skip.get(room, -1)
+        if want < 0:
+            want = total
+        if want > total:
+            self.node.abort(
+                room, f"decode allocated {want} pages, this prefill holds {total} for the prompt"
+            )
+            return
+        skip = total - want  # decode holds the first ``skip`` pages already
+        keep = pages[max(0, skip - start) :] if start < skip else pages
+        if len(keep) or is_last:
+            self.node.send(room, keep, is_last=is_last, aux_slot=slot)
+            state.bytes += len(keep) * self.page_bytes
+
+    def _ended(self, room: int, reason: str | None, other: bool = False) -> None:
+        self._skip.pop(room, None)
+        with self._lock:
+            state = self._rooms.get(room)
+            if state is None:
+                return
+            if state.slot >= 0:
+                self.slots.free(np.array([state.slot]))
+                state.slot = -1
+            state.finished_at = time.monotonic()
+            if reason is None:
+                if state.status != KVPoll.Failed:
+                    state.status = KVPoll.Success
+            else:
+                state.fail(reason, from_other_rank=other)
+            if state.status == KVPoll.Failed:
+                del self._rooms[room]  # kvbridge is done with it; SGLang clears its object

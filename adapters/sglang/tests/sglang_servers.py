@@ -1,0 +1,153 @@
+"""Real SGLang servers (single, prefill, decode) and sglang-router as separate processes.
+
+Process handling (own process group, stop/kill, readiness) is :mod:`kvbridge.testing.processes`.
+SGLang runs on CPU here with the flags ENGINES.md section 4 lists: torch-native attention, no
+CUDA graphs, a small token pool, no overlap schedule on prefill, a CPU retraction backup on
+decode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from kvbridge.testing import processes
+from kvbridge.testing.processes import Server, free_port
+
+ROOT = Path(__file__).resolve().parents[3]
+
+#: kvbridge settings for the tests: a dead prefill is noticed in ~15 s; frequent heartbeats,
+#: many misses allowed (this 2-vCPU VM stalls single threads of a busy process for seconds).
+TEST_KVBRIDGE_ENV = {
+    "KVBRIDGE_BOOTSTRAP_TIMEOUT": "20",
+    "KVBRIDGE_WAITING_TIMEOUT": "60",
+    "KVBRIDGE_HEARTBEAT_INTERVAL": "1",
+    "KVBRIDGE_HEARTBEAT_MAX_MISSES": "15",
+}
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        SGLANG_CPU_OMP_THREADS_BIND="0|1",
+        MC_LOG_LEVEL=env.get("MC_LOG_LEVEL", "ERROR"),
+        NIXL_LOG_LEVEL=env.get("NIXL_LOG_LEVEL", "WARN"),
+        UCX_MODULES=env.get("UCX_MODULES", "^ib"),
+        **TEST_KVBRIDGE_ENV,
+    )
+    env.update(extra)
+    return env
+
+
+def start_sglang(
+    name: str,
+    model: Path,
+    log_dir: Path,
+    *,
+    mode: str | None = None,
+    backend: str = "kvbridge",
+    bootstrap_port: int | None = None,
+    tp: int = 1,
+    env: dict[str, str] | None = None,
+) -> Server:
+    """``mode`` None: a plain server (the reference); "prefill" / "decode": one side of a pair."""
+    port = free_port()
+    args = [
+        sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
+        "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
+        "--host", "127.0.0.1", "--port", str(port), "--max-total-tokens", "8192",
+        "--dtype", "float32", "--random-seed", "0", "--log-level", "warning",
+    ]  # fmt: skip
+    if tp > 1:
+        args += ["--tp", str(tp)]
+    if mode is not None:
+        args += [
+            "--disaggregation-mode", mode, "--disaggregation-transfer-backend", backend,
+            "--enable-metrics",
+        ]  # fmt: skip
+        if mode == "prefill":
+            args += [
+                "--disaggregation-bootstrap-port", str(bootstrap_port or free_port()),
+                "--disable-overlap-schedule",
+            ]  # fmt: skip
+        else:
+            args += ["--disaggregation-decode-retraction-backup", "cpu_tensor"]
+    server = processes.start(name, args, port, log_dir, env or base_env(), ROOT)
+    server.bootstrap_port = bootstrap_port  # type: ignore[attr-defined]
+    return server
+
+
+def start_router(prefill: Server, bootstrap_port: int, decode: Server, log_dir: Path) -> Server:
+    port = free_port()
+    args = [
+        sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
+        "--prefill", prefill.url, str(bootstrap_port), "--decode", decode.url,
+        "--host", "127.0.0.1", "--port", str(port),
+        # A restarted worker is healthy again within seconds, not the default minute.
+        "--health-check-interval-secs", "2",
+    ]  # fmt: skip
+    return processes.start("router", args, port, log_dir, base_env(), ROOT)
+
+
+def wait_router(router: Server, timeout: float = 180.0) -> None:
+    """Until the router serves a request: its ``/health`` answers before its workers are
+    registered (it answers 503 until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not router.alive():
+            raise RuntimeError(f"router exited with {router.proc.returncode}:\n{router.tail()}")
+        try:
+            generate(router.url, "w1 w2", 1)
+            return
+        except (urllib.error.URLError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router not serving after {timeout}s: {exc}") from exc
+            time.sleep(1.0)
+
+
+def generate(base: str, text: str, max_new_tokens: int, **fields: Any) -> dict[str, Any]:
+    return processes.post(
+        base + "/generate",
+        {
+            "text": text,
+            "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0},
+            **fields,
+        },
+        timeout=180,
+    )
+
+
+def output_ids(answer: dict[str, Any]) -> list[int]:
+    return list(answer.get("output_ids") or answer["meta_info"].get("output_ids") or [])
+
+
+_METRIC = re.compile(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
+
+
+def metrics(server: Server) -> dict[str, float]:
+    """Prometheus ``name`` -> value summed over labels, from the server's ``/metrics``."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _METRIC.match(line)
+        if m:
+            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
+    return out
+
+
+def server_info(server: Server) -> dict[str, Any]:
+    with urllib.request.urlopen(server.url + "/get_server_info", timeout=10) as r:
+        answer: dict[str, Any] = json.loads(r.read())
+        return answer

@@ -1,0 +1,229 @@
+"""kvbridge-sglang's endpoints without SGLang: the calls SGLang's queues make, in their order,
+on real kvbridge nodes (Fake transport, real bootstrap server and control channel), with
+numpy buffers laid out as SGLang's KV pool and metadata buffers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvbridge import TransferConfig
+from kvbridge.bootstrap.server import BootstrapServer
+from kvbridge.status import KVPoll
+from kvbridge_sglang.config import AdapterConfig
+from kvbridge_sglang.decode import DecodeEndpoint
+from kvbridge_sglang.layout import MetadataRows, kv_layout_for, kv_regions
+from kvbridge_sglang.prefill import PrefillEndpoint
+from kvbridge_sglang.rooms import RoomError, check_room
+
+LAYERS, TOKENS, HEADS, DIM, SLOTS = 2, 64, 2, 8, 4
+
+
+class SGLangRank:
+    """Buffers shaped as SGLang allocates them: per-layer K and V ``[tokens, heads, dim]``
+    (page size 1) and metadata buffers (output ids, a float row, the bootstrap room)."""
+
+    def __init__(self) -> None:
+        self.kv = [np.zeros((TOKENS, HEADS, DIM), np.float32) for _ in range(2 * LAYERS)]
+        self.meta = [
+            np.zeros((SLOTS, 16), np.int32),
+            np.zeros((SLOTS, 8), np.float32),
+            np.zeros((SLOTS, 8), np.int64),  # bootstrap_room
+        ]
+
+    def regions(self) -> list:
+        return kv_regions(
+            [t.ctypes.data for t in self.kv],
+            [t.nbytes for t in self.kv],
+            [t[0].nbytes for t in self.kv],
+            "cpu",
+        )
+
+    def rows(self) -> MetadataRows:
+        return MetadataRows.from_kv_args(
+            [m.ctypes.data for m in self.meta],
+            [m.nbytes for m in self.meta],
+            [m[0].nbytes for m in self.meta],
+        )
+
+
+def _config() -> AdapterConfig:
+    return AdapterConfig(
+        TransferConfig(
+            transport="fake", bootstrap_timeout=10, waiting_timeout=10, heartbeat_interval=0.5
+        )
+    )
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[PrefillEndpoint, DecodeEndpoint, SGLangRank, SGLangRank, str]]:
+    server = BootstrapServer("127.0.0.1", 0).start()
+    p, d = SGLangRank(), SGLangRank()
+    common = dict(tp_rank=0, tp_size=1, page_size=1, kv_dtype="float32", kv_layout="head_sharded")
+    prefill = PrefillEndpoint(
+        _config(), kv_regions=p.regions(), rows=p.rows(), bootstrap_addr=server.address, **common
+    )
+    decode = DecodeEndpoint(_config(), kv_regions=d.regions(), rows=d.rows(), **common)
+    try:
+        yield prefill, decode, p, d, server.address
+    finally:
+        decode.close()
+        prefill.close()
+        server.stop()
+
+
+def _until(what: str, done: Callable[[], bool], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.005)
+
+
+def test_a_request_flows_through_in_sglang_call_order(pair) -> None:
+    prefill, decode, p, d, addr = pair
+    room = 2**62 + 5
+    sender = prefill.open_room(room, addr)
+    _until("prefill info", lambda: decode.ensure_prefill_info(addr))
+    assert decode.prefill_info_table[addr].dp_size == 1
+    receiver = decode.open_room(room, addr)
+    assert decode.poll(receiver) == KVPoll.Bootstrapping
+    receiver.prefill_dp_rank = 0
+    receiver.status = KVPoll.WaitingForInput  # what KvbridgeKVReceiver.init does
+    src_pages, dst_pages = np.arange(3, 13), np.arange(40, 50)
+    decode.send_metadata(receiver, dst_pages, aux_index=2)
+    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    for i, layer in enumerate(p.kv):
+        layer[src_pages] = np.arange(10 * HEADS * DIM).reshape(10, HEADS, DIM) + 1000 * i
+    p.meta[0][1, 0], p.meta[1][1, 3], p.meta[2][1, 0] = 77, 0.5, room
+    prefill.init(sender, num_pages=10, aux_index=1)
+    prefill.send(sender, src_pages[:6])  # two chunks, as chunked prefill sends them
+    assert prefill.poll(sender) == KVPoll.WaitingForInput
+    prefill.send(sender, src_pages[6:])
+    _until("decode success", lambda: decode.poll(receiver) == KVPoll.Success)
+    for src, dst in zip(p.kv, d.kv):
+        assert np.array_equal(src[src_pages], dst[dst_pages])
+    assert d.meta[0][2, 0] == 77 and d.meta[1][2, 3] == 0.5 and d.meta[2][2, 0] == room
+    _until("prefill success", lambda: prefill.poll(sender) == KVPoll.Success)
+    decode.clear(receiver)
+    prefill.clear(sender)
+    assert decode.release_safe(room)
+
+
+def test_decode_prefix_hit_gets_only_the_last_pages(pair) -> None:
+    prefill, decode, p, d, addr = pair
+    room = 99
+    sender = prefill.open_room(room, addr)
+    receiver = decode.open_room(room, addr)
+    receiver.status = KVPoll.WaitingForInput
+    decode.send_metadata(receiver, np.arange(20, 24), aux_index=0)  # decode holds 6 of 10
+    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    for layer in p.kv:
+        layer[np.arange(10)] = np.arange(10)[:, None, None]
+    p.meta[2][0, 0] = room
+    prefill.init(sender, num_pages=10, aux_index=0)
+    prefill.send(sender, np.arange(10))
+    _until("decode success", lambda: decode.poll(receiver) == KVPoll.Success)
+    assert [int(x) for x in d.kv[0][20:24, 0, 0]] == [6, 7, 8, 9]
+
+
+def test_an_aborted_room_is_held_until_kvbridge_releases_it(pair) -> None:
+    prefill, decode, _p, _d, addr = pair
+    room = 1234
+    sender = prefill.open_room(room, addr)
+    receiver = decode.open_room(room, addr)
+    receiver.status = KVPoll.WaitingForInput
+    decode.send_metadata(receiver, np.arange(5), aux_index=3)
+    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    decode.abort(receiver)
+    assert decode.poll(receiver) == KVPoll.Failed
+    assert "aborted in SGLang" in str(receiver.exception())
+    _until("prefill told", lambda: prefill.poll(sender) == KVPoll.Failed)
+    _until("released", lambda: decode.release_safe(room))
+    decode.clear(receiver)
+    # The room can be used again once released.
+    again = decode.open_room(room, addr)
+    assert again.status == KVPoll.Bootstrapping
+
+
+def test_bad_and_duplicate_rooms_fail_alone(pair) -> None:
+    prefill, decode, _p, _d, addr = pair
+    for bad in ("12", 0, -1, 2**63, 1.5, True, None):
+        state = decode.open_room(bad, addr)
+        assert decode.poll(state) == KVPoll.Failed
+        assert "bootstrap_room" in str(state.exception())
+        assert prefill.poll(prefill.open_room(bad, addr)) == KVPoll.Failed
+    first = decode.open_room(7, addr)
+    second = decode.open_room(7, addr)
+    assert decode.poll(second) == KVPoll.Failed and "already live" in str(second.exception())
+    assert decode.poll(first) == KVPoll.Bootstrapping
+    decode.clear(second)  # clearing the refused duplicate leaves the live room alone
+    assert decode.open_room(7, addr).status == KVPoll.Failed
+
+
+def test_a_prefill_that_never_registers_fails_the_lookup_not_the_process() -> None:
+    decode = DecodeEndpoint(
+        AdapterConfig(TransferConfig(transport="fake", bootstrap_http_timeout=0.5)),
+        tp_rank=0,
+        tp_size=1,
+        kv_regions=SGLangRank().regions(),
+        rows=SGLangRank().rows(),
+        page_size=1,
+        kv_dtype="float32",
+        kv_layout="head_sharded",
+    )
+    try:
+        for _ in range(3):
+            assert not decode.ensure_prefill_info("127.0.0.1:9")
+            time.sleep(0.6)
+        assert "127.0.0.1:9" not in decode.prefill_info_table
+    finally:
+        decode.close()
+
+
+@given(st.integers(1, 2**63 - 1))
+def test_every_63_bit_room_is_accepted(room: int) -> None:
+    assert check_room(room) == room
+
+
+@given(st.one_of(st.integers(max_value=0), st.integers(min_value=2**63), st.text(), st.floats()))
+def test_anything_else_is_refused(room: object) -> None:
+    with pytest.raises(RoomError):
+        check_room(room)
+
+
+def test_layouts() -> None:
+    assert kv_layout_for(is_mla=True, page_size=16) == "replicated"
+    assert kv_layout_for(is_mla=False, page_size=1) == "head_sharded"
+    assert kv_layout_for(is_mla=False, page_size=16) == "token_major"
+    with pytest.raises(ValueError, match="differ or are empty"):
+        kv_regions([1], [2, 3], [1], "cpu")
+
+
+def test_metadata_rows_round_trip_and_refuse_bad_slots() -> None:
+    a, b = SGLangRank(), SGLangRank()
+    a.meta[0][3] = np.arange(16)
+    a.meta[2][3, 0] = 42
+    packed = np.zeros(a.rows().row_bytes, np.uint8)
+    a.rows().pack(3, packed)
+    b.rows().unpack(packed, 1)
+    assert np.array_equal(b.meta[0][1], np.arange(16)) and b.meta[2][1, 0] == 42
+    with pytest.raises(ValueError, match="out of range"):
+        a.rows().pack(SLOTS, packed)
+    with pytest.raises(ValueError, match="bytes"):
+        b.rows().unpack(packed[:-1], 0)
+
+
+def test_a_request_without_bootstrap_host_fails_with_the_reason(pair) -> None:
+    from kvbridge_sglang.rooms import NO_BOOTSTRAP_HOST
+
+    prefill, decode, _p, _d, _addr = pair
+    assert decode.ensure_prefill_info(NO_BOOTSTRAP_HOST)  # SGLang gets as far as a receiver
+    for state in (decode.open_room(5, NO_BOOTSTRAP_HOST), prefill.open_room(5, "None:8998")):
+        assert state.status == KVPoll.Failed
+        assert "no bootstrap_host" in str(state.exception())
+    assert decode.open_room(5, "127.0.0.1:99999").status == KVPoll.Failed
