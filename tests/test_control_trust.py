@@ -239,3 +239,35 @@ def test_checksum_mode_commits_honest_rooms_and_fails_a_corrupted_one(tmp_path: 
     finally:
         decode.close()
         prefill.close()
+
+
+def test_decode_aux_rows_shorter_than_prefill_rows_fail_that_room_not_the_memory() -> None:
+    """Prefill copies whole aux rows: a decode rank registering shorter rows (another layout,
+    or a lie) would have the copy overrun into its next slot. The room fails instead."""
+    config = _config()
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        _honest_round(decode, prefill, 71, 0x31)
+        from kvbridge.queue import PrefillRequest
+
+        kv = tuple((r.addr, r.length, r.item_bytes) for r in decode.buffers.kv_regions)
+        aux = decode.buffers.aux_regions[0]
+        short = ((aux.addr, aux.length - aux.length % 8, 8),)
+        key = "decode-short-rows-dp0-tp0"
+        decode.node._out.send(
+            prefill.node.control.address,
+            Register(
+                key, dict(decode.node.manager.endpoint), kv, short, decode.node.control.address
+            ),
+        )
+        prefill.node.add([PrefillRequest(72)])
+        decode.node._out.send(
+            prefill.node.control.address,
+            Metadata(72, key, np.arange(2), 0, 1, (0, 0, kv[0][2])),
+        )
+        run_until("room 72 failed", lambda: 72 in prefill.aborted, prefill)
+        assert "aux rows of [8] bytes" in prefill.aborted[72]
+        _honest_round(decode, prefill, 73, 0x32)
+    finally:
+        decode.close()
+        prefill.close()

@@ -347,7 +347,7 @@ class PrefillSession:
                     meta.decode_rank,
                 )
             return
-        problem = _metadata_problem(meta, peer, self.kv_regions)
+        problem = _metadata_problem(meta, peer, self.kv_regions, self.aux_regions)
         if problem is not None:
             self.queue.fail(meta.room, f"decode {meta.decode_rank} sent bad metadata: {problem}")
             return
@@ -516,7 +516,10 @@ def _same_metadata(a: DecodeMetadata, b: DecodeMetadata) -> bool:
 
 
 def _metadata_problem(
-    meta: DecodeMetadata, peer: DecodePeer, kv_regions: tuple[MemoryRegion, ...]
+    meta: DecodeMetadata,
+    peer: DecodePeer,
+    kv_regions: tuple[MemoryRegion, ...],
+    aux_regions: tuple[MemoryRegion, ...] = (),
 ) -> str | None:
     """Why ``meta`` cannot be written into ``peer``'s registered memory, or None if it can."""
     if not meta.writes:
@@ -531,6 +534,11 @@ def _metadata_problem(
     rows = min(r.num_items for r in peer.aux_regions)
     if not 0 <= meta.aux_slot < rows:
         return f"aux slot {meta.aux_slot} is out of range (decode registered {rows} rows)"
+    # A whole row is copied: a shorter decode row would be overrun (another slot, or past it).
+    mine = [r.item_bytes for r in aux_regions]
+    theirs = [r.item_bytes for r in peer.aux_regions]
+    if mine and mine != theirs:
+        return f"decode registered aux rows of {theirs} bytes, this prefill writes rows of {mine}"
     if meta.page_slice is not None and peer.kv_regions and kv_regions:
         src_offset, dst_offset, length = meta.page_slice
         src_page = min(r.item_bytes for r in kv_regions)
