@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def null_transport():
     """A transport that moves nothing and answers polls in O(1): isolates the core's cost."""
-    from kvbridge import KVBRIDGE_API_VERSION, PollResult, TransportInfo, hookimpl
+    from kvbridge import PollResult, TransportInfo, hookimpl
 
     class NullTransport:
         def __init__(self) -> None:
@@ -40,7 +40,7 @@ def null_transport():
 
         @hookimpl
         def kvbridge_transport_info(self):
-            return TransportInfo("null", KVBRIDGE_API_VERSION)
+            return TransportInfo("null", "1.0")  # no kvbridge_sender_drained: the 1.0 contract
 
         @hookimpl
         def kvbridge_manager_create(self, config, rank, kv_regions, aux_regions):
