@@ -26,7 +26,7 @@ from kvbridge.errors import ConfigError
 from kvbridge.status import KVPoll
 from kvbridge_sglang.config import AdapterConfig
 from kvbridge_sglang.decode import DecodeEndpoint
-from kvbridge_sglang.layout import MetadataRows, kv_layout_for, kv_regions
+from kvbridge_sglang.layout import MetadataRows, RankLayout, kv_layout_for, kv_regions
 from kvbridge_sglang.logs import route_to_sglang_log
 from kvbridge_sglang.prefill import PrefillEndpoint, SendState
 from kvbridge_sglang.rooms import RoomState
@@ -94,10 +94,10 @@ class KvbridgeKVManager(BaseKVManager):
         )
         rows = MetadataRows.from_kv_args(args.aux_data_ptrs, args.aux_data_lens, args.aux_item_lens)
         tp_size = int(getattr(server_args, "tp_size", 1) or 1)
-        common: dict[str, Any] = dict(
+        layout_of_rank = RankLayout(
             tp_rank=int(args.engine_rank),
             tp_size=tp_size,
-            kv_regions=regions,
+            kv_regions=tuple(regions),
             rows=rows,
             page_size=page_size,
             kv_dtype=str(getattr(args, "kv_cache_dtype_str", "") or "auto"),
@@ -107,9 +107,9 @@ class KvbridgeKVManager(BaseKVManager):
         if self.mode == "prefill":
             port = int(server_args.disaggregation_bootstrap_port)
             addr = f"{_advertised_host(self.config, server_args)}:{port}"
-            self.endpoint = PrefillEndpoint(self.config, bootstrap_addr=addr, **common)
+            self.endpoint = PrefillEndpoint(self.config, layout_of_rank, addr)
         elif self.mode == "decode":
-            self.endpoint = DecodeEndpoint(self.config, **common)
+            self.endpoint = DecodeEndpoint(self.config, layout_of_rank)
         else:
             raise Unsupported(f"kvbridge-sglang: disaggregation mode {self.mode!r}")
         log.info(

@@ -21,28 +21,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import numpy as np
 
-from kvbridge import MemoryRegion, RankIdentity, Role
+from kvbridge import Role
 from kvbridge.bootstrap.client import BootstrapClient, BootstrapError
 from kvbridge.node import DecodeNode
 from kvbridge.queue import DecodeRequest
 from kvbridge.queue.collective import SingleRankReducer
 from kvbridge.status import KVPoll
 from kvbridge_sglang.config import AdapterConfig
-from kvbridge_sglang.driver import Driver
-from kvbridge_sglang.layout import AUX_FIELD, MetadataRows
-from kvbridge_sglang.rooms import (
-    NO_BOOTSTRAP_HOST,
-    RoomError,
-    RoomState,
-    address_problem,
-    check_room,
-)
+from kvbridge_sglang.driver import DrivenEndpoint
+from kvbridge_sglang.layout import AUX_FIELD, RankLayout
+from kvbridge_sglang.rooms import NO_BOOTSTRAP_HOST, RoomState, admit
 
 log = logging.getLogger("kvbridge_sglang")
 ENDED_IN_SGLANG = "request aborted in SGLang (client gone or cancelled)"
@@ -58,33 +51,18 @@ class PrefillInfo:
     follow_bootstrap_room: bool = True
 
 
-class DecodeEndpoint:
-    def __init__(
-        self,
-        config: AdapterConfig,
-        *,
-        tp_rank: int,
-        tp_size: int,
-        kv_regions: Sequence[MemoryRegion],
-        rows: MetadataRows,
-        page_size: int,
-        kv_dtype: str,
-        kv_layout: str,
-    ) -> None:
+class DecodeEndpoint(DrivenEndpoint):
+    def __init__(self, config: AdapterConfig, layout: RankLayout) -> None:
         self.config = config
-        self.rows = rows
+        self.rows = rows = layout.rows
         self.aux = rows.aux_layout().allocate(rows.num_slots)
         self.node = DecodeNode(
             config=config.transfer,
-            rank=RankIdentity(Role.DECODE, tp_rank=tp_rank, tp_size=tp_size),
-            kv_regions=kv_regions,
             aux=self.aux,
             pages=None,
             reducer=SingleRankReducer(),
-            page_size=page_size,
-            kv_dtype=kv_dtype,
-            kv_layout=kv_layout,
             dp_follows_room=True,
+            **layout.node_args(Role.DECODE),  # type: ignore[arg-type]
         )
         # A request without bootstrap_host gets this address (plugin.py): it resolves at once
         # so SGLang creates its receiver, which fails the request with the reason.
@@ -92,15 +70,13 @@ class DecodeEndpoint:
         self._lookups: set[str] = set()
         self._lookup_failures: dict[str, str] = {}
         self._client = BootstrapClient.from_config(config.transfer)
-        self._lock = threading.Lock()
         self._rooms: dict[int, RoomState] = {}
-        self._inbox: list[tuple[str, Any]] = []
         #: Rooms handed to the node and not yet committed or released: their pages are
         #: kvbridge's to write (an aborted one stays here until the fence lifts).
         self._live: set[int] = set()
         self.transfers = self.failures = self.bytes = 0
-        self.page_bytes = sum(r.item_bytes for r in kv_regions)
-        self.driver = Driver("kvbridge-sglang-decode", self._step, config.poll_interval)
+        self.page_bytes = layout.page_bytes
+        super().__init__("kvbridge-sglang-decode", config.poll_interval)
 
     # -- SGLang's scheduler thread ------------------------------------------------------------
 
@@ -136,26 +112,12 @@ class DecodeEndpoint:
 
     def open_room(self, room: Any, bootstrap_addr: str) -> RoomState:
         """A receiver was made: refuse a room that is not a 63-bit id or is live already."""
-        state = RoomState(room if isinstance(room, int) else 0, bootstrap_addr)
-        try:
-            state.room = check_room(room)
-        except RoomError as exc:
-            state.fail(str(exc))
-            return state
-        problem = address_problem(bootstrap_addr)
-        if problem is not None:
-            state.fail(problem)
-            state.room = 0
-            return state
         with self._lock:
-            if state.room in self._rooms or state.room in self._live:
-                state.fail(
-                    f"bootstrap_room {state.room} is already live on this decode instance; "
-                    f"each request needs its own room"
-                )
-                state.room = 0  # never touches the live room's state
-                return state
-            self._rooms[state.room] = state
+            state = admit(
+                RoomState, room, bootstrap_addr, lambda r: r in self._rooms or r in self._live
+            )
+            if state.room:
+                self._rooms[state.room] = state
         return state
 
     def send_metadata(self, state: RoomState, pages: np.ndarray, aux_index: int) -> None:
@@ -173,8 +135,7 @@ class DecodeEndpoint:
         state.metadata_sent = True
         with self._lock:
             self._live.add(state.room)
-            self._inbox.append(("add", request))
-        self.driver.wake()
+        self._queue("add", request)
 
     def poll(self, state: RoomState) -> int:
         if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
@@ -190,9 +151,7 @@ class DecodeEndpoint:
             return
         state.fail(ENDED_IN_SGLANG)
         if state.room and state.metadata_sent:
-            with self._lock:
-                self._inbox.append(("abort", state.room))
-            self.driver.wake()
+            self._queue("abort", state.room)
 
     def release_safe(self, room: int) -> bool:
         """SGLang's deferred release: may the pages of aborted ``room`` be reused now?"""
@@ -207,17 +166,11 @@ class DecodeEndpoint:
             if self._rooms.get(state.room) is state:
                 del self._rooms[state.room]
 
-    def close(self) -> None:
-        self.driver.close()
-        self.node.close()
-
     # -- driver thread --------------------------------------------------------------------------
 
     def _step(self) -> bool:
-        with self._lock:
-            work, self._inbox = self._inbox, []
         node = self.node
-        for kind, item in work:
+        for kind, item in self._take():
             if kind == "add":
                 try:
                     node.add([item])

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("kvbridge_sglang")
 
@@ -48,3 +49,37 @@ class Driver:
         if self._thread is not threading.current_thread():
             deadline = time.monotonic() + timeout
             self._thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class DrivenEndpoint:
+    """What both sides' endpoints share: the node, the work inbox and the driver thread.
+
+    Subclasses build ``self.node`` and their state, then call ``super().__init__`` (which
+    starts the driver), and implement :meth:`_step` (driver thread: perform ``_take()``'s
+    work, step the node, publish what it decided; return whether rooms are live).
+    """
+
+    node: Any
+
+    def __init__(self, name: str, interval: float) -> None:
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, Any]] = []
+        self.driver = Driver(name, self._step, interval)
+
+    def _queue(self, kind: str, item: Any) -> None:
+        """Scheduler thread: hand work to the driver (never waits on I/O)."""
+        with self._lock:
+            self._inbox.append((kind, item))
+        self.driver.wake()
+
+    def _take(self) -> list[tuple[str, Any]]:
+        with self._lock:
+            work, self._inbox = self._inbox, []
+        return work
+
+    def _step(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.driver.close()
+        self.node.close()

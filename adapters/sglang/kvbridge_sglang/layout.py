@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import attrs
 import numpy as np
 
-from kvbridge import AuxLayout, MemoryRegion
+from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
 
 AUX_FIELD = "sglang_rows"
 
@@ -112,3 +112,31 @@ class MetadataRows:
         for ptr, item in zip(self.ptrs, self.item_lens):
             ctypes.memmove(ptr + slot * item, src, item)
             src += item
+
+
+@attrs.frozen
+class RankLayout:
+    """One SGLang rank's memory as kvbridge sees it, and who the rank is."""
+
+    tp_rank: int
+    tp_size: int
+    kv_regions: tuple[MemoryRegion, ...]
+    rows: MetadataRows
+    page_size: int
+    kv_dtype: str
+    kv_layout: str
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes one page occupies over every KV buffer of this rank."""
+        return sum(r.item_bytes for r in self.kv_regions)
+
+    def node_args(self, role: Role) -> dict[str, object]:
+        """The keyword arguments a kvbridge node takes from this layout."""
+        return dict(
+            rank=RankIdentity(role, tp_rank=self.tp_rank, tp_size=self.tp_size),
+            kv_regions=self.kv_regions,
+            page_size=self.page_size,
+            kv_dtype=self.kv_dtype,
+            kv_layout=self.kv_layout,
+        )

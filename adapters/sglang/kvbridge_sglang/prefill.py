@@ -19,23 +19,21 @@ A zero-page last chunk is still sent (``should_send_kv_chunk``): the aux row rid
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from kvbridge import MemoryRegion, RankIdentity, Role
+from kvbridge import MemoryRegion, Role
 from kvbridge.memory import AuxSlotPool
 from kvbridge.node import PrefillNode
 from kvbridge.queue.collective import SingleRankReducer
 from kvbridge.queue.prefill import PrefillRequest
 from kvbridge.status import KVPoll
 from kvbridge_sglang.config import AdapterConfig
-from kvbridge_sglang.driver import Driver
-from kvbridge_sglang.layout import AUX_FIELD, MetadataRows
-from kvbridge_sglang.rooms import RoomError, RoomState, address_problem, check_room
+from kvbridge_sglang.driver import DrivenEndpoint
+from kvbridge_sglang.layout import AUX_FIELD, RankLayout
+from kvbridge_sglang.rooms import RoomState, admit
 
 log = logging.getLogger("kvbridge_sglang")
 ENDED_IN_SGLANG = "request aborted in SGLang on prefill (client gone or cancelled)"
@@ -54,69 +52,35 @@ class SendState(RoomState):
         self.bytes = 0
 
 
-class PrefillEndpoint:
-    def __init__(
-        self,
-        config: AdapterConfig,
-        *,
-        tp_rank: int,
-        tp_size: int,
-        kv_regions: Sequence[MemoryRegion],
-        rows: MetadataRows,
-        page_size: int,
-        kv_dtype: str,
-        kv_layout: str,
-        bootstrap_addr: str,
-    ) -> None:
+class PrefillEndpoint(DrivenEndpoint):
+    def __init__(self, config: AdapterConfig, layout: RankLayout, bootstrap_addr: str) -> None:
         self.config = config
-        self.rows = rows
+        self.rows = rows = layout.rows
         self.aux = rows.aux_layout().allocate(rows.num_slots)
         self.slots = AuxSlotPool(self.aux["room"])
-        self.page_bytes = sum(r.item_bytes for r in kv_regions)
+        self.page_bytes = layout.page_bytes
         self.node = PrefillNode(
             config=config.transfer,
-            rank=RankIdentity(Role.PREFILL, tp_rank=tp_rank, tp_size=tp_size),
-            kv_regions=kv_regions,
             aux_regions=[MemoryRegion.of(self.aux, self.aux.dtype.itemsize)],
             reducer=SingleRankReducer(),
             bootstrap_addr=bootstrap_addr,
-            page_size=page_size,
-            kv_dtype=kv_dtype,
-            kv_layout=kv_layout,
+            **layout.node_args(Role.PREFILL),  # type: ignore[arg-type]
         )
-        self._lock = threading.Lock()
         self._rooms: dict[int, SendState] = {}
-        self._inbox: list[tuple[str, Any]] = []
         #: Driver-thread only: pages of each room still to skip (decode's own prefix hit).
         self._skip: dict[int, int] = {}
         self.transfers = self.failures = 0
-        self.driver = Driver("kvbridge-sglang-prefill", self._step, config.poll_interval)
+        super().__init__("kvbridge-sglang-prefill", config.poll_interval)
 
     # -- SGLang's scheduler thread ------------------------------------------------------------
 
     def open_room(self, room: Any, bootstrap_addr: str) -> SendState:
-        state = SendState(room if isinstance(room, int) else 0, bootstrap_addr)
-        try:
-            state.room = check_room(room)
-        except RoomError as exc:
-            state.fail(str(exc))
-            return state
-        problem = address_problem(bootstrap_addr)
-        if problem is not None:
-            state.fail(problem)
-            state.room = 0
-            return state
         with self._lock:
-            if state.room in self._rooms:
-                state.fail(
-                    f"bootstrap_room {state.room} is already live on this prefill instance; "
-                    f"each request needs its own room"
-                )
-                state.room = 0
-                return state
-            self._rooms[state.room] = state
-            self._inbox.append(("add", state.room))
-        self.driver.wake()
+            state = admit(SendState, room, bootstrap_addr, lambda r: r in self._rooms)
+            if state.room:
+                self._rooms[state.room] = state
+        if state.room:
+            self._queue("add", state.room)
         return state
 
     def init(self, state: SendState, num_pages: int, aux_index: int | None) -> None:
@@ -134,7 +98,8 @@ class PrefillEndpoint:
         is_last = state.queued_pages >= state.total_pages
         slot = -1
         if is_last:
-            slots = self.slots.alloc(1)
+            with self._lock:  # the driver thread frees slots
+                slots = self.slots.alloc(1)
             if slots is None:
                 self.abort(state, f"no free kvbridge aux slot ({len(self.aux)} slots)")
                 return
@@ -145,9 +110,7 @@ class PrefillEndpoint:
             state.status = KVPoll.Transferring
         if not state.started:
             state.started = time.monotonic()
-        with self._lock:
-            self._inbox.append(("send", (state.room, start, pages, is_last, slot, state)))
-        self.driver.wake()
+        self._queue("send", (state.room, start, pages, is_last, slot, state))
 
     def poll(self, state: SendState) -> int:
         if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
@@ -159,9 +122,7 @@ class PrefillEndpoint:
             return
         state.fail(reason)
         if state.room:
-            with self._lock:
-                self._inbox.append(("abort", (state.room, reason)))
-            self.driver.wake()
+            self._queue("abort", (state.room, reason))
 
     def clear(self, state: SendState) -> None:
         if not state.room:
@@ -172,17 +133,11 @@ class PrefillEndpoint:
             if self._rooms.get(state.room) is state and state.status == KVPoll.Success:
                 del self._rooms[state.room]
 
-    def close(self) -> None:
-        self.driver.close()
-        self.node.close()
-
     # -- driver thread --------------------------------------------------------------------------
 
     def _step(self) -> bool:
-        with self._lock:
-            work, self._inbox = self._inbox, []
         node = self.node
-        for kind, item in work:
+        for kind, item in self._take():
             if kind == "add":
                 node.add([PrefillRequest(item)])
             elif kind == "abort":

@@ -7,7 +7,8 @@ request with a message saying so, before it reaches kvbridge.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
@@ -84,3 +85,27 @@ class RoomState:
     def exception(self) -> TransferFailed:
         reason = self.reason or f"room {self.room}: transfer not failed (status {self.status.name})"
         return TransferFailed(f"kvbridge: {reason}", from_other_rank=self.from_other_rank)
+
+
+State = TypeVar("State", bound=RoomState)
+
+
+def admit(
+    make: Callable[[int, str], State], room: Any, bootstrap_addr: str, live: Callable[[int], bool]
+) -> State:
+    """A new request's state: failed (room 0, touching nothing) if its room or address is
+    unusable or the room is ``live`` already, else holding its room."""
+    state = make(0, bootstrap_addr)
+    try:
+        value = check_room(room)
+    except RoomError as exc:
+        state.fail(str(exc))
+        return state
+    problem = address_problem(bootstrap_addr)
+    if problem is None and live(value):
+        problem = f"bootstrap_room {value} is already live here; each request needs its own room"
+    if problem is not None:
+        state.fail(problem)
+        return state
+    state.room = value
+    return state

@@ -9,7 +9,6 @@ decode.
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -34,20 +33,7 @@ TEST_KVBRIDGE_ENV = {
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        SGLANG_CPU_OMP_THREADS_BIND="0|1",
-        MC_LOG_LEVEL=env.get("MC_LOG_LEVEL", "ERROR"),
-        NIXL_LOG_LEVEL=env.get("NIXL_LOG_LEVEL", "WARN"),
-        UCX_MODULES=env.get("UCX_MODULES", "^ib"),
-        **TEST_KVBRIDGE_ENV,
-    )
-    env.update(extra)
-    return env
+    return processes.engine_env(SGLANG_CPU_OMP_THREADS_BIND="0|1", **{**TEST_KVBRIDGE_ENV, **extra})
 
 
 def start_sglang(

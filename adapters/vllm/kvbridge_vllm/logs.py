@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 
+from kvbridge.logs import join_engine_log
+
 LOGGERS = ("kvbridge", "kvbridge_vllm")
 
 
@@ -20,13 +22,4 @@ def route_to_vllm_log() -> None:
     level: int | str = os.environ.get("KVBRIDGE_LOG_LEVEL", "").upper() or (
         vllm_logger.getEffectiveLevel()
     )
-    for name in LOGGERS:
-        logger = logging.getLogger(name)
-        if logger.handlers:
-            continue
-        handler = logging.StreamHandler(getattr(template, "stream", None))
-        if template is not None and template.formatter is not None:
-            handler.setFormatter(template.formatter)
-        logger.addHandler(handler)
-        logger.setLevel(level)
-        logger.propagate = False
+    join_engine_log(template, level, LOGGERS)

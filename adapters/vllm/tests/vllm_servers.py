@@ -6,7 +6,6 @@ Process handling (own process group, stop/kill, readiness) is :mod:`kvbridge.tes
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time
@@ -22,21 +21,12 @@ __all__ = ["Server", "free_port", "kill", "post", "stop", "wait_ready"]
 
 
 def base_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
+    return processes.engine_env(
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_CPU_OMP_THREADS_BIND="nobind",
-        OMP_NUM_THREADS="1",
         VLLM_LOGGING_LEVEL="WARNING",
         VLLM_NO_USAGE_STATS="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        MC_LOG_LEVEL=env.get("MC_LOG_LEVEL", "ERROR"),
-        NIXL_LOG_LEVEL=env.get("NIXL_LOG_LEVEL", "WARN"),
-        UCX_MODULES=env.get("UCX_MODULES", "^ib"),
-        PYTHONUNBUFFERED="1",
     )
-    return env
 
 
 def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -> str:

@@ -22,6 +22,24 @@ from pathlib import Path
 from typing import Any
 
 
+def engine_env(**extra: str) -> dict[str, str]:
+    """This process's environment for an engine server: offline model loading, one OpenMP
+    thread, unbuffered output, the native transports' logs quiet (unless set), UCX off
+    InfiniBand; then ``extra``."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        MC_LOG_LEVEL=env.get("MC_LOG_LEVEL", "ERROR"),
+        NIXL_LOG_LEVEL=env.get("NIXL_LOG_LEVEL", "WARN"),
+        UCX_MODULES=env.get("UCX_MODULES", "^ib"),
+    )
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     """A port free now and below Linux's ephemeral range (32768-60999 by default): an engine
     binds it a minute or two later, and a port from ``bind(0)`` may by then have been handed

@@ -17,7 +17,7 @@ from kvbridge.bootstrap.server import BootstrapServer
 from kvbridge.status import KVPoll
 from kvbridge_sglang.config import AdapterConfig
 from kvbridge_sglang.decode import DecodeEndpoint
-from kvbridge_sglang.layout import MetadataRows, kv_layout_for, kv_regions
+from kvbridge_sglang.layout import MetadataRows, RankLayout, kv_layout_for, kv_regions
 from kvbridge_sglang.prefill import PrefillEndpoint
 from kvbridge_sglang.rooms import RoomError, check_room
 
@@ -44,6 +44,9 @@ class SGLangRank:
             "cpu",
         )
 
+    def layout(self) -> RankLayout:
+        return RankLayout(0, 1, tuple(self.regions()), self.rows(), 1, "float32", "head_sharded")
+
     def rows(self) -> MetadataRows:
         return MetadataRows.from_kv_args(
             [m.ctypes.data for m in self.meta],
@@ -64,11 +67,8 @@ def _config() -> AdapterConfig:
 def pair() -> Iterator[tuple[PrefillEndpoint, DecodeEndpoint, SGLangRank, SGLangRank, str]]:
     server = BootstrapServer("127.0.0.1", 0).start()
     p, d = SGLangRank(), SGLangRank()
-    common = dict(tp_rank=0, tp_size=1, page_size=1, kv_dtype="float32", kv_layout="head_sharded")
-    prefill = PrefillEndpoint(
-        _config(), kv_regions=p.regions(), rows=p.rows(), bootstrap_addr=server.address, **common
-    )
-    decode = DecodeEndpoint(_config(), kv_regions=d.regions(), rows=d.rows(), **common)
+    prefill = PrefillEndpoint(_config(), p.layout(), server.address)
+    decode = DecodeEndpoint(_config(), d.layout())
     try:
         yield prefill, decode, p, d, server.address
     finally:
@@ -168,13 +168,7 @@ def test_bad_and_duplicate_rooms_fail_alone(pair) -> None:
 def test_a_prefill_that_never_registers_fails_the_lookup_not_the_process() -> None:
     decode = DecodeEndpoint(
         AdapterConfig(TransferConfig(transport="fake", bootstrap_http_timeout=0.5)),
-        tp_rank=0,
-        tp_size=1,
-        kv_regions=SGLangRank().regions(),
-        rows=SGLangRank().rows(),
-        page_size=1,
-        kv_dtype="float32",
-        kv_layout="head_sharded",
+        SGLangRank().layout(),
     )
     try:
         for _ in range(3):
