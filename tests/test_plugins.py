@@ -36,6 +36,7 @@ SYNTHETIC = [
     ep("missing_hooks", "sample_plugins.recording:missing_hooks"),
     ep("typo_hook", "sample_plugins.recording:typo_hook"),
     ep("misnamed", "sample_plugins.recording:misnamed"),
+    ep("misspelt_capability", "sample_plugins.recording:misspelt_capability"),
 ]
 
 
@@ -190,3 +191,20 @@ def test_a_poll_that_raises_or_lies_fails_every_polled_room(registry: TransportR
     statuses, failures = manager.sender_poll(np.array([3, 4], dtype=np.uint64))
     assert statuses.tolist() == [KVPoll.Failed, KVPoll.Failed]
     assert "3 statuses for 2 rooms" in failures[3]
+
+
+def test_a_misspelt_capability_is_a_load_error_naming_it(registry: TransportRegistry) -> None:
+    error = error_of(registry, "misspelt_capability")
+    assert "unknown transport capability 'one_sided_write'" in error
+    assert "one_sided_writes" in error  # the known names are listed
+
+
+def test_capabilities_are_typed_and_the_fence_policy_reads_them() -> None:
+    from kvbridge import Capability, TransportInfo
+
+    info = TransportInfo("t", "1.1", ["one_sided_writes", Capability.CROSS_PROCESS])
+    assert info.capabilities == {Capability.ONE_SIDED_WRITES, Capability.CROSS_PROCESS}
+    assert info.one_sided_writes and "cross_process" in info.capabilities
+    assert not TransportInfo("t", "1.1").one_sided_writes
+    with pytest.raises(ValueError, match="unknown transport capability 'gpudirect'"):
+        TransportInfo("t", "1.1", ["gpudirect"])

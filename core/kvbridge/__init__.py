@@ -17,6 +17,7 @@ from kvbridge.secret import Secret
 from kvbridge.status import KVPoll
 from kvbridge.transports import Transport, TransportManager
 from kvbridge.types import (
+    Capability,
     Descriptors,
     MemoryRegion,
     PeerWrite,
@@ -31,6 +32,7 @@ __all__ = [
     "KVBRIDGE_API_VERSION",
     "AuxLayout",
     "AuxSlotPool",
+    "Capability",
     "ConfigError",
     "Descriptors",
     "IncompatiblePluginError",

@@ -193,8 +193,37 @@ class MemoryRegion:
         return cls(addr=addr, length=length, item_bytes=item_bytes, device=device)
 
 
-def _names(values: Iterable[str]) -> frozenset[str]:
-    return frozenset(str(v) for v in values)
+class Capability(str, enum.Enum):
+    """Optional behaviour a transport declares in :attr:`TransportInfo.capabilities`.
+
+    The core and the conformance kit act on these; a name that is not one of them is refused
+    when the plugin loads (a misspelt ``one_sided_writes`` would otherwise silently weaken the
+    abort fence).
+    """
+
+    #: Moves bytes between processes (the kit then tests a receiver in another process).
+    CROSS_PROCESS = "cross_process"
+    #: The receiver cannot refuse a write (RDMA-style): a silent writer may come back and
+    #: finish one, so its being declared dead does not lift the fence; only its drain
+    #: acknowledgement or its replacement does.
+    ONE_SIDED_WRITES = "one_sided_writes"
+    #: A write into memory the receiver never registered fails the room.
+    REJECTS_UNREGISTERED_MEMORY = "rejects_unregistered_memory"
+    #: Faults can be injected through transport options (the Fake).
+    FAULT_INJECTION = "fault_injection"
+
+
+def _capabilities(values: Iterable[str]) -> frozenset[Capability]:
+    known = {c.value: c for c in Capability}
+    out = set()
+    for value in values:
+        name = str(getattr(value, "value", value))
+        if name not in known:
+            raise ValueError(
+                f"unknown transport capability {name!r}; known: {', '.join(sorted(known))}"
+            )
+        out.add(known[name])
+    return frozenset(out)
 
 
 @attrs.frozen
@@ -203,8 +232,13 @@ class TransportInfo:
 
     name: str
     api_version: str
-    capabilities: frozenset[str] = attrs.field(default=frozenset(), converter=_names)
+    capabilities: frozenset[Capability] = attrs.field(default=frozenset(), converter=_capabilities)
     description: str = ""
+
+    @property
+    def one_sided_writes(self) -> bool:
+        """See :attr:`Capability.ONE_SIDED_WRITES`: the fence policy reads this."""
+        return Capability.ONE_SIDED_WRITES in self.capabilities
 
 
 def _host_devices(self: Descriptors) -> np.ndarray:

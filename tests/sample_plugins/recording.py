@@ -25,7 +25,7 @@ class RecordingTransport:
 
     @hookimpl
     def kvbridge_transport_info(self) -> TransportInfo:
-        return TransportInfo(self.name, self.api_version, {"recording"})
+        return TransportInfo(self.name, self.api_version, {"fault_injection"})
 
     @hookimpl
     def kvbridge_manager_create(self, config, rank, kv_regions, aux_regions) -> dict:
@@ -131,3 +131,12 @@ class TypoHook(RecordingTransport):
 
 
 typo_hook = TypoHook("typo_hook")
+
+
+class MisspeltCapability(RecordingTransport):
+    @hookimpl
+    def kvbridge_transport_info(self) -> TransportInfo:
+        return TransportInfo(self.name, self.api_version, {"one_sided_write"})
+
+
+misspelt_capability = MisspeltCapability("misspelt_capability")

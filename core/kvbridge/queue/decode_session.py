@@ -100,10 +100,8 @@ class DecodeSession:
         # A receiver that refuses writes for rooms it dropped (the Fake) is safe once a
         # silent writer is declared dead; with one-sided writes a partitioned prefill could
         # come back and finish a write, so only its acknowledgement or its replacement count.
-        capabilities = getattr(getattr(manager, "transport", None), "info", None)
-        self._dead_lifts_fence = "one_sided_writes" not in getattr(
-            capabilities, "capabilities", frozenset()
-        )
+        info = getattr(getattr(manager, "transport", None), "info", None)
+        self._dead_lifts_fence = not (info is not None and info.one_sided_writes)
         self._fence_plans: dict[int, PrefillTarget] = {}
         self.verify = verify
         self.send_early_abort = send_early_abort
