@@ -312,6 +312,15 @@ class ObserverSpec:
         """A request left kvbridge's queues on this rank: committed (``Success``) or aborted."""
 
     @hookspec
+    def kvbridge_root_cause(self, role: Role, rank: RankIdentity, room: int, reason: str) -> None:
+        """The root cause of ``room`` reached this rank after the room had already left its
+        queues as "failed on another rank" (``kvbridge_request_finished`` said so).
+
+        :param reason: the cause with its origin (``prefill KEY: ...``, ``decode aborted:
+            decode KEY: ...``). At most once per room and rank, on the scheduler thread.
+        """
+
+    @hookspec
     def kvbridge_step(
         self,
         role: Role,

@@ -2,7 +2,7 @@
 
 from kvbridge.queue.collective import SingleRankReducer, TorchMinReducer
 from kvbridge.queue.decode import DecodeQueue, DecodeRequest, MetadataToSend
-from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep, PrefillStep
+from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep, LateCause, PrefillStep
 from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.session import (
     DecodeMetadata,
@@ -22,6 +22,7 @@ __all__ = [
     "DecodeRequest",
     "DecodeSession",
     "DecodeStep",
+    "LateCause",
     "MetadataToSend",
     "PrefillDirectory",
     "PrefillQueue",

@@ -33,7 +33,7 @@ from kvbridge.queue.columns import (
     WAITING,
     Columns,
 )
-from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep
+from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep, LateCause
 
 # Stage values are chosen so that ``key = reduced + stage`` tells every decision apart with one
 # add: 2..4 = pre-allocation and initialised everywhere (ready to allocate), 12 = transfer and
@@ -45,6 +45,8 @@ FENCED = np.uint8(16)
 _COMMIT_KEY = int(TRANSFER) + 4
 _RELEASE_KEY = int(FENCED) + 4
 FROM_OTHER_RANK = "failed on another rank"
+#: How many rooms aborted "from another rank" are remembered for a root cause arriving late.
+MAX_FOLLOWED = 4096
 
 
 class PageAllocator(Protocol):
@@ -161,6 +163,11 @@ class DecodeQueue:
         self._fence_warned: set[int] = set()
         #: Completions, failures and acknowledgements from senders outside the room's plan.
         self.untrusted = 0
+        #: Rooms aborted here only because another rank failed, with the writers that may
+        #: still name the root cause (rule 7); oldest first, at most ``MAX_FOLLOWED``.
+        self._followed: dict[int, frozenset[object] | None] = {}
+        #: Root causes that arrived after their room's abort, not yet handed out.
+        self._late: list[LateCause] = []
 
     def __len__(self) -> int:
         return len(self.cols)
@@ -185,6 +192,7 @@ class DecodeQueue:
             seen.add(r.room)
         for r in requests:
             self.requests[r.room] = r
+            self._followed.pop(r.room, None)  # a new life for the room number
         self.cols.append([r.room for r in requests], BOOTSTRAPPING, now + self.bootstrap_timeout)
         capacity = getattr(self.pages, "capacity", None)
         for r in requests:
@@ -268,14 +276,34 @@ class DecodeQueue:
         """
         i = self.cols.index_of(room)
         if i is None:
+            if reason is not None and room in self._followed:
+                return self._late_cause(room, sender, reason)
             return True
         if not self._trusted(room, sender):
             return False
-        if reason is not None:
+        if reason is not None and self.cols.stage[i] == FENCED:
+            if room in self._followed:
+                self._late_cause(room, sender, reason)
+        elif reason is not None:
             self.fail(room, reason)
         elif self.cols.local[i] != FAILED and self.cols.stage[i] != FENCED:
             self.cols.local[i] = FAILED
         return True
+
+    def _late_cause(self, room: int, sender: object, reason: str) -> bool:
+        """A writer's root cause for a room aborted here as "failed on another rank"."""
+        writers = self._followed[room]
+        if writers is not None and sender not in writers:
+            self.untrusted += 1
+            return False
+        del self._followed[room]  # the first cause wins; one per room
+        self._late.append(LateCause(room, reason))
+        return True
+
+    def take_late_causes(self) -> tuple[LateCause, ...]:
+        """Root causes that arrived after their room aborted here, each once (rule 7)."""
+        late, self._late = tuple(self._late), []
+        return late
 
     def acknowledged(self, room: int, sender: object) -> bool:
         """A writer of ``room`` confirmed it will write no more into this rank's memory."""
@@ -560,6 +588,11 @@ class DecodeQueue:
         room = int(cols.rooms[i])
         own = self.reasons.get(room)
         outcome = Aborted(room, own or FROM_OTHER_RANK, from_other_rank=own is None)
+        if own is None:
+            # A writer may still name the root cause after this step: keep who may (bounded).
+            self._followed[room] = self.writers.get(room, frozenset())
+            if len(self._followed) > MAX_FOLLOWED:
+                del self._followed[next(iter(self._followed))]
         if cols.stage[i] == TRANSFER and self.writers.get(room):
             # Metadata went out: a prefill rank may still write these pages (rule 8).
             cols.stage[i] = FENCED

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+import attrs
 import numpy as np
 
 from kvbridge.config import TransferConfig
@@ -27,7 +28,7 @@ from kvbridge.queue.decode import (
     DecodeRequest,
     PageAllocator,
 )
-from kvbridge.queue.outcomes import DecodeStep
+from kvbridge.queue.outcomes import DecodeStep, LateCause
 from kvbridge.queue.wiring import (
     FOLLOWED,
     AbortSink,
@@ -37,6 +38,7 @@ from kvbridge.queue.wiring import (
     PrefillTarget,
     Verifier,
     log_abort,
+    log_late_cause,
 )
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.status import KVPoll
@@ -330,8 +332,9 @@ class DecodeSession:
         self._unresolved = still
 
     def finish(self, reduced: np.ndarray) -> DecodeStep:
+        late = self._late_causes()
         if not len(reduced):
-            return DecodeStep()
+            return DecodeStep(late_causes=late)
         decisions = self.queue.apply(reduced, self.clock())
         now = self.clock()
         for room in decisions.stamp_moved:
@@ -396,7 +399,22 @@ class DecodeSession:
             stages=self.queue.cols.stage,
             fenced_bytes=self.queue.fenced_pages * self.page_bytes if self.queue.fenced else 0,
         )
-        return step
+        return attrs.evolve(step, late_causes=late) if late else step
+
+    def _late_causes(self) -> tuple[LateCause, ...]:
+        """Root causes for rooms already aborted here as "failed on another rank" (rule 7):
+        logged once each, told to the observers, and handed to the engine in the step."""
+        late = self.queue.take_late_causes()
+        for cause in late:
+            log_late_cause("decode", cause)
+            self.observers.call(
+                "kvbridge_root_cause",
+                role=Role.DECODE,
+                rank=self.manager.rank,
+                room=cause.room,
+                reason=cause.reason,
+            )
+        return late
 
     def _observe_resolved(self, room: int, ok: bool) -> None:
         if self.observers.active:

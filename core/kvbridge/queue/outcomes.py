@@ -33,6 +33,19 @@ class Aborted:
 
 
 @attrs.frozen
+class LateCause:
+    """The root cause of a room this rank had already aborted as "failed on another rank".
+
+    It arrived after the abort (rule 7): ``reason`` names its origin (``prefill KEY: ...``,
+    ``decode aborted: decode KEY: ...``). The room's outcome does not change; this is for the
+    engine's failure record.
+    """
+
+    room: int
+    reason: str
+
+
+@attrs.frozen
 class DecodeStep:
     committed: tuple[Committed, ...] = ()
     #: Failed requests. An abort after the metadata went out fences the pages and aux slot:
@@ -44,6 +57,9 @@ class DecodeStep:
     #: itself; an engine that brought its own pages (``DecodeRequest.pages``) reuses them
     #: only after they appear here. Committed pages belong to the engine at once.
     released: tuple[int, ...] = ()
+    #: Root causes that reached this rank after it aborted their rooms as "failed on
+    #: another rank" (each room at most once).
+    late_causes: tuple[LateCause, ...] = ()
 
 
 @attrs.frozen
@@ -53,3 +69,5 @@ class PrefillStep:
     #: Rooms fully sent and acknowledged on every rank: their prefill KV can be freed.
     finished: tuple[int, ...] = ()
     aborted: tuple[Aborted, ...] = ()
+    #: As :attr:`DecodeStep.late_causes`.
+    late_causes: tuple[LateCause, ...] = ()

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 import numpy as np
 
 from kvbridge.checksum import room_checksum
@@ -22,7 +23,7 @@ from kvbridge.plugins import ObserverRelay
 from kvbridge.queue.collective import Reducer
 from kvbridge.queue.columns import FAILED, SUCCESS
 from kvbridge.queue.early import EarlyMessages
-from kvbridge.queue.outcomes import PrefillStep
+from kvbridge.queue.outcomes import LateCause, PrefillStep
 from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.wiring import (
     AckSink,
@@ -32,6 +33,7 @@ from kvbridge.queue.wiring import (
     DecodeMetadata,
     DecodePeer,
     log_abort,
+    log_late_cause,
 )
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.transports import TransportManager
@@ -39,6 +41,8 @@ from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, Role, SendChunk
 
 log = logging.getLogger("kvbridge")
 _MAX_TOMBSTONES = 100_000
+#: Rooms aborted "from another rank" remembered for a decode root cause arriving late.
+_MAX_FOLLOWED = 4096
 
 
 class PrefillSession:
@@ -97,6 +101,10 @@ class PrefillSession:
         self._abort_senders: dict[int, set[Any]] = {}
         #: Rooms that ended here without success, so late metadata is answered, not written.
         self._ended: dict[int, tuple[float, str | None]] = {}
+        #: Rooms that ended here only because another rank failed, and the decode ranks
+        #: whose root cause may still come (None: any registered one; the room was unbound).
+        self._followed: dict[int, frozenset[Any] | None] = {}
+        self._late: list[LateCause] = []
         #: Messages dropped because their sender may not say that (rule 9).
         self.untrusted = 0
         # A peer may trigger these at will: the first is logged, then a periodic count.
@@ -113,6 +121,8 @@ class PrefillSession:
 
     def add(self, requests: Sequence[PrefillRequest]) -> None:
         self.queue.add(requests, self.clock())
+        for r in requests:
+            self._followed.pop(r.room, None)  # a new life for the room number
         if self.manager is not None:
             for r in requests:
                 self.manager.sender_construct(r.room)
@@ -238,6 +248,7 @@ class PrefillSession:
             if kind == "abort":
                 self._abort_unqueued(room, sender)
                 if room in self._ended:
+                    self._abort_ended(room, payload[1], sender)
                     return  # it ended here already: nothing left to fail later
             elif room in self._ended:
                 self._answer_ended(room, sender)
@@ -278,6 +289,25 @@ class PrefillSession:
         peer = self.decode_peers.get(sender)
         if peer is not None and self.acknowledge is not None:
             self._acknowledge_when_drained(room, sender, peer)
+
+    def _abort_ended(self, room: int, reason: str | None, sender: Any) -> None:
+        """A decode rank aborts a room that already ended here (rule 7, both directions).
+
+        Its root cause is kept once when this rank only followed another's failure; a
+        follower is told this rank's own root cause (it may have ended the room on decode
+        before anything asked this rank, so the cause would never cross otherwise).
+        """
+        if reason is not None and room in self._followed:
+            keys = self._followed[room]
+            if sender is not None and keys is not None and sender not in keys:
+                self._untrusted("an abort of room %d from %r: not its decode rank", room, sender)
+                return
+            del self._followed[room]
+            self._late.append(LateCause(room, f"decode aborted: {reason}"))
+        elif reason is None and self._ended[room][1] is not None:
+            peer = self.decode_peers.get(sender)
+            if peer is not None and self.notify_decode is not None:
+                self.notify_decode(room, (peer,), False, self._ended[room][1])
 
     def _acknowledge_when_drained(self, room: int, key: Any, peer: DecodePeer) -> None:
         draining = self._draining.get(room)
@@ -448,8 +478,9 @@ class PrefillSession:
         self.manager.sender_send(room, SendChunk(tuple(writes), is_last))
 
     def finish(self, reduced: np.ndarray) -> PrefillStep:
+        late = self._late_causes()
         if not len(reduced):
-            return PrefillStep()
+            return PrefillStep(late_causes=late)
         step = self.queue.apply(reduced)
         for room in step.finished:
             sent = self._sent.get(room)
@@ -472,6 +503,11 @@ class PrefillSession:
             told = {k: self.decode_peers[k] for k in self._metadata.get(room, {})}
             for k in self._abort_senders.get(room, ()):
                 told[k] = self.decode_peers[k]
+            if failed.from_other_rank:
+                bound = room in self._targets
+                self._followed[room] = frozenset(self._metadata.get(room, ())) if bound else None
+                if len(self._followed) > _MAX_FOLLOWED:
+                    del self._followed[next(iter(self._followed))]
             self._drop(room)
             self._ended[room] = (self.clock(), None if failed.from_other_rank else failed.reason)
             if self.manager is not None:
@@ -492,7 +528,22 @@ class PrefillSession:
                 stages=self.queue.cols.stage,
                 fenced_bytes=0,
             )
-        return step
+        return attrs.evolve(step, late_causes=late) if late else step
+
+    def _late_causes(self) -> tuple[LateCause, ...]:
+        """As ``DecodeSession._late_causes``: logged once, observed, handed to the engine."""
+        late, self._late = tuple(self._late), []
+        for cause in late:
+            log_late_cause("prefill", cause)
+            if self.manager is not None:
+                self.observers.call(
+                    "kvbridge_root_cause",
+                    role=Role.PREFILL,
+                    rank=self.manager.rank,
+                    room=cause.room,
+                    reason=cause.reason,
+                )
+        return late
 
     def _drop(self, room: int) -> None:
         self._abort_senders.pop(room, None)

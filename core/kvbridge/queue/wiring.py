@@ -18,7 +18,7 @@ from kvbridge.queue.decode import (
     DecodeRequest,
     MetadataToSend,
 )
-from kvbridge.queue.outcomes import Aborted
+from kvbridge.queue.outcomes import Aborted, LateCause
 from kvbridge.types import Endpoint, MemoryRegion
 
 log = logging.getLogger("kvbridge")
@@ -47,6 +47,16 @@ def log_abort(side: str, failed: Aborted) -> None:
     # The rank that saw the cause warns; ranks that only followed the reduction say so quietly.
     level = logging.INFO if failed.from_other_rank else logging.WARNING
     log.log(level, "%s room %d aborted: %s", side, failed.room, failed.reason)
+
+
+def log_late_cause(side: str, cause: LateCause) -> None:
+    # This rank logged "failed on another rank" for the room; the real cause goes in once.
+    log.warning(
+        "%s room %d (aborted here as failed on another rank): root cause %s",
+        side,
+        cause.room,
+        cause.reason,
+    )
 
 
 MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
