@@ -46,9 +46,11 @@ def start_sglang(
     bootstrap_port: int | None = None,
     tp: int = 1,
     env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Server:
-    """``mode`` None: a plain server (the reference); "prefill" / "decode": one side of a pair."""
-    port = free_port()
+    """``mode`` None: a plain server (the reference); "prefill" / "decode": one side of a pair.
+    ``port``: the HTTP port (a restart at the address the router knows), else a free one."""
+    port = port or free_port()
     args = [
         sys.executable, "-m", "sglang.launch_server", "--model-path", str(model),
         "--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph",
@@ -80,8 +82,9 @@ def start_router(prefill: Server, bootstrap_port: int, decode: Server, log_dir: 
         sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
         "--prefill", prefill.url, str(bootstrap_port), "--decode", decode.url,
         "--host", "127.0.0.1", "--port", str(port),
-        # A restarted worker is healthy again within seconds, not the default minute.
-        "--health-check-interval-secs", "2",
+        # A restarted worker is healthy again within seconds, not the default minute; SGLang's
+        # /health runs a forward pass, which takes seconds on a loaded 2-vCPU machine.
+        "--health-check-interval-secs", "2", "--health-check-timeout-secs", "30",
     ]  # fmt: skip
     return processes.start("router", args, port, log_dir, base_env(), ROOT)
 

@@ -72,13 +72,13 @@ class Pair:
         try:
             processes.wait_ready([self.prefill, self.decode], timeout=600)
             self.router = ss.start_router(self.prefill, self.boot, self.decode, logs)
-            processes.wait_ready([self.router], timeout=120)
+            processes.wait_ready([self.router], timeout=300)
             ss.wait_router(self.router)
         except BaseException:
             self.close()
             raise
 
-    def start_prefill(self) -> processes.Server:
+    def start_prefill(self, port: int | None = None) -> processes.Server:
         return ss.start_sglang(
             f"prefill-{self.transport}",
             self.model,
@@ -86,6 +86,7 @@ class Pair:
             mode="prefill",
             bootstrap_port=self.boot,
             env=self.env,
+            port=port,
         )
 
     def generate(self, text: str, max_new: int = MAX_NEW) -> list[int]:
@@ -246,7 +247,7 @@ def test_a_killed_prefill_fails_its_requests_and_a_new_one_serves(
             answers = [f.result() for f in flying]
         assert all(status != 200 or isinstance(b, dict) for status, b in answers)
         assert p.decode.alive()
-        p.prefill = p.start_prefill()  # same address, new process
+        p.prefill = p.start_prefill(port=p.prefill.port)  # same addresses, a new process
         processes.wait_ready([p.prefill], timeout=600)
         deadline = time.monotonic() + 120
         while True:  # the router marks a restarted worker healthy again after a while
