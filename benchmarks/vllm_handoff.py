@@ -3,7 +3,7 @@ pair against one plain vLLM instance: the tiny Llama on vLLM's CPU backend, in o
 
 Runs in the vLLM environment (``.venv-vllm``). The servers are started with
 adapters/vllm/tests/vllm_servers.py (``--max-model-len 512``, float32, eager, TP 1), the model
-is ``kvbridge_vllm.tiny_model`` built into a temp dir. Every request is a distinct random
+is ``kvbridge.testing.tiny_model`` built into a temp dir. Every request is a distinct random
 prompt of ``--prompt-tokens`` tokens (near max-model-len, so neither side ever hits its
 prefix cache) and asks for ``--max-tokens`` tokens, greedy, streamed. One plain instance is
 started once and shared by every transport; for each transport:
@@ -107,7 +107,7 @@ class Prompts:
     """Distinct prompts of one length: a new seed for every request of the run."""
 
     def __init__(self, tokens: int) -> None:
-        from kvbridge_vllm.tiny_model import prompt
+        from kvbridge.testing.tiny_model import prompt
 
         self.tokens, self._prompt, self._seed = tokens, prompt, 0
 
@@ -676,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("UCX_MODULES", "^ib")
     # SIGTERM unwinds like Ctrl-C, so every server is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    from kvbridge_vllm.tiny_model import build
+    from kvbridge.testing.tiny_model import build
 
     work = Path(tempfile.mkdtemp(prefix="vllm-handoff-"))
     logs = args.logs or work / "logs"

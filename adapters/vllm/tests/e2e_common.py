@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import vllm_servers as vs
 
-from kvbridge_vllm.tiny_model import build, prompt
+from kvbridge.testing.tiny_model import build, prompt
 
 # Prompt lengths in tokens (one word = one token): under, at and over a 128-token block.
 PROMPTS = [prompt(n, seed) for seed, n in enumerate((20, 127, 128, 200, 300, 420))]

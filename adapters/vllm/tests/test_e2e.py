@@ -29,7 +29,7 @@ from e2e_common import (
     sources,
 )
 
-from kvbridge_vllm.tiny_model import prompt
+from kvbridge.testing.tiny_model import prompt
 
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
