@@ -85,6 +85,8 @@ def start_router(prefill: Server, bootstrap_port: int, decode: Server, log_dir: 
         # A restarted worker is healthy again within seconds, not the default minute; SGLang's
         # /health runs a forward pass, which takes seconds on a loaded 2-vCPU machine.
         "--health-check-interval-secs", "2", "--health-check-timeout-secs", "30",
+        # Its own metrics port: the default (29000) is taken by any other router still up.
+        "--prometheus-port", str(free_port()),
     ]  # fmt: skip
     return processes.start("router", args, port, log_dir, base_env(), ROOT)
 

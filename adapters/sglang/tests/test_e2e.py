@@ -126,6 +126,69 @@ def _answer(url: str, text: str, max_new: int, fields: dict[str, Any]) -> tuple[
             return exc.code, body
 
 
+# The tests with a pair of their own come first: pytest keeps the module-scoped ``pair`` of
+# the last transport up until the module ends, and two pairs at once overload 2 vCPUs.
+
+
+def test_decode_without_the_transferred_kv_computes_something_else(
+    model: Path, logs: Path, reference: dict[str, list[int]]
+) -> None:
+    """The control: decode lands the metadata rows (first token) but throws the KV away."""
+    control = Pair(
+        model,
+        logs,
+        "fake",
+        decode_env={"KVBRIDGE_FAKE_FAULTS": json.dumps({"discard_kv_ranks": [0]})},
+    )
+    try:
+        outs = {t: control.generate(t) for t in PROMPTS[1:]}
+    finally:
+        control.close()
+    for text, out in outs.items():
+        assert out[0] == reference[text][0]  # sampled on prefill, it rides in the aux row
+    assert any(out != reference[t] for t, out in outs.items()), "decode ignored the KV?"
+
+
+@pytest.mark.parametrize("transport", ["fake", "mooncake"])
+def test_a_killed_prefill_fails_its_requests_and_a_new_one_serves(
+    transport: str, model: Path, logs: Path, reference: dict[str, list[int]]
+) -> None:
+    p = Pair(model, logs, transport)
+    try:
+        assert p.generate(PROMPTS[0]) == reference[PROMPTS[0]]
+        with cf.ThreadPoolExecutor(4) as ex:
+            flying = [ex.submit(_answer, p.url, t, 200, {}) for t in PROMPTS[2:]]
+            time.sleep(1.0)
+            processes.kill(p.prefill)
+            answers = [f.result() for f in flying]
+        assert all(status != 200 or isinstance(b, dict) for status, b in answers)
+        assert p.decode.alive()
+        p.prefill = p.start_prefill(port=p.prefill.port)  # same addresses, a new process
+        processes.wait_ready([p.prefill], timeout=600)
+        deadline = time.monotonic() + 120
+        while True:  # the router marks a restarted worker healthy again after a while
+            status, answer = _answer(p.url, PROMPTS[1], MAX_NEW, {})
+            if status == 200:
+                break
+            assert time.monotonic() < deadline, answer
+            time.sleep(2)
+        assert ss.output_ids(answer) == reference[PROMPTS[1]]
+    finally:
+        p.close()
+
+
+def test_a_tp1_prefill_feeds_a_tp2_decode(
+    model: Path, logs: Path, reference: dict[str, list[int]]
+) -> None:
+    """Unequal TP: each decode rank gets its KV head's half of every prefill page."""
+    p = Pair(model, logs, "fake", decode_tp=2)
+    try:
+        for text in PROMPTS[:4]:
+            assert p.generate(text) == reference[text]
+    finally:
+        p.close()
+
+
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def pair(request: pytest.FixtureRequest, model: Path, logs: Path) -> Iterator[Pair]:
     p = Pair(model, logs, request.param)
@@ -212,62 +275,3 @@ def test_a_vanished_client_leaves_the_pair_serving(
             time.sleep(0.3)  # gone mid-request
     for text in PROMPTS[:3]:
         assert pair.generate(text) == reference[text]
-
-
-def test_decode_without_the_transferred_kv_computes_something_else(
-    model: Path, logs: Path, reference: dict[str, list[int]]
-) -> None:
-    """The control: decode lands the metadata rows (first token) but throws the KV away."""
-    control = Pair(
-        model,
-        logs,
-        "fake",
-        decode_env={"KVBRIDGE_FAKE_FAULTS": json.dumps({"discard_kv_ranks": [0]})},
-    )
-    try:
-        outs = {t: control.generate(t) for t in PROMPTS[1:]}
-    finally:
-        control.close()
-    for text, out in outs.items():
-        assert out[0] == reference[text][0]  # sampled on prefill, it rides in the aux row
-    assert any(out != reference[t] for t, out in outs.items()), "decode ignored the KV?"
-
-
-@pytest.mark.parametrize("transport", ["fake", "mooncake"])
-def test_a_killed_prefill_fails_its_requests_and_a_new_one_serves(
-    transport: str, model: Path, logs: Path, reference: dict[str, list[int]]
-) -> None:
-    p = Pair(model, logs, transport)
-    try:
-        assert p.generate(PROMPTS[0]) == reference[PROMPTS[0]]
-        with cf.ThreadPoolExecutor(4) as ex:
-            flying = [ex.submit(_answer, p.url, t, 200, {}) for t in PROMPTS[2:]]
-            time.sleep(1.0)
-            processes.kill(p.prefill)
-            answers = [f.result() for f in flying]
-        assert all(status != 200 or isinstance(b, dict) for status, b in answers)
-        assert p.decode.alive()
-        p.prefill = p.start_prefill(port=p.prefill.port)  # same addresses, a new process
-        processes.wait_ready([p.prefill], timeout=600)
-        deadline = time.monotonic() + 120
-        while True:  # the router marks a restarted worker healthy again after a while
-            status, answer = _answer(p.url, PROMPTS[1], MAX_NEW, {})
-            if status == 200:
-                break
-            assert time.monotonic() < deadline, answer
-            time.sleep(2)
-        assert ss.output_ids(answer) == reference[PROMPTS[1]]
-    finally:
-        p.close()
-
-
-def test_a_tp1_prefill_feeds_a_tp2_decode(
-    model: Path, logs: Path, reference: dict[str, list[int]]
-) -> None:
-    """Unequal TP: each decode rank gets its KV head's half of every prefill page."""
-    p = Pair(model, logs, "fake", decode_tp=2)
-    try:
-        for text in PROMPTS[:4]:
-            assert p.generate(text) == reference[text]
-    finally:
-        p.close()
