@@ -39,6 +39,9 @@ from kvbridge_sglang.rooms import NO_BOOTSTRAP_HOST, RoomState, admit
 
 log = logging.getLogger("kvbridge_sglang")
 ENDED_IN_SGLANG = "request aborted in SGLang (client gone or cancelled)"
+#: Bootstrap addresses come from requests: bound the look-ups in flight and what is cached.
+MAX_LOOKUPS = 16
+MAX_PREFILLS = 1024
 
 
 @attrs.frozen
@@ -86,8 +89,8 @@ class DecodeEndpoint(DrivenEndpoint):
             return True
         with self._lock:
             failure = self._lookup_failures.pop(addr, None)
-            if addr in self._lookups:
-                return False
+            if addr in self._lookups or len(self._lookups) >= MAX_LOOKUPS:
+                return False  # SGLang asks again next step; clients choose these addresses
             self._lookups.add(addr)
         if failure is not None:
             log.warning("prefill bootstrap %s: %s (trying again)", addr, failure)
@@ -103,12 +106,17 @@ class DecodeEndpoint(DrivenEndpoint):
             entry = PrefillInfo(int(sizes["dp_size"]), int(sizes["tp_size"]))
         except (BootstrapError, KeyError, TypeError, ValueError) as exc:
             with self._lock:
+                if len(self._lookup_failures) >= MAX_PREFILLS:
+                    self._lookup_failures.pop(next(iter(self._lookup_failures)))
                 self._lookup_failures[addr] = str(exc)
                 self._lookups.discard(addr)
             return
-        self.prefill_info_table[addr] = entry
         with self._lock:
             self._lookups.discard(addr)
+            table = self.prefill_info_table
+            while len(table) >= MAX_PREFILLS:  # oldest first; the sentinel stays
+                del table[next(a for a in table if a != NO_BOOTSTRAP_HOST)]
+            table[addr] = entry
 
     def open_room(self, room: Any, bootstrap_addr: str) -> RoomState:
         """A receiver was made: refuse a room that is not a 63-bit id or is live already."""

@@ -227,9 +227,7 @@ def test_bad_requests_fail_alone_and_the_pair_keeps_serving(
     text = PROMPTS[0]
     for room in ("not-a-number", 2**64, 2**63, -5, 0):
         statuses = [status for status, _ in pair.both_legs(text, room, max_new=2)]
-        assert all(s != 200 for s in statuses) or all(s == 200 for s in statuses), (
-            f"room {room!r}: {statuses}"
-        )
+        assert all(s != 200 for s in statuses), f"room {room!r}: {statuses}"
     # The same room twice at once: at most one of the two decode requests may succeed.
     room = random.getrandbits(62) + 1
     with cf.ThreadPoolExecutor(2) as ex:

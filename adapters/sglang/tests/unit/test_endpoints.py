@@ -221,3 +221,34 @@ def test_a_request_without_bootstrap_host_fails_with_the_reason(pair) -> None:
         assert state.status == KVPoll.Failed
         assert "no bootstrap_host" in str(state.exception())
     assert decode.open_room(5, "127.0.0.1:99999").status == KVPoll.Failed
+
+
+def test_client_chosen_bootstrap_addresses_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every request names its prefill: a client naming thousands must not grow the cache or
+    the look-up threads without bound."""
+    from kvbridge_sglang import decode as decode_module
+
+    monkeypatch.setattr(decode_module, "MAX_PREFILLS", 8)
+    endpoint = DecodeEndpoint(
+        AdapterConfig(TransferConfig(transport="fake")), SGLangRank().layout()
+    )
+    release = __import__("threading").Event()
+
+    def info(addr: str) -> dict:
+        release.wait(10)
+        return {"sizes": {"dp_size": 1, "tp_size": 1}, "ranks": []}
+
+    monkeypatch.setattr(endpoint._client, "info", info)
+    try:
+        for i in range(100):
+            endpoint.ensure_prefill_info(f"10.0.0.{i}:1")
+        assert len(endpoint._lookups) == decode_module.MAX_LOOKUPS
+        release.set()
+        _until("look-ups done", lambda: not endpoint._lookups)
+        for i in range(100, 140):
+            endpoint.ensure_prefill_info(f"10.0.0.{i}:1")
+            _until("look-up done", lambda: not endpoint._lookups)
+        assert len(endpoint.prefill_info_table) <= 8
+        assert "<no bootstrap_host>:0" in endpoint.prefill_info_table
+    finally:
+        endpoint.close()
