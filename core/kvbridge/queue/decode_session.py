@@ -38,7 +38,7 @@ from kvbridge.queue.wiring import (
     PrefillTarget,
     Verifier,
     log_abort,
-    log_late_cause,
+    report_late_causes,
 )
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.status import KVPoll
@@ -405,15 +405,7 @@ class DecodeSession:
         """Root causes for rooms already aborted here as "failed on another rank" (rule 7):
         logged once each, told to the observers, and handed to the engine in the step."""
         late = self.queue.take_late_causes()
-        for cause in late:
-            log_late_cause("decode", cause)
-            self.observers.call(
-                "kvbridge_root_cause",
-                role=Role.DECODE,
-                rank=self.manager.rank,
-                room=cause.room,
-                reason=cause.reason,
-            )
+        report_late_causes(Role.DECODE, self.manager.rank, late, self.observers)
         return late
 
     def _observe_resolved(self, room: int, ok: bool) -> None:

@@ -33,7 +33,7 @@ from kvbridge.queue.wiring import (
     DecodeMetadata,
     DecodePeer,
     log_abort,
-    log_late_cause,
+    report_late_causes,
 )
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.transports import TransportManager
@@ -533,16 +533,10 @@ class PrefillSession:
     def _late_causes(self) -> tuple[LateCause, ...]:
         """As ``DecodeSession._late_causes``: logged once, observed, handed to the engine."""
         late, self._late = tuple(self._late), []
-        for cause in late:
-            log_late_cause("prefill", cause)
-            if self.manager is not None:
-                self.observers.call(
-                    "kvbridge_root_cause",
-                    role=Role.PREFILL,
-                    rank=self.manager.rank,
-                    room=cause.room,
-                    reason=cause.reason,
-                )
+        if self.manager is not None:
+            report_late_causes(Role.PREFILL, self.manager.rank, late, self.observers)
+        else:  # a non-authoritative CP rank: no rank identity to report for observers
+            report_late_causes(Role.PREFILL, None, late, None)
         return late
 
     def _drop(self, room: int) -> None:

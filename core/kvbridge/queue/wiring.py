@@ -49,14 +49,23 @@ def log_abort(side: str, failed: Aborted) -> None:
     log.log(level, "%s room %d aborted: %s", side, failed.room, failed.reason)
 
 
-def log_late_cause(side: str, cause: LateCause) -> None:
-    # This rank logged "failed on another rank" for the room; the real cause goes in once.
-    log.warning(
-        "%s room %d (aborted here as failed on another rank): root cause %s",
-        side,
-        cause.room,
-        cause.reason,
-    )
+def report_late_causes(
+    role: Any, rank: Any, causes: Sequence[LateCause], observers: Any | None
+) -> None:
+    """Root causes for rooms this rank aborted as "failed on another rank" (rule 7): logged
+    once each and told to ``observers`` (an ObserverRelay; None: no observers)."""
+    side = str(getattr(role, "value", role))
+    for cause in causes:
+        log.warning(
+            "%s room %d (aborted here as failed on another rank): root cause %s",
+            side,
+            cause.room,
+            cause.reason,
+        )
+        if observers is not None:
+            observers.call(
+                "kvbridge_root_cause", role=role, rank=rank, room=cause.room, reason=cause.reason
+            )
 
 
 MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
