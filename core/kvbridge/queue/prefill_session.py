@@ -123,6 +123,7 @@ class PrefillSession:
         self.queue.add(requests, self.clock())
         for r in requests:
             self._followed.pop(r.room, None)  # a new life for the room number
+            self._ended.pop(r.room, None)
         if self.manager is not None:
             for r in requests:
                 self.manager.sender_construct(r.room)
@@ -155,8 +156,21 @@ class PrefillSession:
         self._events.append(("abort", (room, reason, sender)))
 
     def abort(self, room: int, reason: str) -> None:
-        """The engine gives up on ``room``. Scheduler thread; see ``DecodeSession.abort``."""
-        self.queue.fail(room, reason)
+        """The engine gives up on ``room``. Scheduler thread; see ``DecodeSession.abort``.
+
+        A room never added here (the engine ended the request before its KV was ready: a
+        client gone while a router's decode leg already waits) ends here at once: decode ranks
+        whose metadata came early are told ``reason`` now, later ones when they ask, as for
+        any room that failed here, so decode does not wait out ``bootstrap_timeout``."""
+        if self.queue.cols.index_of(room) is not None:
+            self.queue.fail(room, reason)
+        elif room not in self._ended:
+            self._ended[room] = (self.clock(), reason)
+            for kind, payload in self.early.pop(room):
+                if kind == "meta":
+                    self._answer_ended(room, payload.decode_rank)
+                elif kind == "abort":
+                    self._abort_unqueued(room, payload[2])
 
     def requested_pages(self, room: int) -> int | None:
         """How many pages decode allocated for ``room`` (None before its metadata arrived).
