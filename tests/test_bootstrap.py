@@ -237,6 +237,30 @@ def test_health_needs_no_token_but_everything_else_does(server) -> None:
     assert status == 401 and "token" in body["error"]
 
 
+def test_router_query_names_the_engine_per_dp_rank_without_a_token() -> None:
+    """vllm-router and llm-d ask ``GET /query`` on a prefill's bootstrap port before routing
+    to it and cannot send kvbridge's token; the answer names no endpoint."""
+    plain = BootstrapServer(token=TOKEN).start()
+    served = BootstrapServer(token=TOKEN, engine_id="engine-7").start()
+    try:
+        assert raw(plain, "GET", "/query", token=None)[0] == 404  # not a vLLM prefill
+        status, body = raw(served, "GET", "/query", token=None)
+        assert status == 503 and "waiting" in body["error"]  # the router retries
+        client = BootstrapClient(token=TOKEN, timeout=5)
+        for dp in (0, 1):
+            client.register_rank(served.address, registration(0, dp_rank=dp, dp_size=2, tp_size=1))
+        status, body = raw(served, "GET", "/query", token=None)
+        assert status == 200 and body == {
+            "0": {"engine_id": "engine-7"},
+            "1": {"engine_id": "engine-7"},
+        }
+        assert raw(served, "POST", "/query", b"{}", token=None)[0] == 405
+        assert raw(served, "GET", "/v1/info", token=None)[0] == 401  # the rest still guarded
+    finally:
+        plain.stop()
+        served.stop()
+
+
 def expectation(**changes) -> DecodeExpectation:
     values = {
         "transport": "fake",

@@ -13,8 +13,12 @@ changes nothing; no input gets a 5xx):
 - ``PUT /v1/rooms``: ``{"rooms": {"<room>": dp_rank}}``, which DP replica serves a room
   (entries expire ``room_ttl`` seconds later, removed by a timer task).
 - ``POST /v1/rooms/query``: ``{"rooms": [room, ...]}`` -> ``{"dp_ranks": {"<room>": dp|null}}``.
+- ``GET /query`` (only when the server was given an ``engine_id``): what vLLM's disaggregation
+  routers (vllm-router, llm-d) ask a prefill's bootstrap port before they route to it,
+  ``{"<dp_rank>": {"engine_id": ...}}`` for every registered DP rank; 503 until every rank has
+  registered. It names no endpoint, so it needs no token: routers cannot send one.
 
-With a token, every route but ``/health`` needs ``Authorization: Bearer <token>``.
+With a token, every route but ``/health`` and ``/query`` needs ``Authorization: Bearer <token>``.
 
 Limits (:class:`ServerLimits`): body size, JSON nesting depth, endpoint size, rank and room
 table sizes, and an idle timeout that closes connections which send nothing (or too slowly).
@@ -323,8 +327,15 @@ def _authorized(given: str, token: str) -> bool:
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode())
 
 
+#: Routes anyone may call: they reveal nothing a rank or a room could be reached by.
+OPEN_ROUTES = frozenset({"/health", "/query"})
+
+
 def build_app(
-    token: str | None = None, room_ttl: float = 600.0, limits: ServerLimits | None = None
+    token: str | None = None,
+    room_ttl: float = 600.0,
+    limits: ServerLimits | None = None,
+    engine_id: str | None = None,
 ) -> web.Application:
     limits = limits or ServerLimits()
     state = BootstrapState(room_ttl, limits=limits)
@@ -336,7 +347,7 @@ def build_app(
         try:
             if (
                 token is not None
-                and request.path != "/health"
+                and request.path not in OPEN_ROUTES
                 and not _authorized(request.headers.get("Authorization", ""), token)
             ):
                 return web.json_response({"error": "missing or wrong bootstrap token"}, status=401)
@@ -400,7 +411,7 @@ def build_app(
             }
         )
 
-    async def info(request: web.Request) -> web.Response:
+    def incomplete() -> web.Response | None:
         expected = state.expected
         if expected is None or len(state.ranks) < expected:
             return web.json_response(
@@ -411,7 +422,16 @@ def build_app(
                 },
                 status=503,
             )
-        return web.json_response(state.info())
+        return None
+
+    async def info(request: web.Request) -> web.Response:
+        return incomplete() or web.json_response(state.info())
+
+    async def router_query(request: web.Request) -> web.Response:
+        dp_ranks = sorted({coords[0] for coords in state.ranks})
+        return incomplete() or web.json_response(
+            {str(dp): {"engine_id": engine_id} for dp in dp_ranks}
+        )
 
     async def get_rank(request: web.Request) -> web.Response:
         texts = [request.match_info[k] for k in ("dp", "pp", "cp", "tp")]
@@ -453,6 +473,8 @@ def build_app(
     app.router.add_get("/v1/ranks/{dp}/{pp}/{cp}/{tp}", get_rank)
     app.router.add_put("/v1/rooms", put_rooms)
     app.router.add_post("/v1/rooms/query", query_rooms)
+    if engine_id is not None:
+        app.router.add_get("/query", router_query)
     return app
 
 
@@ -467,10 +489,13 @@ class BootstrapServer:
         token: str | None = None,
         room_ttl: float = 600.0,
         limits: ServerLimits | None = None,
+        engine_id: str | None = None,
     ) -> None:
+        """``engine_id``: the engine instance this server belongs to, answered on ``GET
+        /query`` for vLLM's routers (no such route without it)."""
         self.host, self.port = host, port
         self.limits = limits or ServerLimits()
-        self.app = build_app(token, room_ttl, self.limits)
+        self.app = build_app(token, room_ttl, self.limits, engine_id)
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
