@@ -1,3 +1,0 @@
-from kvbridge_vllm.proxy import main
-
-main()
