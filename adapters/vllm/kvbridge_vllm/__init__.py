@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     # vLLM imports the module and takes the attribute: load the vLLM-facing class lazily so the
-    # rest of the package (rooms, proxy, tiny model) works without vLLM installed.
+    # rest of the package (rooms, config) works without vLLM installed.
     if name == "KvbridgeConnector":
         from kvbridge_vllm.connector import KvbridgeConnector
 

@@ -47,13 +47,13 @@ class KvbridgeConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             self.kb_scheduler = KvbridgeScheduler(vllm_config, self.kb_config, engine_id)
             if kv.kv_role == "kv_producer":
-                self._start_bootstrap()
+                self._start_bootstrap(engine_id)
         else:
             from kvbridge_vllm.worker import KvbridgeWorker
 
             self.kb_worker = KvbridgeWorker(vllm_config, self.kb_config, engine_id)
 
-    def _start_bootstrap(self) -> None:
+    def _start_bootstrap(self, engine_id: str) -> None:
         from kvbridge.bootstrap.server import BootstrapServer
 
         secret = self.kb_config.transfer.secret
@@ -61,6 +61,7 @@ class KvbridgeConnector(KVConnectorBase_V1):
             self.kb_config.bootstrap_host,
             self.kb_config.bootstrap_port,
             token=secret.bootstrap_token if secret is not None else None,
+            engine_id=engine_id,  # GET /query, which vllm-router and llm-d ask at start
         ).start()
         log.info("kvbridge-vllm: bootstrap server on %s", self.bootstrap.address)
 

@@ -5,28 +5,34 @@ It decides, per request, what each worker's kvbridge node does this step and shi
 workers' nodes do. vLLM's KVOutputAggregator moves a request only when every worker reported
 it, which is the cross-rank agreement (no collective inside kvbridge).
 
-Request flow (vLLM's disaggregated proxies, MooncakeConnector-compatible params):
+Request flow (the params vLLM's disaggregation routers send, vllm-router and llm-d; see
+adapters/vllm/README.md, "Routers"):
 
-- prefill (``kv_producer``): the proxy sends ``kv_transfer_params = {"do_remote_decode": true,
-  "transfer_id": T}`` with ``max_tokens=1``. When the request finishes, :meth:`request_finished`
-  holds its blocks (``delay_free``), tells the workers to offer them as room ``room_of(T)``
-  and returns ``{"do_remote_prefill": true, "transfer_id": T, "remote_bootstrap_addr": ...,
-  "remote_engine_id": ...}`` for the proxy to pass on. The blocks are freed when every worker
+- prefill (``kv_producer``): the router sends ``kv_transfer_params = {"do_remote_decode": true,
+  "transfer_id": T}`` with ``max_tokens=1`` (Mooncake-style routers), or without a
+  ``transfer_id`` (NIXL-style routers, which relay the returned params): then T is minted
+  here. When the request finishes, :meth:`request_finished` holds its blocks
+  (``delay_free``), tells the workers to offer them as room ``room_of(T)`` and returns
+  ``{"do_remote_prefill": true, "transfer_id": T, "remote_bootstrap_addr": ...,
+  "remote_engine_id": ...}`` for the router to pass on. The blocks are freed when every worker
   reports the room finished or aborted (``finished_sending``).
-- decode (``kv_consumer``): a request with ``do_remote_prefill`` waits for the remote KV of
-  its whole prompt (vLLM recomputes the last prompt token): its newly allocated blocks go to
-  the workers' nodes as engine-owned pages. A finished or failed receive is reported only
-  when kvbridge says the pages are safe to reuse (for a failure: once the abort fence lifted).
+- decode (``kv_consumer``): a request with ``do_remote_prefill`` (from prefill's response, or
+  built by the router from the prefill's ``GET /query``; it may arrive before prefill's)
+  waits for the remote KV of its whole prompt (vLLM recomputes the last prompt token): its
+  newly allocated blocks go to the workers' nodes as engine-owned pages. A finished or
+  failed receive is reported only when kvbridge says the pages are safe to reuse (for a
+  failure: once the abort fence lifted).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvbridge_vllm.config import ConnectorConfig, normalize_addr
-from kvbridge_vllm.rooms import RoomCollision, RoomTable
+from kvbridge_vllm.rooms import RoomCollision, RoomTable, room_of
 
 log = logging.getLogger("kvbridge_vllm")
 
@@ -59,7 +65,8 @@ class KvbridgeMetadata(_MetadataBase):  # type: ignore[misc]
 
     recv: list[RecvRoom] = field(default_factory=list)
     send: list[SendRoom] = field(default_factory=list)
-    #: Decode requests vLLM ended (client gone) while their KV was on its way: abort them.
+    #: Decode: requests vLLM ended (client gone) while their KV was on its way. Prefill:
+    #: requests that ended without offering their KV, whose decode may already wait. Abort them.
     abort: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -161,14 +168,25 @@ class KvbridgeScheduler:
             return False, None
         if not self.producer or not params.get("do_remote_decode"):
             return False, None
-        transfer_id = params.get("transfer_id")
-        if not transfer_id:
-            log.warning("request %s: do_remote_decode without a transfer_id", request.request_id)
-            return False, None
         from vllm.v1.request import RequestStatus
 
+        transfer_id = params.get("transfer_id")
         if request.status != RequestStatus.FINISHED_LENGTH_CAPPED or not block_ids:
-            return False, None  # aborted, or stopped early: nothing to hand over
+            # Aborted (client gone) or stopped early: nothing to hand over. A router that sends
+            # both legs at once may have a decode waiting for this room already: tell it now.
+            self._end_unoffered(request.request_id, transfer_id)
+            return False, None
+        if transfer_id is None:
+            # NIXL-style routers (vllm-router --kv-connector nixl, llm-d nixlv2) send no id and
+            # relay the params returned here to decode verbatim: the id is minted here.
+            transfer_id = f"kvb-{uuid.uuid4().hex}"
+        elif not isinstance(transfer_id, str) or not transfer_id:
+            log.warning(
+                "request %s: transfer_id %r is not a non-empty string; its KV is not offered",
+                request.request_id,
+                transfer_id,
+            )
+            return False, None
         try:
             room = self.rooms.claim(str(transfer_id), request.request_id)
         except RoomCollision as exc:
@@ -185,6 +203,13 @@ class KvbridgeScheduler:
             "remote_engine_id": self.engine_id,
             "remote_room": room,
         }
+
+    def _end_unoffered(self, request_id: str, transfer_id: Any) -> None:
+        if not isinstance(transfer_id, str) or not transfer_id:
+            return
+        room = room_of(transfer_id)
+        if self.rooms.owner(room) is None:  # held by another live request: not ours to end
+            self._abort.append((request_id, room))
 
     # -- every step -----------------------------------------------------------------------------
 

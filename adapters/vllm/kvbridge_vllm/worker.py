@@ -35,6 +35,7 @@ from kvbridge_vllm.stats import count
 
 log = logging.getLogger("kvbridge_vllm")
 ENDED_IN_VLLM = "request ended in vLLM while its KV was on its way (client gone or aborted)"
+NOT_OFFERED = "the prefill request ended in vLLM before its KV was ready (client gone or aborted)"
 
 
 def describe_kv_caches(kv_caches: dict[str, Any], block_size: int) -> list[MemoryRegion]:
@@ -286,6 +287,9 @@ class KvbridgeWorker:
                 self._slot[s.room] = slot
                 self._request_of[s.room] = s.request_id
                 self._pages[s.room] = np.asarray(s.block_ids, dtype=np.int64)
+            for _, room in meta.abort:
+                if room not in self._request_of:  # never offered here: end it for decode
+                    node.abort(room, NOT_OFFERED)
         result = node.step()
         now = time.monotonic()
         for room in result.ready:

@@ -23,6 +23,8 @@ fi
 echo "[vllm-env] installing the transport libraries, kvbridge, transports and kvbridge-vllm"
 "${PIP[@]}" torch==2.13.0 mooncake-transfer-engine-non-cuda nixl-cu12
 "${PIP[@]}" --no-deps nixl
+# The router the tests put in front of a pair (a Rust binary; its Python deps are vLLM's).
+"${PIP[@]}" vllm-router==0.1.17
 "${PIP[@]}" torch==2.13.0 -e '.[test]' -e plugins/fake -e plugins/mooncake -e plugins/nixl \
   -e adapters/vllm
 "$VENV/bin/python" -m pip uninstall -y --quiet torchvision torchaudio torchcodec 2>/dev/null || true

@@ -1,5 +1,6 @@
 """What the end-to-end tests share: the tiny model, the single-instance reference outputs,
-the prompts, and a prefill/decode pair of real vLLM servers behind the kvbridge proxy."""
+the prompts, and a prefill/decode pair of real vLLM servers behind vllm-router (the real one,
+from the package index), once in each of its modes."""
 
 from __future__ import annotations
 
@@ -48,25 +49,50 @@ def baseline(model: Path, logs: Path) -> dict[str, str]:
 
 class Pair:
     def __init__(
-        self, model: Path, logs: Path, transport: str, decode_tp: int = 1, **kvbridge: Any
+        self,
+        model: Path,
+        logs: Path,
+        transport: str,
+        decode_tp: int = 1,
+        failure_policy: str = "recompute",
+        tag: str = "",
+        **kvbridge: Any,
     ) -> None:
-        """``kvbridge``: settings for both instances on top of ``vs.kv_config``'s."""
+        """``kvbridge``: settings for both instances on top of ``vs.kv_config``'s;
+        ``failure_policy``: decode's ``kv_load_failure_policy``; ``tag``: ends the servers'
+        (and their logs') names."""
         self.model, self.logs, self.transport = model, logs, transport
+        self.failure_policy = failure_policy
+        self.tag = tag
         self.settings = kvbridge
         self.boot = vs.free_port()
         self.prefill = self.start_prefill()
         self.decode = vs.start_vllm(
-            f"decode-{transport}" + (f"-tp{decode_tp}" if decode_tp > 1 else ""),
+            f"decode-{transport}" + (f"-tp{decode_tp}" if decode_tp > 1 else "") + tag,
             model,
             logs,
-            vs.kv_config("kv_consumer", transport, vs.free_port(), **kvbridge),
+            vs.kv_config("kv_consumer", transport, vs.free_port(), failure_policy, **kvbridge),
             tp=decode_tp,
         )
-        self.proxy = vs.start_proxy(self.prefill, self.decode, logs)
+        #: vllm-router in front, in each mode: ``mooncake`` (it asks prefill's ``GET /query``
+        #: and builds decode's params) and ``nixl`` (it relays the params prefill returned).
+        self.routers = {
+            mode: vs.start_router(self.prefill, self.decode, self.boot, mode, logs, tag)
+            for mode in ("mooncake", "nixl")
+        }
+
+    @property
+    def url(self) -> str:
+        """Where clients send requests: vllm-router in Mooncake mode."""
+        return self.routers["mooncake"].url
+
+    @property
+    def servers(self) -> list[vs.Server]:
+        return [self.prefill, self.decode, *self.routers.values()]
 
     def start_prefill(self, port: int | None = None) -> vs.Server:
         return vs.start_vllm(
-            f"prefill-{self.transport}",
+            f"prefill-{self.transport}{self.tag}",
             self.model,
             self.logs,
             vs.kv_config("kv_producer", self.transport, self.boot, **self.settings),
@@ -74,7 +100,7 @@ class Pair:
         )
 
     def stop(self) -> None:
-        for s in (self.proxy, self.decode, self.prefill):
+        for s in (*self.routers.values(), self.decode, self.prefill):
             vs.stop(s)
 
 
@@ -87,13 +113,15 @@ def sources(server: vs.Server) -> dict[str, float]:
     }
 
 
-def assert_every_prompt_handed_off(pair: Pair, model: Path, baseline: dict[str, str]) -> None:
-    """Greedy outputs through the pair equal the single instance's, and vLLM's own counters
-    show no prompt token computed on decode: each came over kvbridge, or from decode's prefix
-    cache of an earlier transfer."""
+def assert_every_prompt_handed_off(
+    pair: Pair, model: Path, baseline: dict[str, str], url: str | None = None
+) -> None:
+    """Greedy outputs through the pair (``url``: a router; its Mooncake-mode one by default)
+    equal the single instance's, and vLLM's own counters show no prompt token computed on
+    decode: each came over kvbridge, or from decode's prefix cache of an earlier transfer."""
     before = sources(pair.decode)
     for p in PROMPTS:
-        out = vs.complete(pair.proxy.url, model, p, MAX_TOKENS)
+        out = vs.complete(url or pair.url, model, p, MAX_TOKENS)
         assert out["choices"][0]["text"] == baseline[p], p[:40]
     after = sources(pair.decode)
     delta = {k: after[k] - before[k] for k in after}

@@ -1,5 +1,6 @@
-"""End to end with a real vLLM: a prefill and a decode instance serving HTTP, the kvbridge
-proxy in front, the Fake, Mooncake and NIXL transports, compared against one plain instance.
+"""End to end with a real vLLM: a prefill and a decode instance serving HTTP, vllm-router in
+front (both its modes) or a client sending both legs at once, the Fake, Mooncake and NIXL
+transports, compared against one plain instance.
 
 Needs the vLLM environment (``adapters/vllm/scripts/make_env.sh``); skipped without vLLM
 unless ``KVBRIDGE_VLLM_REQUIRED=1`` (set by ``.ci/run``), which makes a missing vLLM fail.
@@ -8,8 +9,10 @@ unless ``KVBRIDGE_VLLM_REQUIRED=1`` (set by ``.ci/run``), which makes a missing 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,8 @@ if os.environ.get("KVBRIDGE_VLLM_REQUIRED") == "1":
 else:
     pytest.importorskip("vllm")
 
+import aiohttp
+import legs
 import vllm_servers as vs
 from e2e_common import (
     MAX_TOKENS,
@@ -36,22 +41,23 @@ from kvbridge.testing.tiny_model import prompt
 def pair(request: pytest.FixtureRequest, model: Path, logs: Path, baseline: dict[str, str]):
     p = Pair(model, logs, request.param)
     try:
-        vs.wait_ready([p.prefill, p.decode, p.proxy])
+        vs.wait_ready(p.servers)
         yield p
     finally:
         p.stop()
 
 
-def test_outputs_equal_single_instance_and_decode_used_the_kv(
-    pair: Pair, model: Path, baseline: dict[str, str]
+@pytest.mark.parametrize("mode", ["mooncake", "nixl"])
+def test_outputs_through_vllm_router_equal_single_instance_and_decode_used_the_kv(
+    pair: Pair, model: Path, baseline: dict[str, str], mode: str
 ) -> None:
-    assert_every_prompt_handed_off(pair, model, baseline)
+    """``mooncake``: the router asks prefill's ``GET /query`` and builds decode's params.
+    ``nixl``: it sends prefill no ``transfer_id`` and relays prefill's params verbatim."""
+    assert_every_prompt_handed_off(pair, model, baseline, pair.routers[mode].url)
     vs.wait_idle([pair.prefill, pair.decode])
 
 
 def test_client_disconnect_leaks_nothing(pair: Pair, model: Path, baseline: dict[str, str]):
-    import aiohttp
-
     async def cut(delay: float, seed: int) -> None:
         body = {
             "model": str(model),
@@ -63,7 +69,7 @@ def test_client_disconnect_leaks_nothing(pair: Pair, model: Path, baseline: dict
         async with aiohttp.ClientSession() as session:
             try:
                 async with asyncio.timeout(delay):
-                    async with session.post(pair.proxy.url + "/v1/completions", json=body) as r:
+                    async with session.post(pair.url + "/v1/completions", json=body) as r:
                         await r.read()
             except TimeoutError:
                 pass
@@ -76,9 +82,105 @@ def test_client_disconnect_leaks_nothing(pair: Pair, model: Path, baseline: dict
     # blocks after bootstrap_timeout, 15 s here).
     vs.wait_idle([pair.prefill, pair.decode], timeout=45)
     for p in PROMPTS[:2]:
-        assert (
-            vs.complete(pair.proxy.url, model, p, MAX_TOKENS)["choices"][0]["text"] == (baseline[p])
+        assert vs.complete(pair.url, model, p, MAX_TOKENS)["choices"][0]["text"] == (baseline[p])
+
+
+@pytest.mark.parametrize(
+    "prefill_delay, decode_delay",
+    [(0.0, 0.0), (0.0, 0.5), (1.0, 0.0), (3.0, 0.0)],
+    ids=["together", "prefill-first", "decode-first", "decode-3s-first"],
+)
+def test_both_legs_at_once_in_any_order(
+    pair: Pair,
+    model: Path,
+    baseline: dict[str, str],
+    prefill_delay: float,
+    decode_delay: float,
+) -> None:
+    """llm-d (Mooncake mode) and SGLang's gateway send both legs at once: decode's request may
+    reach its instance before prefill's. Decode waits for the KV (its metadata is kept on
+    prefill until the room is added) and computes no prompt token."""
+    engine = legs.engine_id(pair.boot)
+    before = sources(pair.decode)
+
+    async def main() -> list[dict]:
+        return await asyncio.gather(
+            *(
+                legs.both_legs(
+                    pair.prefill.url,
+                    pair.decode.url,
+                    pair.boot,
+                    engine,
+                    {"model": str(model), "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0},
+                    prefill_delay=prefill_delay,
+                    decode_delay=decode_delay,
+                )
+                for p in PROMPTS[1:4]
+            )
         )
+
+    outs = asyncio.run(main())
+    assert [o["choices"][0]["text"] for o in outs] == [baseline[p] for p in PROMPTS[1:4]]
+    after = sources(pair.decode)
+    assert after["local_compute"] == before["local_compute"], (before, after)
+    assert after["external_kv_transfer"] > before["external_kv_transfer"]
+    vs.wait_idle([pair.prefill, pair.decode])
+
+
+def _room_failures(server: vs.Server, room: int) -> list[str]:
+    """The kvbridge-vllm log lines that say why ``room`` failed on ``server``."""
+    return [line for line in server.log.read_text().splitlines() if f"room {room} " in line]
+
+
+def test_an_early_abort_reaches_the_other_side(
+    pair: Pair, model: Path, baseline: dict[str, str]
+) -> None:
+    """Decode's client goes away before prefill's leg arrived: prefill, once its request is
+    done, drops the room at once for the decode's abort (not after bootstrap_timeout, with
+    "decode never sent metadata"). Prefill's request ends without its KV (it stopped at its
+    first token, here by a stop list): decode is told that cause at once and recomputes."""
+    from kvbridge_vllm.rooms import room_of
+
+    engine = legs.engine_id(pair.boot)
+    body = {"model": str(model), "prompt": PROMPTS[4], "max_tokens": MAX_TOKENS, "temperature": 0}
+    tid = f"xfer-{uuid.uuid4()}"
+
+    async def decode_gives_up() -> None:
+        async with aiohttp.ClientSession() as session:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await legs.post(
+                        session, pair.decode.url, legs.decode_leg(body, tid, pair.boot, engine), 0
+                    )
+            # Decode's request ended there; now prefill's leg comes.
+            await asyncio.sleep(1.0)
+            await legs.post(session, pair.prefill.url, legs.prefill_leg(body, tid), 0)
+
+    asyncio.run(decode_gives_up())
+    vs.wait_idle([pair.prefill, pair.decode], timeout=60)
+    said = _room_failures(pair.prefill, room_of(tid))
+    assert any("decode aborted" in line for line in said), said
+    assert not any("bootstrap_timeout" in line for line in said), said
+
+    tid = f"xfer-{uuid.uuid4()}"
+    stop_at_once = {"stop_token_ids": list(range(256))}  # every token of the tiny vocabulary
+    out = asyncio.run(
+        legs.both_legs(
+            pair.prefill.url,
+            pair.decode.url,
+            pair.boot,
+            engine,
+            body,
+            decode_delay=0.0,
+            prefill_delay=0.5,
+            prefill_extra=stop_at_once,
+            transfer_id=tid,
+        )
+    )
+    assert out["choices"][0]["text"] == baseline[PROMPTS[4]]  # recomputed on decode
+    said = _room_failures(pair.decode, room_of(tid))
+    assert any("before its KV was ready" in line for line in said), said
+    vs.wait_idle([pair.prefill, pair.decode])
 
 
 def test_prefill_killed_mid_transfer(pair: Pair, model: Path, baseline: dict[str, str]):
@@ -95,8 +197,8 @@ def test_prefill_killed_mid_transfer(pair: Pair, model: Path, baseline: dict[str
 
     def one(seed: int) -> None:
         try:
-            vs.complete(pair.proxy.url, model, prompt(450, 2000 + seed), 4)
-        except BaseException as exc:  # the prefill may die before it answers the proxy
+            vs.complete(pair.url, model, prompt(450, 2000 + seed), 4)
+        except BaseException as exc:  # the prefill may die before it answers the router
             errors.append(exc)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
@@ -124,11 +226,11 @@ def test_prefill_killed_mid_transfer(pair: Pair, model: Path, baseline: dict[str
         t.join(180)
     assert not any(t.is_alive() for t in threads), "a client never got an answer"
     vs.wait_idle([pair.decode], timeout=60)
+    for router in pair.routers.values():
+        vs.wait_routed(router, model)
     before = sources(pair.decode)
     for p in PROMPTS[3:]:
-        assert (
-            vs.complete(pair.proxy.url, model, p, MAX_TOKENS)["choices"][0]["text"] == (baseline[p])
-        )
+        assert vs.complete(pair.url, model, p, MAX_TOKENS)["choices"][0]["text"] == (baseline[p])
     after = sources(pair.decode)
     assert after["local_compute"] == before["local_compute"]
     assert after["external_kv_transfer"] > before["external_kv_transfer"]

@@ -41,7 +41,7 @@ def test_decode_tp2_from_prefill_tp1(model: Path, logs: Path, baseline: dict[str
         heartbeat_max_misses=30,
     )
     try:
-        vs.wait_ready([pair.prefill, pair.decode, pair.proxy])
+        vs.wait_ready(pair.servers)
         assert_every_prompt_handed_off(pair, model, baseline)
         vs.wait_idle([pair.prefill, pair.decode])
     finally:

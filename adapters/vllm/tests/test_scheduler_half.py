@@ -481,7 +481,7 @@ def test_prefill_reused_transfer_id_is_not_offered(make_scheduler: MakeScheduler
     by_id = {o.request_id: o for o in outputs}
     assert by_id["p1"].kv_transfer_params is not None
     assert by_id["p1"].kv_transfer_params["remote_room"] == room_of("t2")
-    # The second holds nothing: no params (the proxy decodes it as a plain request), its
+    # The second holds nothing: no params (a router then decodes it as a plain request), its
     # blocks freed at once, the first's room untouched.
     assert by_id["p2"].kv_transfer_params is None
     assert "p2" not in sched.requests
@@ -510,7 +510,56 @@ def test_prefill_aborted_request_offers_nothing(make_scheduler: MakeScheduler) -
     assert free_blocks(sched) == free_before
     assert "p1" not in sched.requests
     out, _ = step(sched)
-    assert meta(out) == KvbridgeMetadata()
+    # Nothing offered, but the workers end the room: a router that sent both legs at once
+    # may have a decode waiting for it already, and it is told now.
+    assert meta(out) == KvbridgeMetadata(abort=[("p1", room_of("t2"))])
     assert len(kb(sched).rooms) == 0
     assert kb(sched).sending == set()
     assert not sched.has_requests()
+
+
+def test_prefill_mints_a_transfer_id_for_routers_that_send_none(
+    make_scheduler: MakeScheduler,
+) -> None:
+    """vllm-router's NIXL mode (and llm-d's nixlv2) sends prefill NIXL's params without a
+    ``transfer_id`` and relays the params prefill returns to decode verbatim."""
+    sched = make_scheduler("kv_producer")
+    nixl_style = {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+    first = make_request("p1", dict(nixl_style), max_tokens=1, seed=1)
+    second = make_request("p2", dict(nixl_style), max_tokens=1, seed=2)
+    sched.add_request(first)
+    sched.add_request(second)
+    _, outputs = step(sched)
+    params = {o.request_id: o.kv_transfer_params for o in outputs}
+    ids = {r: p["transfer_id"] for r, p in params.items() if p is not None}
+    assert set(ids) == {"p1", "p2"} and ids["p1"] != ids["p2"]
+    for request_id, p in params.items():
+        assert p is not None and p["do_remote_prefill"] is True
+        assert p["remote_room"] == room_of(ids[request_id])
+        assert p["remote_bootstrap_addr"] == kb(sched).bootstrap_addr
+    out, _ = step(sched)
+    assert {(s.request_id, s.room) for s in meta(out).send} == {
+        (r, room_of(t)) for r, t in ids.items()
+    }
+
+
+@pytest.mark.parametrize("bad", ["", 7, ["t"]])
+def test_prefill_refuses_a_transfer_id_that_is_not_a_string(
+    make_scheduler: MakeScheduler, bad: Any
+) -> None:
+    sched = make_scheduler("kv_producer")
+    free_before = free_blocks(sched)
+    sched.add_request(
+        make_request("p1", {"do_remote_decode": True, "transfer_id": bad}, max_tokens=1)
+    )
+    (output,) = step(sched)[1]
+    assert output.kv_transfer_params is None  # not offered; a router decodes it locally
+    assert free_blocks(sched) == free_before
+    assert meta(step(sched)[0]) == KvbridgeMetadata()

@@ -7,7 +7,6 @@ import types
 import pytest
 
 from kvbridge_vllm.config import ConnectorConfig, normalize_addr
-from kvbridge_vllm.proxy import decode_body, prefill_body
 from kvbridge_vllm.rooms import RoomCollision, RoomTable, room_of
 from kvbridge_vllm.version import Unsupported, check_config, check_version
 
@@ -82,20 +81,6 @@ def test_config_refusals_name_the_flag() -> None:
         check_config(_vllm_config(), types.SimpleNamespace(kv_cache_groups=[1, 2]))
 
 
-def test_proxy_bodies() -> None:
-    body = {"prompt": "w1", "max_tokens": 9, "stream": True}
-    p = prefill_body(body, "t")
-    assert p["max_tokens"] == 1 and p["stream"] is False
-    assert p["kv_transfer_params"] == {
-        "do_remote_decode": True,
-        "do_remote_prefill": False,
-        "transfer_id": "t",
-    }
-    assert decode_body(body, {"x": 1})["kv_transfer_params"] == {"x": 1}
-    assert "kv_transfer_params" not in decode_body(body, None)
-    assert body == {"prompt": "w1", "max_tokens": 9, "stream": True}
-
-
 def test_kvbridge_logs_join_vllms_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     import io
     import logging
@@ -128,37 +113,6 @@ def test_kvbridge_logs_join_vllms_stream(monkeypatch: pytest.MonkeyPatch) -> Non
             logger.handlers[:] = handlers
             logger.setLevel(level)
             logger.propagate = True
-
-
-def test_proxy_answers_bad_input_and_dead_instances_clearly() -> None:
-    import asyncio
-    import socket
-
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from kvbridge_vllm.proxy import Proxy
-
-    with socket.socket() as s:  # a port nobody listens on: an instance that is gone
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-
-    async def run() -> None:
-        client = TestClient(TestServer(Proxy([dead], [dead], timeout=5).app()))
-        await client.start_server()
-        try:
-            r = await client.post("/v1/completions", data=b"{not json")
-            assert r.status == 400
-            assert "not JSON" in (await r.json())["error"]["message"]
-            r = await client.post("/v1/completions", json=["a list"])
-            assert r.status == 400
-            r = await client.post("/v1/completions", json={"prompt": "w1", "max_tokens": 2})
-            assert r.status == 502
-            assert "upstream failed" in (await r.json())["error"]["message"]
-            assert (await client.get("/health")).status == 200
-        finally:
-            await client.close()
-
-    asyncio.run(run())
 
 
 def test_a_late_driver_step_is_reported_with_its_cause(caplog: pytest.LogCaptureFixture) -> None:

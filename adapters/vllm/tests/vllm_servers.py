@@ -1,4 +1,4 @@
-"""Start real vLLM OpenAI servers and the kvbridge proxy as separate processes (tests, bench).
+"""Start real vLLM OpenAI servers and vllm-router as separate processes (tests, benchmarks).
 
 Process handling (own process group, stop/kill, readiness) is :mod:`kvbridge.testing.processes`.
 """
@@ -9,6 +9,7 @@ import json
 import re
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,13 @@ def base_env() -> dict[str, str]:
     )
 
 
-def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -> str:
+def kv_config(
+    role: str,
+    transport: str,
+    bootstrap_port: int,
+    failure_policy: str = "recompute",
+    **kvbridge: Any,
+) -> str:
     """``--kv-transfer-config`` for a test instance; ``kvbridge``: settings on top of these."""
     settings = {
         "transport": transport,
@@ -48,7 +55,7 @@ def kv_config(role: str, transport: str, bootstrap_port: int, **kvbridge: Any) -
             "kv_connector": "KvbridgeConnector",
             "kv_connector_module_path": "kvbridge_vllm",
             "kv_role": role,
-            "kv_load_failure_policy": "recompute",
+            "kv_load_failure_policy": failure_policy,
             "kv_connector_extra_config": {"kvbridge": settings, "bootstrap_port": bootstrap_port},
         }
     )
@@ -76,13 +83,34 @@ def start_vllm(
     return processes.start(name, args, port, log_dir, base_env(), ROOT)
 
 
-def start_proxy(prefill: Server, decode: Server, log_dir: Path) -> Server:
+def start_router(
+    prefill: Server,
+    decode: Server,
+    bootstrap_port: int,
+    connector: str,
+    log_dir: Path,
+    tag: str = "",
+) -> Server:
+    """vllm-router (the real one, from the package index) in front of a pair.
+
+    ``connector`` ``mooncake``: the router asks prefill's bootstrap port ``GET /query`` once at
+    start, mints a ``transfer_id`` and builds decode's params itself. ``nixl``: no id, decode
+    gets the params prefill returned, verbatim."""
     port = free_port()
+    binary = str(Path(sys.executable).with_name("vllm-router"))
+    prefill_arg = [prefill.url] + ([str(bootstrap_port)] if connector == "mooncake" else [])
     args = [
-        sys.executable, "-m", "kvbridge_vllm.proxy", "--prefill", prefill.url,
-        "--decode", decode.url, "--port", str(port),
+        binary, "--vllm-pd-disaggregation", "--kv-connector", connector,
+        "--prefill", *prefill_arg, "--decode", decode.url,
+        "--host", "127.0.0.1", "--port", str(port),
+        # Its own Prometheus listener defaults to one fixed port: two routers would collide.
+        "--prometheus-port", str(free_port()),
+        "--request-timeout-secs", "300", "--disable-retries",
+        # A prefill killed and restarted by a test is served again as soon as it answers
+        # /health, not after the breaker's or the 60 s health check's own time.
+        "--disable-circuit-breaker", "--health-check-interval-secs", "2",
     ]  # fmt: skip
-    return processes.start("proxy", args, port, log_dir, base_env(), ROOT)
+    return processes.start(f"router-{connector}{tag}", args, port, log_dir, base_env(), ROOT)
 
 
 def complete(base: str, model: Path, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -90,6 +118,20 @@ def complete(base: str, model: Path, prompt: str, max_tokens: int) -> dict[str, 
         base + "/v1/completions",
         {"model": str(model), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0},
     )
+
+
+def wait_routed(router: Server, model: Path, timeout: float = 90.0) -> None:
+    """Until ``router`` routes again (after an instance restarted it answers 503 until its
+    health checks passed ``--health-success-threshold`` times)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            complete(router.url, model, "w1 w2 w3", 1)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or time.monotonic() > deadline:
+                raise
+        time.sleep(1.0)
 
 
 _METRIC = re.compile(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
