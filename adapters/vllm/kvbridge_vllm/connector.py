@@ -13,6 +13,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvbridge_vllm.config import ConnectorConfig
+from kvbridge_vllm.layouts import HEAD_MAJOR
 from kvbridge_vllm.logs import route_to_vllm_log
 from kvbridge_vllm.scheduler import KvbridgeMetadata, KvbridgeScheduler
 from kvbridge_vllm.stats import KvbridgeStats
@@ -67,10 +68,19 @@ class KvbridgeConnector(KVConnectorBase_V1):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
-        # kvbridge maps unequal TP by slicing heads out of a block: it needs head-major blocks.
-        # vLLM's CPU attention always allocates [blocks, heads, block_size, 2*head] (it has no
-        # layout switch); on GPU backends HND is what that asks for.
-        return "HND"
+        """Head-major blocks (``LBHNC``, alias ``HND``), or None for MLA.
+
+        vLLM's engine core asks this once, with the whole ``VllmConfig``, when it resolves the
+        KV cache layout (``resolve_kv_cache_layout``), before any worker allocates: an explicit
+        ``VLLM_KV_CACHE_LAYOUT`` wins, then this answer if every attention backend supports
+        it (else vLLM warns and takes the backends' first choice), then the backends' choice.
+        kvbridge maps unequal TP by slicing a rank's heads out of a block, which needs
+        head-major blocks, and the peer's TP is not known here, so it always asks for them, as
+        NixlConnector does. MLA's latent cache has one head: every layout stores it alike."""
+        model = getattr(vllm_config, "model_config", None)
+        if model is not None and getattr(model, "use_mla", False):
+            return None
+        return HEAD_MAJOR
 
     # -- scheduler side -------------------------------------------------------------------------
 
@@ -105,7 +115,7 @@ class KvbridgeConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self.kb_worker is not None
-        self.kb_worker.register_kv_caches(kv_caches)
+        self.kb_worker.register_kv_caches(kv_caches, self._kv_cache_config)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         assert self.kb_worker is not None

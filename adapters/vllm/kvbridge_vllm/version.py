@@ -77,11 +77,6 @@ def check_config(vllm_config: Any, kv_cache_config: Any = None) -> None:
             f"decode context parallelism ({dcp}) is not supported yet: "
             f"--decode-context-parallel-size 1"
         )
-    if _get(vllm_config, "model_config", "use_mla", default=False):
-        problems.append(
-            "MLA models (latent KV cache) are not supported yet by kvbridge-vllm "
-            "(kvbridge's replicated layout is not wired to vLLM's MLA cache)"
-        )
     groups = _get(kv_cache_config, "kv_cache_groups", default=None)
     if groups is not None and len(groups) != 1:
         problems.append(

@@ -29,6 +29,7 @@ from kvbridge.queue import DecodeRequest
 from kvbridge.queue.collective import SingleRankReducer
 from kvbridge.queue.prefill import PrefillRequest
 from kvbridge_vllm.config import ConnectorConfig
+from kvbridge_vllm.layouts import KvDescription, PageContent, describe_kv_caches
 from kvbridge_vllm.scheduler import KvbridgeMetadata
 from kvbridge_vllm.stalls import StallWatch
 from kvbridge_vllm.stats import count
@@ -36,29 +37,6 @@ from kvbridge_vllm.stats import count
 log = logging.getLogger("kvbridge_vllm")
 ENDED_IN_VLLM = "request ended in vLLM while its KV was on its way (client gone or aborted)"
 NOT_OFFERED = "the prefill request ended in vLLM before its KV was ready (client gone or aborted)"
-
-
-def describe_kv_caches(kv_caches: dict[str, Any], block_size: int) -> list[MemoryRegion]:
-    """One region per distinct layer cache tensor, one page per vLLM block.
-
-    vLLM's CPU attention allocates ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``
-    per layer: head-major inside a block, kvbridge's ``head_sharded`` layout (a TP rank's
-    heads are a contiguous slice of a block, which unequal TP needs)."""
-    regions: list[MemoryRegion] = []
-    seen: set[int] = set()
-    for name, tensor in kv_caches.items():
-        if tensor.data_ptr() in seen:  # layers sharing one cache
-            continue
-        seen.add(tensor.data_ptr())
-        if tensor.dim() != 4 or tensor.shape[2] != block_size:
-            raise RuntimeError(
-                f"kvbridge-vllm: KV cache of layer {name} has shape {tuple(tensor.shape)}; "
-                f"expected [num_blocks, num_kv_heads, block_size={block_size}, 2*head_size] "
-                f"(vLLM's CPU attention layout): this attention backend is not supported yet"
-            )
-        item_bytes = tensor.stride(0) * tensor.element_size()
-        regions.append(MemoryRegion.of(tensor, item_bytes))
-    return regions
 
 
 def _pop(table: dict[int, Any], key: int) -> Any:
@@ -73,6 +51,7 @@ class KvbridgeWorker:
         )
 
         self.config = config
+        self.vllm_config = vllm_config
         self.producer = vllm_config.kv_transfer_config.kv_role == "kv_producer"
         self.block_size = int(vllm_config.cache_config.block_size)
         self.tp_rank = get_tensor_model_parallel_rank()
@@ -97,8 +76,24 @@ class KvbridgeWorker:
 
     # -- set-up ---------------------------------------------------------------------------------
 
-    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
-        regions = describe_kv_caches(kv_caches, self.block_size)
+    def describe(self, kv_caches: dict[str, Any], kv_cache_config: Any = None) -> KvDescription:
+        """The layer caches as kvbridge pages, from their strides and the group's spec."""
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+        spec = groups[0].kv_cache_spec if groups else None
+        model = getattr(self.vllm_config, "model_config", None)
+        num_blocks = getattr(kv_cache_config, "num_blocks", None) or getattr(
+            self.vllm_config.cache_config, "num_gpu_blocks", None
+        )
+        return describe_kv_caches(
+            kv_caches,
+            self.block_size,
+            num_blocks=num_blocks,
+            content=PageContent.of(spec, use_mla=bool(getattr(model, "use_mla", False))),
+        )
+
+    def register_kv_caches(self, kv_caches: dict[str, Any], kv_cache_config: Any = None) -> None:
+        layout = self.describe(kv_caches, kv_cache_config)
+        regions = list(layout.regions)
         self.page_bytes = sum(r.item_bytes for r in regions)
         first = next(iter(kv_caches.values()))
         kv_dtype = str(first.dtype).removeprefix("torch.")
@@ -111,7 +106,7 @@ class KvbridgeWorker:
             reducer=SingleRankReducer(),
             page_size=self.block_size,
             kv_dtype=kv_dtype,
-            kv_layout="head_sharded",
+            kv_layout=layout.kv_layout,
         )
         if self.producer:
             self.aux = AuxLayout().allocate(self.config.aux_slots)
@@ -126,14 +121,23 @@ class KvbridgeWorker:
             self.aux = AuxLayout().allocate(self.config.aux_slots)
             self.node = DecodeNode(aux=self.aux, pages=None, **common)  # type: ignore[arg-type]
         log.info(
-            "kvbridge-vllm %s worker tp %d/%d: %d KV regions, %d bytes per block, transport %s",
+            "kvbridge-vllm %s worker tp %d/%d: %d KV regions, %d bytes per block, KV layout %s, "
+            "transport %s",
             role.value if hasattr(role, "value") else role,
             self.tp_rank,
             self.tp_size,
             len(regions),
             self.page_bytes,
+            layout.kv_layout,
             self.config.transfer.transport,
         )
+        if layout.equal_tp_only and self.tp_rank == 0:
+            log.warning(
+                "kvbridge-vllm: this KV cache pairs only with instances of the same TP size "
+                "(%s); for unequal prefill and decode TP use head-major blocks: "
+                "VLLM_KV_CACHE_LAYOUT=LBHNC with an attention backend that supports it",
+                layout.equal_tp_only,
+            )
         self._thread = threading.Thread(target=self._run, name="kvbridge-vllm", daemon=True)
         self._thread.start()
 

@@ -75,8 +75,7 @@ def test_config_refusals_name_the_flag() -> None:
         check_config(_vllm_config(pp=2))
     with pytest.raises(Unsupported, match="--data-parallel-size"):
         check_config(_vllm_config(dp=2))
-    with pytest.raises(Unsupported, match="MLA"):
-        check_config(_vllm_config(mla=True))
+    check_config(_vllm_config(mla=True))  # the latent cache is described as replicated
     with pytest.raises(Unsupported, match="KV cache groups"):
         check_config(_vllm_config(), types.SimpleNamespace(kv_cache_groups=[1, 2]))
 
