@@ -33,6 +33,8 @@ class FaultPlan:
     - ``discard_kv_ranks``: these ranks' listeners accept incoming KV page writes but throw
       the bytes away; aux rows still land, so the room completes. A control for engine tests:
       what a receiver computes without the transferred KV.
+    - ``discard_kv_rooms``: the same for these rooms only (on every rank): KV that did not
+      arrive intact while the room still completes, for tests of what an engine does then.
     """
 
     delay: Mapping[str, float] = attrs.field(factory=dict, hash=False)
@@ -44,6 +46,7 @@ class FaultPlan:
     ack_before_aux: bool = False
     gone_ranks: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
     discard_kv_ranks: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
+    discard_kv_rooms: frozenset[int] = attrs.field(factory=frozenset, converter=frozenset)
 
     @classmethod
     def from_options(
@@ -76,6 +79,9 @@ class FaultPlan:
 
     def fails(self, room: int, tp_rank: int) -> bool:
         return room in self.fail_rooms and (self.fail_ranks is None or tp_rank in self.fail_ranks)
+
+    def discards_kv(self, room: int, tp_rank: int) -> bool:
+        return tp_rank in self.discard_kv_ranks or room in self.discard_kv_rooms
 
     def aux_delay_on(self, tp_rank: int) -> float:
         if self.aux_delay_ranks is not None and tp_rank not in self.aux_delay_ranks:

@@ -204,7 +204,7 @@ class FakeManager(BookedManager):
             return None
         if delay:
             time.sleep(delay)
-        if not flags & wire.FLAG_AUX and self.tp_rank in self.faults.discard_kv_ranks:
+        if not flags & wire.FLAG_AUX and self.faults.discards_kv(room, self.tp_rank):
             for n in lengths.tolist():
                 scratch = (ctypes.c_char * n)()
                 read_into(ctypes.addressof(scratch), n)

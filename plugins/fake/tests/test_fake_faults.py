@@ -146,3 +146,18 @@ def test_discard_kv_lands_the_aux_row_but_not_the_pages(rigs: list[TransferRig])
     assert rig.decode.aux_matches(2, ROOM)
     assert len(rig.decode.mismatches(ROOM, PAGES)) == len(PAGES) * len(rig.decode.kv)
     assert all(not region[PAGES].any() for region in rig.decode.kv)
+
+
+def test_discard_kv_rooms_spares_the_other_rooms(rigs: list[TransferRig]) -> None:
+    rig = make_rig({"discard_kv_rooms": [ROOM]})
+    rigs.append(rig)
+    other = PAGES + 4
+    rig.open(ROOM, PAGES, 2)
+    rig.open(ROOM + 1, other, 3)
+    rig.transfer(ROOM, PAGES, PAGES, 2, 2)
+    rig.transfer(ROOM + 1, other, other, 3, 3)
+    assert rig.wait_sender(ROOM, 10)[0] == KVPoll.Success
+    assert rig.wait_sender(ROOM + 1, 10)[0] == KVPoll.Success
+    assert rig.decode.aux_matches(2, ROOM) and rig.decode.aux_matches(3, ROOM + 1)
+    assert len(rig.decode.mismatches(ROOM, PAGES)) == len(PAGES) * len(rig.decode.kv)
+    assert rig.decode.mismatches(ROOM + 1, other) == []
