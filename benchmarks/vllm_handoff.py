@@ -8,10 +8,10 @@ prompt of ``--prompt-tokens`` tokens (near max-model-len, so neither side ever h
 prefix cache) and asks for ``--max-tokens`` tokens, greedy, streamed. One plain instance is
 started once and shared by every transport; for each transport:
 
-- a pair (prefill + decode with KvbridgeConnector over that transport, the kvbridge proxy in
-  front); ``--warmup`` requests to the pair and to the plain instance first;
+- a pair (prefill + decode with KvbridgeConnector over that transport, vllm-router in
+  Mooncake mode in front); ``--warmup`` requests to the pair and to the plain instance first;
 - (a) KV handoff inside vLLM, per request: ``--requests`` sequential requests through the
-  proxy; across each, the change of the decode instance's ``vllm:kvbridge_handoff_seconds``
+  router; across each, the change of the decode instance's ``vllm:kvbridge_handoff_seconds``
   histogram (sum, count: decode ``add`` -> commit, one request in flight so the sum is that
   request's time) and of ``vllm:kvbridge_transferred_bytes_total`` (its KV bytes). Under
   concurrency (b) the mean per request comes from the same sums. Then, the pair stopped, the
@@ -22,7 +22,7 @@ started once and shared by every transport; for each transport:
   ``RawPath``: the library's own write of those pages plus one aux row, on the connection
   kvbridge opened);
 - (b) time to first token, client side (request sent -> first streamed chunk with text),
-  through the proxy against the plain instance, the two alternating: the ``--requests``
+  through the router against the plain instance, the two alternating: the ``--requests``
   sequential requests above, then ``--batches`` batches of ``--concurrency`` requests at
   once.
 
@@ -183,11 +183,11 @@ def block_size(server: vs.Server) -> int:
 class Pair:
     prefill: vs.Server
     decode: vs.Server
-    proxy: vs.Server
+    router: vs.Server
 
 
 def start_pair(model: Path, logs: Path, transport: str, started: list[vs.Server]) -> Pair:
-    """Prefill, decode and proxy; each is appended to ``started`` as soon as it runs."""
+    """Prefill, decode and vllm-router; each is appended to ``started`` as soon as it runs."""
     boot = vs.free_port()
     prefill = vs.start_vllm(
         f"prefill-{transport}", model, logs, vs.kv_config("kv_producer", transport, boot)
@@ -200,10 +200,10 @@ def start_pair(model: Path, logs: Path, transport: str, started: list[vs.Server]
         vs.kv_config("kv_consumer", transport, vs.free_port()),
     )
     started.append(decode)
-    proxy = vs.start_proxy(prefill, decode, logs)
-    started.append(proxy)
-    vs.wait_ready([prefill, decode, proxy])
-    return Pair(prefill, decode, proxy)
+    router = vs.start_router(prefill, decode, boot, "mooncake", logs)
+    started.append(router)
+    vs.wait_ready([prefill, decode, router])
+    return Pair(prefill, decode, router)
 
 
 def stop_all(servers: list[vs.Server]) -> None:
@@ -232,7 +232,7 @@ async def through_vllm(
         "prompt_tokens": set(),
     }
     totals = {k: 0.0 for k in SERIES}
-    targets = {"single": single.url, "pair": pair.proxy.url}
+    targets = {"single": single.url, "pair": pair.router.url}
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         log.info("warm-up: %d requests to each", args.warmup)
@@ -491,7 +491,7 @@ def measure(
     started: list[vs.Server] = []
     t0 = time.monotonic()
     try:
-        log.info("%s: starting prefill, decode and proxy", transport)
+        log.info("%s: starting prefill, decode and vllm-router", transport)
         pair = start_pair(model, logs, transport, started)
         log.info("%s: up in %.0f s", transport, time.monotonic() - t0)
         block = block_size(pair.decode)
