@@ -5,9 +5,11 @@ from the package index), once in each of its modes."""
 from __future__ import annotations
 
 import os
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+import legs
 import pytest
 import vllm_servers as vs
 
@@ -85,6 +87,12 @@ class Pair:
     def url(self) -> str:
         """Where clients send requests: vllm-router in Mooncake mode."""
         return self.routers["mooncake"].url
+
+    def both_legs(self, body: dict[str, Any], **options: Any) -> Coroutine[Any, Any, Any]:
+        """Both legs of ``body`` at once, as llm-d and SGLang's gateway send them
+        (:func:`legs.both_legs`; the engine id comes from prefill's ``GET /query`` now)."""
+        engine = legs.engine_id(self.boot)
+        return legs.both_legs(self.prefill.url, self.decode.url, self.boot, engine, body, **options)
 
     @property
     def servers(self) -> list[vs.Server]:

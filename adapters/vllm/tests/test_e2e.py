@@ -100,17 +100,12 @@ def test_both_legs_at_once_in_any_order(
     """llm-d (Mooncake mode) and SGLang's gateway send both legs at once: decode's request may
     reach its instance before prefill's. Decode waits for the KV (its metadata is kept on
     prefill until the room is added) and computes no prompt token."""
-    engine = legs.engine_id(pair.boot)
     before = sources(pair.decode)
 
     async def main() -> list[dict]:
         return await asyncio.gather(
             *(
-                legs.both_legs(
-                    pair.prefill.url,
-                    pair.decode.url,
-                    pair.boot,
-                    engine,
+                pair.both_legs(
                     {"model": str(model), "prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0},
                     prefill_delay=prefill_delay,
                     decode_delay=decode_delay,
@@ -165,17 +160,7 @@ def test_an_early_abort_reaches_the_other_side(
     tid = f"xfer-{uuid.uuid4()}"
     stop_at_once = {"stop_token_ids": list(range(256))}  # every token of the tiny vocabulary
     out = asyncio.run(
-        legs.both_legs(
-            pair.prefill.url,
-            pair.decode.url,
-            pair.boot,
-            engine,
-            body,
-            decode_delay=0.0,
-            prefill_delay=0.5,
-            prefill_extra=stop_at_once,
-            transfer_id=tid,
-        )
+        pair.both_legs(body, prefill_delay=0.5, prefill_extra=stop_at_once, transfer_id=tid)
     )
     assert out["choices"][0]["text"] == baseline[PROMPTS[4]]  # recomputed on decode
     said = _room_failures(pair.decode, room_of(tid))

@@ -54,23 +54,11 @@ def pair(request: pytest.FixtureRequest, model: Path, logs: Path) -> Iterator[Pa
         p.stop()
 
 
-def send(
-    pair: Pair, body: dict[str, Any], transfer_id: str | None = None, engine: str = "unused"
-) -> dict[str, Any]:
+def send(pair: Pair, body: dict[str, Any], transfer_id: str | None = None) -> dict[str, Any]:
     """Both legs at once; decode's answer as ``{"status": ..., "text": ...}`` (or prefill's
     error, if decode answered and prefill did not)."""
     try:
-        out = asyncio.run(
-            legs.both_legs(
-                pair.prefill.url,
-                pair.decode.url,
-                pair.boot,
-                engine,
-                body,
-                transfer_id=transfer_id,
-                require_prefill=False,
-            )
-        )
+        out = asyncio.run(pair.both_legs(body, transfer_id=transfer_id, require_prefill=False))
     except legs.LegFailed as exc:
         return {"status": exc.status, "leg": exc.url, "text": exc.body}
     return {"status": 200, "text": out["choices"][0]["text"]}
