@@ -21,7 +21,23 @@ _KEYS = {
     "bootstrap_port",
     "poll_interval",
     "aux_slots",
+    "metric_names",
 }
+#: ``metric_names``: the prefix of the connector's Prometheus series. ``nixl`` emits exactly
+#: the ``vllm:nixl_*`` names NixlConnector uses, so dashboards and alerts built on it keep
+#: working unchanged (kvbridge_vllm.stats says which series have a counterpart).
+METRIC_NAMES = ("kvbridge", "nixl")
+
+
+def metric_names_of(extra: dict[str, Any] | None) -> str:
+    """The ``metric_names`` setting of ``kv_connector_extra_config`` (default ``kvbridge``)."""
+    value = (extra or {}).get("metric_names", METRIC_NAMES[0])
+    if not isinstance(value, str) or value not in METRIC_NAMES:
+        raise ValueError(
+            f"kv_connector_extra_config metric_names must be one of "
+            f"{', '.join(repr(n) for n in METRIC_NAMES)}, got {value!r}"
+        )
+    return value
 
 
 @attrs.frozen
@@ -33,6 +49,8 @@ class ConnectorConfig:
     poll_interval: float = 0.001
     #: Prefill aux rows (one per room being sent, room stamp last).
     aux_slots: int = 1024
+    #: Prometheus series names: ``kvbridge`` (``vllm:kvbridge_*``) or ``nixl`` (``vllm:nixl_*``).
+    metric_names: str = METRIC_NAMES[0]
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorConfig:
@@ -53,6 +71,7 @@ class ConnectorConfig:
             bootstrap_port=port,
             poll_interval=float(extra.get("poll_interval", 0.001)),
             aux_slots=int(extra.get("aux_slots", 1024)),
+            metric_names=metric_names_of(extra),
         )
 
     @property

@@ -32,11 +32,13 @@ from kvbridge_vllm.config import ConnectorConfig
 from kvbridge_vllm.layouts import KvDescription, PageContent, describe_kv_caches
 from kvbridge_vllm.scheduler import KvbridgeMetadata
 from kvbridge_vllm.stalls import StallWatch
-from kvbridge_vllm.stats import count
+from kvbridge_vllm.stats import NodeFigures, abort_kind, count
 
 log = logging.getLogger("kvbridge_vllm")
 ENDED_IN_VLLM = "request ended in vLLM while its KV was on its way (client gone or aborted)"
 NOT_OFFERED = "the prefill request ended in vLLM before its KV was ready (client gone or aborted)"
+#: Reasons of rooms vLLM itself ended (here or, forwarded by its node, on the peer).
+CANCELLED = (ENDED_IN_VLLM, NOT_OFFERED)
 
 
 def _pop(table: dict[int, Any], key: int) -> Any:
@@ -178,6 +180,7 @@ class KvbridgeWorker:
     def _run(self) -> None:
         watch = StallWatch(self.config.transfer.heartbeat_interval)
         try:
+            self._observe_node()
             last = time.monotonic()
             while not self._stop.is_set():
                 began = time.monotonic()
@@ -195,6 +198,15 @@ class KvbridgeWorker:
     def _count(self, **values: float) -> None:
         with self._lock:
             count(self._stats, **values)
+
+    def _observe_node(self) -> None:
+        """Add this worker's :class:`NodeFigures` to the observers the node was built with
+        (those installed), before its first step: the per-transfer figures and the control
+        frames it failed to send are known only inside the node."""
+        assert self.node is not None
+        relay = self.node.session.observers
+        relay.plugin_manager.register(NodeFigures(self._count))
+        relay.active = True  # the sessions skip their observer calls while it is False
 
     def _step(self) -> bool:
         with self._lock:
@@ -246,7 +258,7 @@ class KvbridgeWorker:
             log.warning(
                 "room %d (request %s) failed: %s", a.room, self._request_of.get(a.room), a.reason
             )
-            self._count(failures=1)
+            self._count(**{abort_kind(a.reason, CANCELLED): 1})
         for room in result.released:
             request_id = _pop(self._request_of, room)
             self._pages.pop(room, None)
@@ -305,21 +317,24 @@ class KvbridgeWorker:
             if want is not None:
                 pages = pages[len(pages) - want :]
             self._started[room] = now
+            posted = time.perf_counter()
             node.send(room, pages, is_last=True, aux_slot=self._slot[room])
-            self._count(bytes=len(pages) * self.page_bytes)
-        ended = [(room, True) for room in result.finished]
-        ended += [(a.room, False) for a in result.aborted]
-        for room, ok in ended:
+            self._count(
+                bytes=len(pages) * self.page_bytes, post_seconds=time.perf_counter() - posted
+            )
+        ended: list[tuple[int, str | None]] = [(room, None) for room in result.finished]
+        ended += [(a.room, a.reason) for a in result.aborted]
+        for room, failure in ended:
             request_id = _pop(self._request_of, room)
             self._pages.pop(room, None)
             slot = _pop(self._slot, room)
             if slot is not None:
                 self.slots.free(np.array([slot]))
             started = self._started.pop(room, None)
-            if ok:
+            if failure is None:
                 self._count(transfers=1, seconds=now - started if started else 0.0)
             else:
-                self._count(failures=1)
+                self._count(**{abort_kind(failure, CANCELLED): 1})
             if request_id is not None:
                 finished.add(request_id)
         for a in result.aborted:
