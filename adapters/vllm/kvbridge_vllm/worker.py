@@ -25,6 +25,7 @@ import numpy as np
 from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
 from kvbridge.memory import AuxSlotPool
 from kvbridge.node import DecodeNode, PrefillNode
+from kvbridge.plugins import ObserverRelay
 from kvbridge.queue import DecodeRequest
 from kvbridge.queue.collective import SingleRankReducer
 from kvbridge.queue.prefill import PrefillRequest
@@ -109,6 +110,9 @@ class KvbridgeWorker:
             page_size=self.block_size,
             kv_dtype=kv_dtype,
             kv_layout=layout.kv_layout,
+            # The installed observers plus this worker's figures: the per-transfer times and
+            # the control frames the node failed to send are known only inside the node.
+            observers=ObserverRelay([NodeFigures(self._count)], discover=True),
         )
         if self.producer:
             self.aux = AuxLayout().allocate(self.config.aux_slots)
@@ -180,7 +184,6 @@ class KvbridgeWorker:
     def _run(self) -> None:
         watch = StallWatch(self.config.transfer.heartbeat_interval)
         try:
-            self._observe_node()
             last = time.monotonic()
             while not self._stop.is_set():
                 began = time.monotonic()
@@ -198,15 +201,6 @@ class KvbridgeWorker:
     def _count(self, **values: float) -> None:
         with self._lock:
             count(self._stats, **values)
-
-    def _observe_node(self) -> None:
-        """Add this worker's :class:`NodeFigures` to the observers the node was built with
-        (those installed), before its first step: the per-transfer figures and the control
-        frames it failed to send are known only inside the node."""
-        assert self.node is not None
-        relay = self.node.session.observers
-        relay.plugin_manager.register(NodeFigures(self._count))
-        relay.active = True  # the sessions skip their observer calls while it is False
 
     def _step(self) -> bool:
         with self._lock:
