@@ -14,9 +14,9 @@ import numpy as np
 from kvbridge import PagePool, RankIdentity, Role, TransferConfig
 from kvbridge.bootstrap.server import BootstrapServer
 from kvbridge.node import DecodeNode, PrefillNode
+from kvbridge.protocol.outcomes import DecodeStep, PrefillStep
 from kvbridge.queue import DecodeRequest, PrefillRequest
 from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.queue.outcomes import DecodeStep, PrefillStep
 from kvbridge.testing.buffers import RankBuffers
 
 PAGE_BYTES = 4096

@@ -14,7 +14,7 @@ import pytest
 from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
-from kvbridge.control import Abort, Metadata, Register, Status, encode
+from kvbridge.protocol.messages import Abort, Metadata, Register, Status, encode
 from kvbridge.secret import Secret
 
 pytestmark = pytest.mark.multiprocess

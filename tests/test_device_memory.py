@@ -15,10 +15,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvbridge.control import MalformedFrame, Register, decode, encode
 from kvbridge.errors import MemoryRegistrationError
 from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.node import _regions_from_wire, _regions_wire
+from kvbridge.protocol.messages import MalformedFrame, Register, decode, encode
 from kvbridge.types import HOST, Descriptors, MemoryRegion, device_index, device_name
 
 

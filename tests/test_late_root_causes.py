@@ -19,6 +19,7 @@ from test_prefill_session import make_session
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool, TransferConfig, Transport, hookimpl
 from kvbridge.plugins import ObserverRelay, TransportRegistry
+from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED
 from kvbridge.queue import (
     DecodeQueue,
     DecodeRequest,
@@ -28,7 +29,6 @@ from kvbridge.queue import (
     PrefillTarget,
 )
 from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.queue.decode import FROM_OTHER_RANK, MAX_FOLLOWED
 from kvbridge.status import KVPoll
 from kvbridge.testing import RankBuffers
 from kvbridge.types import RankIdentity, Role

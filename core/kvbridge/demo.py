@@ -28,8 +28,8 @@ from typing import Any
 import attrs
 import numpy as np
 
+from kvbridge.protocol.decode import FROM_OTHER_RANK
 from kvbridge.queue.collective import init_gloo
-from kvbridge.queue.decode import FROM_OTHER_RANK
 
 log = logging.getLogger("kvbridge.demo")
 HEAD_BYTES = 512  # bytes per KV head per page; a page holds `heads` of them

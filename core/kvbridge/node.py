@@ -17,11 +17,15 @@ import numpy as np
 from kvbridge.bootstrap.client import BootstrapClient, BootstrapDirectory, DecodeExpectation
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
-from kvbridge.control import (
+from kvbridge.control.channel import ControlReceiver, ControlSender
+from kvbridge.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.observe import ControlLosses
+from kvbridge.plugins import ObserverRelay
+from kvbridge.protocol.decode import FROM_OTHER_RANK, DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.protocol.mapping import AUTHORITATIVE_CP_RANK
+from kvbridge.protocol.messages import (
     Abort,
     AbortAck,
-    ControlReceiver,
-    ControlSender,
     Heartbeat,
     Message,
     Metadata,
@@ -29,14 +33,9 @@ from kvbridge.control import (
     Status,
     Waiting,
 )
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION
-from kvbridge.mapping import AUTHORITATIVE_CP_RANK
-from kvbridge.observe import ControlLosses
-from kvbridge.plugins import ObserverRelay
+from kvbridge.protocol.outcomes import DecodeStep, PrefillStep
+from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.queue.collective import Reducer
-from kvbridge.queue.decode import FROM_OTHER_RANK, DecodeRequest, MetadataToSend, PageAllocator
-from kvbridge.queue.outcomes import DecodeStep, PrefillStep
-from kvbridge.queue.prefill import PrefillRequest
 from kvbridge.queue.session import (
     DecodeMetadata,
     DecodePeer,

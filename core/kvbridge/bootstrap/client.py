@@ -28,9 +28,9 @@ import attrs
 
 from kvbridge.config import TransferConfig
 from kvbridge.errors import ConfigError, KVBridgeError
-from kvbridge.mapping import AUTHORITATIVE_CP_RANK, Route, routes, sources_of, targets_of
 from kvbridge.plugins import check_api_version
-from kvbridge.queue.decode import DecodeRequest
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.mapping import AUTHORITATIVE_CP_RANK, Route, routes, sources_of, targets_of
 from kvbridge.queue.session import PrefillTarget
 
 log = logging.getLogger("kvbridge.bootstrap")

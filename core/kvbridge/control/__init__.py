@@ -1,7 +1,7 @@
 """The control channel between prefill and decode ranks."""
 
 from kvbridge.control.channel import ControlReceiver, ControlSender
-from kvbridge.control.messages import (
+from kvbridge.protocol.messages import (
     Abort,
     AbortAck,
     Heartbeat,

@@ -15,8 +15,8 @@ from typing import Any
 
 import zmq
 
-from kvbridge.control.auth import AuthError, Sealer, Verifier
-from kvbridge.control.messages import MalformedFrame, Message, decode, encode
+from kvbridge.protocol.auth import AuthError, Sealer, Verifier
+from kvbridge.protocol.messages import MalformedFrame, Message, decode, encode
 from kvbridge.ratelimit import ThrottledWarning
 
 log = logging.getLogger("kvbridge.control")

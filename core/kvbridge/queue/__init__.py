@@ -1,9 +1,9 @@
 """Gated collective queues: keep every rank of a group in lock-step, request by request."""
 
+from kvbridge.protocol.decode import DecodeQueue, DecodeRequest, MetadataToSend
+from kvbridge.protocol.outcomes import Aborted, Committed, DecodeStep, LateCause, PrefillStep
+from kvbridge.protocol.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.collective import SingleRankReducer, TorchMinReducer
-from kvbridge.queue.decode import DecodeQueue, DecodeRequest, MetadataToSend
-from kvbridge.queue.outcomes import Aborted, Committed, DecodeStep, LateCause, PrefillStep
-from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.session import (
     DecodeMetadata,
     DecodePeer,

@@ -16,19 +16,19 @@ import attrs
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.liveness import WriterLiveness
 from kvbridge.memory import AuxSlotPool
 from kvbridge.plugins import ObserverRelay
-from kvbridge.queue.collective import Reducer
-from kvbridge.queue.columns import FAILED, SUCCESS
-from kvbridge.queue.decode import (
+from kvbridge.protocol.columns import FAILED, SUCCESS
+from kvbridge.protocol.decode import (
     FENCED,
     PREALLOC,
     DecodeQueue,
     DecodeRequest,
     PageAllocator,
 )
-from kvbridge.queue.outcomes import DecodeStep, LateCause
+from kvbridge.protocol.liveness import WriterLiveness
+from kvbridge.protocol.outcomes import DecodeStep, LateCause
+from kvbridge.queue.collective import Reducer
 from kvbridge.queue.wiring import (
     FOLLOWED,
     AbortSink,

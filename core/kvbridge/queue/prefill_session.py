@@ -20,11 +20,11 @@ from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.plugins import ObserverRelay
+from kvbridge.protocol.columns import FAILED, SUCCESS
+from kvbridge.protocol.early import EarlyMessages
+from kvbridge.protocol.outcomes import LateCause, PrefillStep
+from kvbridge.protocol.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.collective import Reducer
-from kvbridge.queue.columns import FAILED, SUCCESS
-from kvbridge.queue.early import EarlyMessages
-from kvbridge.queue.outcomes import LateCause, PrefillStep
-from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
 from kvbridge.queue.wiring import (
     AckSink,
     ChecksumSink,

@@ -14,11 +14,11 @@ from typing import Any, Protocol
 import attrs
 import numpy as np
 
-from kvbridge.queue.decode import (
+from kvbridge.protocol.decode import (
     DecodeRequest,
     MetadataToSend,
 )
-from kvbridge.queue.outcomes import Aborted, LateCause
+from kvbridge.protocol.outcomes import Aborted, LateCause
 from kvbridge.types import Endpoint, MemoryRegion
 
 log = logging.getLogger("kvbridge")
