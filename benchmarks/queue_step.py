@@ -117,7 +117,10 @@ def worker(rank: int, port: int, sizes: list[int], steps: int, out) -> None:
 
     from kvbridge import AuxLayout, PagePool, RankIdentity, Role, TransferConfig, Transport
     from kvbridge.plugins import TransportRegistry
-    from kvbridge.queue import DecodeRequest, DecodeSession, PrefillTarget, TorchMinReducer
+    from kvbridge.protocol.decode import DecodeRequest
+    from kvbridge.runtime.collective import TorchMinReducer
+    from kvbridge.runtime.decode_session import DecodeSession
+    from kvbridge.runtime.wiring import PrefillTarget
 
     dist.init_process_group(
         "gloo",

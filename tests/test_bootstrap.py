@@ -21,7 +21,7 @@ from kvbridge.bootstrap.client import (
     DecodeExpectation,
 )
 from kvbridge.bootstrap.server import MAX_BODY, BootstrapServer
-from kvbridge.queue import DecodeRequest
+from kvbridge.protocol.decode import DecodeRequest
 from kvbridge.secret import Secret
 
 SECRET = Secret("s3cret-for-bootstrap-tests")

@@ -33,8 +33,8 @@ from kvbridge.bootstrap.server import (
     json_depth,
     parse_control,
 )
-from kvbridge.queue import DecodeRequest
-from kvbridge.queue.session import PrefillTarget
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.runtime.wiring import PrefillTarget
 
 
 def registration(tp_rank: int = 0, tp_size: int = 1, control_port: int = 6000, **changes) -> dict:

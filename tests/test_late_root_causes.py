@@ -19,16 +19,12 @@ from test_prefill_session import make_session
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool, TransferConfig, Transport, hookimpl
 from kvbridge.plugins import ObserverRelay, TransportRegistry
-from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED
-from kvbridge.queue import (
-    DecodeQueue,
-    DecodeRequest,
-    DecodeSession,
-    LateCause,
-    PrefillRequest,
-    PrefillTarget,
-)
-from kvbridge.queue.collective import SingleRankReducer
+from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED, DecodeQueue, DecodeRequest
+from kvbridge.protocol.outcomes import LateCause
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer
+from kvbridge.runtime.decode_session import DecodeSession
+from kvbridge.runtime.wiring import PrefillTarget
 from kvbridge.status import KVPoll
 from kvbridge.testing import RankBuffers
 from kvbridge.types import RankIdentity, Role

@@ -153,7 +153,7 @@ def test_serve_exposes_the_registry():
 def test_core_imports_and_discovers_without_prometheus_client():
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"
-        "import kvbridge, kvbridge.node\n"
+        "import kvbridge, kvbridge.runtime.decode_node, kvbridge.runtime.prefill_node\n"
         "from kvbridge.plugins import ObserverRelay\n"
         "relay = ObserverRelay(discover=True)\n"
         "assert 'prometheus' not in {n for n, _ in relay.plugin_manager.list_name_plugin()}\n"

@@ -9,8 +9,10 @@ import numpy as np
 
 from kvbridge import TransferConfig, Transport
 from kvbridge.plugins import TransportRegistry
-from kvbridge.queue import DecodeMetadata, DecodePeer, PrefillRequest, PrefillSession
-from kvbridge.queue.collective import SingleRankReducer
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer
+from kvbridge.runtime.prefill_session import PrefillSession
+from kvbridge.runtime.wiring import DecodeMetadata, DecodePeer
 from kvbridge.testing import RankBuffers
 from kvbridge.types import RankIdentity, Role
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool
 from kvbridge.errors import DoubleFreeError
-from kvbridge.queue import DecodeQueue, DecodeRequest
+from kvbridge.protocol.decode import DecodeQueue, DecodeRequest
 from kvbridge.status import KVPoll
 
 NUM_PAGES, NUM_SLOTS = 24, 6

@@ -9,7 +9,7 @@ import pytest
 from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
-from kvbridge.queue import PrefillRequest
+from kvbridge.protocol.prefill import PrefillRequest
 
 pytestmark = pytest.mark.multiprocess
 PAGES = 16

@@ -31,7 +31,7 @@ from kvbridge.errors import ConfigError, KVBridgeError
 from kvbridge.plugins import check_api_version
 from kvbridge.protocol.decode import DecodeRequest
 from kvbridge.protocol.mapping import AUTHORITATIVE_CP_RANK, Route, routes, sources_of, targets_of
-from kvbridge.queue.session import PrefillTarget
+from kvbridge.runtime.wiring import PrefillTarget
 
 log = logging.getLogger("kvbridge.bootstrap")
 
@@ -446,7 +446,7 @@ class _RoomWait:
 
 
 class BootstrapDirectory:
-    """:class:`~kvbridge.queue.session.PrefillDirectory` backed by bootstrap servers.
+    """:class:`~kvbridge.runtime.wiring.PrefillDirectory` backed by bootstrap servers.
 
     Look-ups that get "starting" (503) or no answer are retried with back-off (up to
     ``bootstrap_backoff_max``) until ``bootstrap_timeout``; definitive errors (401, 400, ...)

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS
+from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS, MemoryRegion
 
 MAGIC = b"KVB"
 #: 2: reasons sanitised, control endpoints validated, optional authentication seal (auth.py).
@@ -190,6 +190,18 @@ def _control(header: dict[str, Any], key: str) -> str:
     if not valid_endpoint(value):
         raise MalformedFrame(f"{key} must be a tcp://host:port endpoint, got {value!r:.80}")
     return str(value)
+
+
+#: A memory region on the wire: ``(addr, length, item_bytes, device)``.
+WireRegion = tuple[int, int, int, str]
+
+
+def regions_to_wire(regions: Sequence[MemoryRegion]) -> tuple[WireRegion, ...]:
+    return tuple((r.addr, r.length, r.item_bytes, r.device) for r in regions)
+
+
+def regions_from_wire(wire: Sequence[WireRegion]) -> tuple[MemoryRegion, ...]:
+    return tuple(MemoryRegion(a, n, i, d) for a, n, i, d in wire)
 
 
 def _regions(value: Any, key: str) -> tuple[tuple[int, int, int, str], ...]:
