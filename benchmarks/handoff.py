@@ -72,7 +72,7 @@ def _config(name: str) -> Any:
 
 
 def _observers(on: bool) -> Any:
-    from kvbridge.plugins import ObserverRelay
+    from kvbridge.observe import ObserverRelay
 
     return ObserverRelay(discover=on)
 

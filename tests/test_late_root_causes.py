@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from test_prefill_session import make_session
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool, TransferConfig, Transport, hookimpl
-from kvbridge.plugins import ObserverRelay, TransportRegistry
+from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED, DecodeQueue, DecodeRequest
 from kvbridge.protocol.outcomes import LateCause
 from kvbridge.protocol.prefill import PrefillRequest
@@ -27,6 +27,7 @@ from kvbridge.runtime.decode_session import DecodeSession
 from kvbridge.runtime.wiring import PrefillTarget
 from kvbridge.status import KVPoll
 from kvbridge.testing import RankBuffers
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import RankIdentity, Role
 
 ROOM = 7

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from kvbridge import TransportRegistry
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.native import NativeLibraryMissing, check_native, python_module, shared_library
-from kvbridge.plugins import TRANSPORT_GROUP
-from kvbridge.transport_kit import BookedManager, ManagerHooks
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.transport.kit import BookedManager, ManagerHooks
+from kvbridge.transport.loading import TRANSPORT_GROUP
 
 MAJOR, MINOR = (int(x) for x in KVBRIDGE_API_VERSION.split("."))
 

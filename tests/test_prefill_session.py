@@ -8,12 +8,12 @@ import time
 import numpy as np
 
 from kvbridge import TransferConfig, Transport
-from kvbridge.plugins import TransportRegistry
 from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.runtime.collective import SingleRankReducer
 from kvbridge.runtime.prefill_session import PrefillSession
 from kvbridge.runtime.wiring import DecodeMetadata, DecodePeer
 from kvbridge.testing import RankBuffers
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import RankIdentity, Role
 
 

@@ -10,12 +10,12 @@ from kvbridge.errors import (
     PluginLoadError,
     TransportNotFoundError,
 )
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.memory import AuxLayout, AuxSlotPool, PagePool
-from kvbridge.plugins import TransportRegistry
 from kvbridge.secret import Secret
 from kvbridge.status import KVPoll
-from kvbridge.transports import Transport, TransportManager
+from kvbridge.transport.facade import Transport, TransportManager
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION, hookimpl
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import (
     Capability,
     Descriptors,

@@ -28,10 +28,10 @@ import attrs
 
 from kvbridge.config import TransferConfig
 from kvbridge.errors import ConfigError, KVBridgeError
-from kvbridge.plugins import check_api_version
 from kvbridge.protocol.decode import DecodeRequest
 from kvbridge.protocol.mapping import AUTHORITATIVE_CP_RANK, Route, routes, sources_of, targets_of
 from kvbridge.runtime.wiring import PrefillTarget
+from kvbridge.transport.loading import check_api_version
 
 log = logging.getLogger("kvbridge.bootstrap")
 

@@ -17,9 +17,7 @@ import numpy as np
 from kvbridge.bootstrap.client import BootstrapDirectory, DecodeExpectation
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION
-from kvbridge.observe import ControlLosses
-from kvbridge.plugins import ObserverRelay
+from kvbridge.observe import ControlLosses, ObserverRelay
 from kvbridge.protocol.decode import FROM_OTHER_RANK, DecodeRequest, MetadataToSend, PageAllocator
 from kvbridge.protocol.messages import (
     Abort,
@@ -38,7 +36,8 @@ from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, control_key, control_receiver
 from kvbridge.runtime.decode_session import DecodeSession
 from kvbridge.runtime.wiring import PrefillTarget
-from kvbridge.transports import Transport
+from kvbridge.transport.facade import Transport
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.types import MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge")

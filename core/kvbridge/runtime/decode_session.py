@@ -17,7 +17,7 @@ import numpy as np
 
 from kvbridge.config import TransferConfig
 from kvbridge.memory import AuxSlotPool
-from kvbridge.plugins import ObserverRelay
+from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
 from kvbridge.protocol.decode import (
     FENCED,
@@ -42,7 +42,7 @@ from kvbridge.runtime.wiring import (
     report_late_causes,
 )
 from kvbridge.status import KVPoll
-from kvbridge.transports import TransportManager
+from kvbridge.transport.facade import TransportManager
 from kvbridge.types import Role
 
 log = logging.getLogger("kvbridge")

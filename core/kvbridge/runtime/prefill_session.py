@@ -19,7 +19,7 @@ import numpy as np
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
-from kvbridge.plugins import ObserverRelay
+from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
 from kvbridge.protocol.early import EarlyMessages
 from kvbridge.protocol.outcomes import LateCause, PrefillStep
@@ -36,7 +36,7 @@ from kvbridge.runtime.wiring import (
     log_abort,
     report_late_causes,
 )
-from kvbridge.transports import TransportManager
+from kvbridge.transport.facade import TransportManager
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, Role, SendChunk
 
 log = logging.getLogger("kvbridge")
