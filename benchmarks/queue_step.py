@@ -117,9 +117,9 @@ def worker(rank: int, port: int, sizes: list[int], steps: int, out) -> None:
 
     from kvbridge import AuxLayout, PagePool, RankIdentity, Role, TransferConfig, Transport
     from kvbridge.protocol.decode import DecodeRequest
+    from kvbridge.protocol.plan import PrefillTarget
     from kvbridge.runtime.collective import TorchMinReducer
     from kvbridge.runtime.decode_session import DecodeSession
-    from kvbridge.runtime.wiring import PrefillTarget
     from kvbridge.transport.loading import TransportRegistry
 
     dist.init_process_group(

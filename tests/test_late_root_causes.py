@@ -21,10 +21,10 @@ from kvbridge import AuxLayout, AuxSlotPool, PagePool, TransferConfig, Transport
 from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED, DecodeQueue, DecodeRequest
 from kvbridge.protocol.outcomes import LateCause
+from kvbridge.protocol.plan import PrefillTarget
 from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.runtime.collective import SingleRankReducer
 from kvbridge.runtime.decode_session import DecodeSession
-from kvbridge.runtime.wiring import PrefillTarget
 from kvbridge.status import KVPoll
 from kvbridge.testing import RankBuffers
 from kvbridge.transport.loading import TransportRegistry

@@ -8,10 +8,10 @@ import time
 import numpy as np
 
 from kvbridge import TransferConfig, Transport
+from kvbridge.protocol.plan import DecodeMetadata, DecodePeer
 from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.runtime.collective import SingleRankReducer
 from kvbridge.runtime.prefill_session import PrefillSession
-from kvbridge.runtime.wiring import DecodeMetadata, DecodePeer
 from kvbridge.testing import RankBuffers
 from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import RankIdentity, Role

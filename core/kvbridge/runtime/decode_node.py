@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from kvbridge.bootstrap.client import BootstrapDirectory, DecodeExpectation
+from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
@@ -31,22 +31,16 @@ from kvbridge.protocol.messages import (
     regions_to_wire,
 )
 from kvbridge.protocol.outcomes import DecodeStep
+from kvbridge.protocol.plan import PrefillKey, PrefillTarget, by_control
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, control_key, control_receiver
 from kvbridge.runtime.decode_session import DecodeSession
-from kvbridge.runtime.wiring import PrefillTarget
 from kvbridge.transport.facade import Transport
 from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.types import MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge")
-
-
-def _dp_tp_of(prefill_key: str) -> tuple[int, int]:
-    """``host:port/dp<d>/tp<t>`` -> (d, t)."""
-    dp, tp = prefill_key.rsplit("/", 2)[1:]
-    return int(dp[2:]), int(tp[2:])
 
 
 class DecodeNode:
@@ -110,7 +104,7 @@ class DecodeNode:
             send_metadata=self._send_metadata,
             send_abort=self._send_abort,
             send_early_abort=self._send_early_abort,
-            on_writer_dead=lambda key: self.directory.writer_dead(str(key).rsplit("/", 2)[0]),
+            on_writer_dead=lambda key: self.directory.writer_dead(PrefillKey.parse(str(key)).addr),
             send_waiting=self._send_waiting,
             verify=self._verify if config.verify_checksums else None,
             observers=observers if observers is not None else ObserverRelay(discover=True),
@@ -227,11 +221,7 @@ class DecodeNode:
             self._out.send(control, message)
 
     def _send_waiting(self, waiting: Sequence[tuple[int, PrefillTarget]]) -> None:
-        by_control: dict[str, list[int]] = {}
-        for room, target in waiting:
-            for contact in target.plan:
-                by_control.setdefault(contact.control, []).append(room)
-        for control, rooms in by_control.items():
+        for control, rooms in by_control(waiting).items():
             self._ensure_registered(control)
             self._out.send(control, Waiting(self.key, np.array(rooms, dtype=np.uint64)))
 
@@ -243,8 +233,7 @@ class DecodeNode:
             for contact in target.plan:
                 if contact.prefill_key != writer:
                     continue
-                dp, tp = _dp_tp_of(contact.prefill_key)
-                now_at = self.directory.rank_control(target.bootstrap_addr, dp, tp)
+                now_at = self.directory.rank_control(PrefillKey.parse(contact.prefill_key))
                 if now_at is not None and now_at != contact.control:
                     log.info("room %d: prefill %s was replaced; its fence lifts", room, writer)
                     self.session.writer_replaced(room, writer)

@@ -28,6 +28,7 @@ from kvbridge.protocol.decode import (
 )
 from kvbridge.protocol.liveness import WriterLiveness
 from kvbridge.protocol.outcomes import DecodeStep, LateCause
+from kvbridge.protocol.plan import PrefillTarget
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.wiring import (
@@ -36,7 +37,6 @@ from kvbridge.runtime.wiring import (
     Clock,
     MetadataSink,
     PrefillDirectory,
-    PrefillTarget,
     Verifier,
     log_abort,
     report_late_causes,

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from kvbridge.bootstrap.client import BootstrapClient
+from kvbridge.bootstrap.registration import PrefillRegistration
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
 from kvbridge.protocol.decode import FROM_OTHER_RANK
@@ -30,12 +30,12 @@ from kvbridge.protocol.messages import (
     regions_from_wire,
 )
 from kvbridge.protocol.outcomes import PrefillStep
+from kvbridge.protocol.plan import DecodeMetadata, DecodePeer, PrefillKey
 from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, control_key, control_receiver
 from kvbridge.runtime.prefill_session import PrefillSession
-from kvbridge.runtime.wiring import DecodeMetadata, DecodePeer
 from kvbridge.transport.facade import Transport
 from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.types import MemoryRegion, RankIdentity
@@ -65,7 +65,7 @@ class PrefillNode:
         self.config = config
         self.rank = rank
         self.bootstrap_addr = bootstrap_addr
-        self.key = f"{bootstrap_addr}/dp{rank.dp_rank}/tp{rank.tp_rank}"
+        self.key = str(PrefillKey(bootstrap_addr, rank.dp_rank, rank.tp_rank))
         authoritative = rank.cp_rank == AUTHORITATIVE_CP_RANK
         transport = transport or Transport.from_config(config)
         self.manager = (
@@ -97,9 +97,9 @@ class PrefillNode:
             (self._out, self._acks),
             untrusted=lambda: self.session.untrusted,
         )
-        # Kept registration: sent again by the client's upkeep thread if bootstrap restarts.
-        self.client = BootstrapClient.from_config(config)
-        self.client.register_rank(
+        # Kept: sent again by the registration's upkeep thread if bootstrap restarts.
+        self.registration = PrefillRegistration.from_config(config)
+        self.registration.register(
             bootstrap_addr,
             {
                 "dp_rank": rank.dp_rank,
@@ -120,7 +120,6 @@ class PrefillNode:
                 "transport": config.transport,
                 "num_kv_regions": max(len(kv_regions), 1),
             },
-            keep=True,
         )
 
     def _on_message(self, message: Message) -> None:
@@ -184,8 +183,8 @@ class PrefillNode:
     def publish_dp_ranks(self, dp_ranks: Mapping[int, int]) -> None:
         """Tell bootstrap which DP replica serves which rooms (the router's choice).
 
-        Non-blocking: sent (and retried) by the bootstrap client's background thread."""
-        self.client.publish_rooms(self.bootstrap_addr, dp_ranks)
+        Non-blocking: sent (and retried) by the registration's background thread."""
+        self.registration.publish_rooms(self.bootstrap_addr, dp_ranks)
 
     def abort(self, room: int, reason: str) -> None:
         """Give up on ``room`` from the engine's side (see ``DecodeNode.abort``)."""
@@ -209,7 +208,7 @@ class PrefillNode:
         self.session.send(room, pages, is_last=is_last, aux_slot=aux_slot)
 
     def close(self) -> None:
-        self.client.close()
+        self.registration.close()
         self.control.close()
         self._out.close()
         self._acks.close()

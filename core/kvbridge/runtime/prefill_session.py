@@ -23,6 +23,7 @@ from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
 from kvbridge.protocol.early import EarlyMessages
 from kvbridge.protocol.outcomes import LateCause, PrefillStep
+from kvbridge.protocol.plan import DecodeMetadata, DecodePeer
 from kvbridge.protocol.prefill import PrefillQueue, PrefillRequest
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
@@ -31,8 +32,6 @@ from kvbridge.runtime.wiring import (
     ChecksumSink,
     Clock,
     CompletionSink,
-    DecodeMetadata,
-    DecodePeer,
     log_abort,
     report_late_causes,
 )

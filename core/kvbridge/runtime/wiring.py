@@ -1,8 +1,9 @@
 """What the decode and prefill sessions exchange with the wiring around them.
 
-The prefill ranks a room's plan names (:class:`PrefillTarget`), where a decode rank's memory is
-(:class:`DecodePeer`), one decode rank's metadata (:class:`DecodeMetadata`), and the callables
-through which a session hands messages to the control channel.
+The callables through which a session hands messages to the control channel, the directory
+it resolves prefill targets with, and how both sessions log aborts and late root causes. The
+values they carry (:class:`~kvbridge.protocol.plan.PrefillTarget`, ``DecodePeer``,
+``DecodeMetadata``) are the protocol's, in :mod:`kvbridge.protocol.plan`.
 """
 
 from __future__ import annotations
@@ -11,31 +12,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-import attrs
 import numpy as np
 
-from kvbridge.protocol.decode import (
-    DecodeRequest,
-    MetadataToSend,
-)
+from kvbridge.protocol.decode import DecodeRequest, MetadataToSend
 from kvbridge.protocol.outcomes import Aborted, LateCause
-from kvbridge.types import Endpoint, MemoryRegion
+from kvbridge.protocol.plan import DecodeMetadata, DecodePeer, PrefillTarget
 
 log = logging.getLogger("kvbridge")
 Clock = Callable[[], float]
-
-
-@attrs.frozen
-class PrefillTarget:
-    """The prefill ranks that write one room into this decode rank (from rank mapping)."""
-
-    peers: tuple[Endpoint, ...]
-    #: Keys identifying the peers in completion messages (parallel to ``peers``).
-    controls: tuple[Any, ...] = ()
-    #: Whatever the wiring needs to send metadata (which ranks, page slices); opaque here.
-    plan: Any = None
-    #: The prefill instance serving the room, for liveness.
-    bootstrap_addr: str = ""
 
 
 class PrefillDirectory(Protocol):
@@ -73,36 +57,25 @@ MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
 Verifier = Callable[[int, PrefillTarget, np.ndarray, int, Mapping[object, int]], str | None]
 #: ``(room, target, reason)``; reason None: this rank only followed another rank's failure.
 AbortSink = Callable[[int, PrefillTarget | None, str | None], None]
-
-
-@attrs.frozen
-class DecodePeer:
-    """A decode rank as a prefill rank sees it: where its memory is and how to reach it."""
-
-    endpoint: Endpoint
-    kv_regions: tuple[MemoryRegion, ...]
-    aux_regions: tuple[MemoryRegion, ...]
-    control: Any = None
-
-
-@attrs.frozen(eq=False)
-class DecodeMetadata:
-    """Where one decode rank wants one room's KV: sent by decode after allocation."""
-
-    room: int
-    decode_rank: Any
-    pages: np.ndarray
-    aux_slot: int
-    #: How many decode ranks send metadata for this room to this prefill rank.
-    expected: int = 1
-    #: ``(src_offset, dst_offset, length)`` of each page this rank writes; None = whole pages.
-    page_slice: tuple[int, int, int] | None = None
-    #: False when this prefill rank writes nothing for the room and only takes part.
-    writes: bool = True
-
-
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
 AckSink = Callable[[int, tuple[DecodePeer, ...]], None]
 #: Marks a failure report from a rank that only followed another rank's failure.
 FOLLOWED = "\x00followed"
 ChecksumSink = Callable[[int, DecodePeer, int], None]
+
+__all__ = [
+    "FOLLOWED",
+    "AbortSink",
+    "AckSink",
+    "ChecksumSink",
+    "Clock",
+    "CompletionSink",
+    "DecodeMetadata",
+    "DecodePeer",
+    "MetadataSink",
+    "PrefillDirectory",
+    "PrefillTarget",
+    "Verifier",
+    "log_abort",
+    "report_late_causes",
+]
