@@ -11,6 +11,11 @@ from kvbridge.errors import (
     TransportNotFoundError,
 )
 from kvbridge.memory import AuxLayout, AuxSlotPool, PagePool
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer, TorchMinReducer
+from kvbridge.runtime.decode_node import DecodeNode
+from kvbridge.runtime.prefill_node import PrefillNode
 from kvbridge.secret import Secret
 from kvbridge.status import KVPoll
 from kvbridge.transport.facade import Transport, TransportManager
@@ -34,6 +39,8 @@ __all__ = [
     "AuxSlotPool",
     "Capability",
     "ConfigError",
+    "DecodeNode",
+    "DecodeRequest",
     "Descriptors",
     "IncompatiblePluginError",
     "KVBridgeError",
@@ -44,10 +51,14 @@ __all__ = [
     "PeerWrite",
     "PluginLoadError",
     "PollResult",
+    "PrefillNode",
+    "PrefillRequest",
     "RankIdentity",
     "Role",
     "Secret",
     "SendChunk",
+    "SingleRankReducer",
+    "TorchMinReducer",
     "TransferConfig",
     "Transport",
     "TransportInfo",
