@@ -260,7 +260,7 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
             raw_times: list[float] = []
             if mode != "warmup":
                 if raw is None:
-                    peer = next(iter(node.session.decode_peers.values()))
+                    peer = next(iter(node.session.rooms.decode_peers.values()))
                     raw = RawPath(
                         args["transport"], node.manager.raw, peer, args["ports"]["fake_raw"][rank]
                     )

@@ -336,7 +336,7 @@ def raw_prefill(args: dict[str, Any], barrier: Any, results: Any) -> None:
                 raise RuntimeError(f"prefill room {a.room} aborted: {a.reason}")
             time.sleep(POLL)
         barrier.wait(timeout=120)  # decode committed everything
-        peer = next(iter(node.session.decode_peers.values()))
+        peer = next(iter(node.session.rooms.decode_peers.values()))
         assert node.manager is not None
         raw = RawPath(args["transport"], node.manager.raw, peer, args["fake_raw_port"])
         d = Descriptors.concat(

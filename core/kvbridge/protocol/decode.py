@@ -11,9 +11,12 @@ Stages: ``PREALLOC`` (waiting for the prefill DP rank, connection and free memor
 (aborted after its metadata went out: the pages and aux slot stay quarantined until every
 prefill rank that may write them has said it will write no more, rule 8).
 
-Trust (rule 9) is decided here too: a completion, failure or abort acknowledgement counts only
-from a writer named in the room's plan (:meth:`DecodeQueue.initialised`); anything else is
-counted in ``untrusted`` and ignored.
+Trust (rule 9) is decided here too: a completion, failure, checksum or abort acknowledgement
+counts only from a writer named in the room's plan (:meth:`DecodeQueue.initialised`,
+``Standing.ROOM_WRITER``); anything else is counted in ``untrusted`` and ignored. So is the
+decode half of the abort fence (rule 8), whole: which rooms are fenced, who must still
+confirm, whether a dead writer's silence lifts the fence (``one_sided_writes``), when the
+memory is released, and which rooms hold a lease while they wait for memory.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from kvbridge.protocol.columns import (
     WAITING,
     Columns,
 )
-from kvbridge.protocol.outcomes import Aborted, Committed, DecodeStep, LateCause
+from kvbridge.protocol.messages import AbortAck, Message, Status
+from kvbridge.protocol.outcomes import FROM_OTHER_RANK, Aborted, Committed, DecodeStep, LateCause
 
 # Stage values are chosen so that ``key = reduced + stage`` tells every decision apart with one
 # add: 2..4 = pre-allocation and initialised everywhere (ready to allocate), 12 = transfer and
@@ -44,7 +48,6 @@ TRANSFER = np.uint8(8)
 FENCED = np.uint8(16)
 _COMMIT_KEY = int(TRANSFER) + 4
 _RELEASE_KEY = int(FENCED) + 4
-FROM_OTHER_RANK = "failed on another rank"
 #: How many rooms aborted "from another rank" are remembered for a root cause arriving late.
 MAX_FOLLOWED = 4096
 
@@ -130,6 +133,8 @@ class DecodeQueue:
         waiting_timeout: float,
         fence_timeout: float = 60.0,
         stamp_completes: bool = True,
+        one_sided_writes: bool = False,
+        keep_checksums: bool = False,
     ) -> None:
         self.pages = pages
         self.aux_slots = aux_slots
@@ -152,6 +157,13 @@ class DecodeQueue:
         #: a writer's bytes land in send order with the aux row last, so the stamp proves
         #: the rest. Saves waiting for the prefill's next step and its completion message.
         self.stamp_completes = stamp_completes
+        #: Writes the receiver cannot refuse (RDMA): a writer declared dead may be only
+        #: partitioned and finish a write later, so its silence does not lift the fence; only
+        #: its acknowledgement or its replacement does (:meth:`writer_replaced`). A receiver
+        #: that refuses writes for rooms it dropped (the Fake) lifts it on the declaration.
+        self.one_sided_writes = one_sided_writes
+        #: Checksums from each room's writers (``verify_checksums``), by room and writer.
+        self.checksums: dict[int, dict[object, int]] | None = {} if keep_checksums else None
         #: The prefill ranks that write each room into this rank (None: not checked).
         self.writers: dict[int, frozenset[object] | None] = {}
         #: Writers that said they will write no more: all done, abort acknowledged, or dead.
@@ -248,6 +260,31 @@ class DecodeQueue:
         self.untrusted += 1
         return False
 
+    def receive(self, message: Message) -> bool:
+        """A prefill rank's ``Status`` or ``AbortAck``; False (counted) when its sender does
+        not write the room (``Standing.ROOM_WRITER``) or the message is not one for decode."""
+        if isinstance(message, AbortAck):
+            return self.acknowledged(message.room, message.prefill_key)
+        if not isinstance(message, Status):
+            self.untrusted += 1
+            return False
+        room, sender = message.room, message.prefill_key
+        if message.checksum is not None and self.checksums is not None:
+            writers = self.writers.get(room)
+            if room in self.requests and (writers is None or sender in writers):
+                self.checksums.setdefault(room, {})[sender] = message.checksum  # before done
+        if message.ok:
+            return self.completed(room, sender)
+        return self.peer_failed(room, sender, message.cause)
+
+    def address_lost(self, bootstrap_addr: str, reason: str) -> None:
+        """A whole prefill address was declared lost: every room it serves fails, and its
+        writers count as dead (see :meth:`writer_dead` for what that does to the fence)."""
+        gone = [r for r, q in self.requests.items() if q.bootstrap_addr == bootstrap_addr]
+        for room in gone:
+            self.fail(room, reason)
+        self.writers_gone(gone)
+
     def completed(self, room: int, sender: object) -> bool:
         """A prefill rank reported its writes for ``room`` done; duplicates count once.
 
@@ -315,24 +352,26 @@ class DecodeQueue:
         self._quiet(room, i, sender)
         return True
 
-    def writers_gone(self, rooms: Iterable[int], *, lifts_fence: bool = True) -> None:
+    def writers_gone(self, rooms: Iterable[int]) -> None:
         """A whole prefill address was declared lost: as :meth:`writer_dead` for each writer."""
         for room in rooms:
             i = self.cols.index_of(room)
             writers = self.writers.get(room)
             if i is not None and writers:
                 for w in writers:
-                    if lifts_fence:
-                        self._quiet(room, i, w)
-                    else:
-                        self.dead.setdefault(room, set()).add(w)
+                    self._declared_dead(room, i, w)
 
-    def writer_dead(self, writer: object, reason: str, *, lifts_fence: bool = True) -> list[int]:
+    def _declared_dead(self, room: int, i: int, writer: object) -> None:
+        if self.one_sided_writes:
+            self.dead.setdefault(room, set()).add(writer)
+        else:
+            self._quiet(room, i, writer)
+
+    def writer_dead(self, writer: object, reason: str) -> list[int]:
         """Liveness declared ``writer`` dead: fail the rooms it writes or was to write.
 
-        With ``lifts_fence`` its silence also counts as "will write no more". Without it (a
-        transport whose writes the receiver cannot refuse: a partitioned prefill may come back
-        and finish a write) the fence waits for its acknowledgement, or for
+        Its silence also counts as "will write no more", unless writes are
+        ``one_sided_writes``: then the fence waits for its acknowledgement, or for
         :meth:`writer_replaced`. Returns the rooms whose metadata had gone out.
         """
         hit = [r for r in self._writing_rooms() if writer in self._still_to_hear(r)]
@@ -352,12 +391,8 @@ class DecodeQueue:
         for room in hit:
             self.fail(room, reason)
             i = self.cols.index_of(room)
-            if i is None:
-                continue
-            if lifts_fence:
-                self._quiet(room, i, writer)
-            else:
-                self.dead.setdefault(room, set()).add(writer)
+            if i is not None:
+                self._declared_dead(room, i, writer)
         return hit
 
     def writer_replaced(self, room: int, writer: object) -> None:
@@ -365,6 +400,13 @@ class DecodeQueue:
         i = self.cols.index_of(room)
         if i is not None and writer in self.dead.get(room, ()):
             self._quiet(room, i, writer)
+
+    def leases(self) -> list[int]:
+        """Rooms resolved here that wait only for decode memory: their prefill should keep
+        them (``Waiting`` renews their bootstrap deadline there, a lease)."""
+        cols = self.cols
+        waiting = cols.rooms[cols.stage == PREALLOC].tolist()
+        return [r for r in waiting if r in self.writers]
 
     def writers_in_use(self) -> set[object]:
         """Writers this rank still waits on: metadata sent, not yet done or acknowledged."""
@@ -602,6 +644,8 @@ class DecodeQueue:
             self.fenced[room] = now
             self.reasons.pop(room, None)
             self.completions.pop(room, None)
+            if self.checksums is not None:
+                self.checksums.pop(room, None)
             self._locally_complete.discard(room)
             self._gated.pop(room, None)
             return outcome, True
@@ -640,6 +684,8 @@ class DecodeQueue:
             self._return(request, pages)
 
     def _forget(self, room: int) -> None:
+        if self.checksums is not None:
+            self.checksums.pop(room, None)
         self.requests.pop(room, None)
         self.reasons.pop(room, None)
         self.required.pop(room, None)

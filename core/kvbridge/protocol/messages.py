@@ -1,4 +1,13 @@
-"""Control-channel messages and their wire format (pure: no sockets here).
+"""Control-channel messages, who may send each, and their wire format (pure: no sockets here).
+
+:data:`WHO_MAY_SEND` is rule 9's table: for every message the role that sends it and which of
+that role's ranks a receiver accepts it from. A node drops, unread and counted, every message
+its own role sends (:func:`refused_by`); the receiving machine checks the sender's standing
+(:class:`Standing`). A new message is a class here, its row in the table, its codec below, and
+its handling in the machine that receives it.
+
+Rule 7's one bit ("this rank only followed another's failure") is encoded here only:
+:meth:`Abort.of` and :meth:`Status.failed` build it, ``cause`` reads it back.
 
 A frame is a ZMQ multipart message ``[MAGIC + version + kind, JSON header, payload?]``. Anything
 that does not parse, has the wrong version or kind, or fails validation raises
@@ -7,15 +16,18 @@ that does not parse, has the wrong version or kind, or fails validation raises
 
 from __future__ import annotations
 
+import enum
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import attrs
 import numpy as np
 
-from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS, MemoryRegion
+from kvbridge.protocol.outcomes import FROM_OTHER_RANK
+from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS, MemoryRegion, Role
 
 MAGIC = b"KVB"
 #: 2: reasons sanitised, control endpoints validated, optional authentication seal (auth.py).
@@ -69,6 +81,19 @@ class Abort:
     #: then not a root cause and must not become anyone's.
     root: bool = True
 
+    @classmethod
+    def of(cls, room: int, sender_key: str, cause: str | None) -> Abort:
+        """Decode rank ``sender_key`` gives up on ``room`` for its own ``cause``, or only
+        because another rank failed (``cause`` None)."""
+        if cause is None:
+            return cls(room, sender_key, FROM_OTHER_RANK, root=False)
+        return cls(room, sender_key, f"decode {sender_key}: {cause}")
+
+    @property
+    def cause(self) -> str | None:
+        """The root cause, naming where it was seen; None from a rank that only followed."""
+        return self.reason if self.root else None
+
 
 @attrs.frozen
 class Status:
@@ -82,6 +107,20 @@ class Status:
     checksum: int | None = None
     #: As :attr:`Abort.root`, for a failure.
     root: bool = True
+
+    @classmethod
+    def failed(cls, room: int, prefill_key: str, cause: str | None) -> Status:
+        """Prefill rank ``prefill_key`` failed ``room`` for its own ``cause``, or only because
+        another rank failed (``cause`` None)."""
+        if cause is None:
+            return cls(room, prefill_key, False, FROM_OTHER_RANK, root=False)
+        return cls(room, prefill_key, False, f"prefill {prefill_key}: {cause}")
+
+    @property
+    def cause(self) -> str | None:
+        """A failure's root cause (a sender that gave none: a generic one); None from a rank
+        that only followed."""
+        return (self.reason or "prefill reported failure") if self.root else None
 
 
 @attrs.frozen
@@ -122,6 +161,54 @@ _KINDS: dict[int, type] = {
     7: Waiting,
 }
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+
+
+class Standing(enum.Enum):
+    """Which ranks of the sending role a receiver accepts a message from (rule 9)."""
+
+    #: Any: a key's first registration binds it to its memory; a heartbeat counts only from
+    #: a writer this rank waits on.
+    ANY = "any rank of that role"
+    #: A decode rank that registered with this prefill rank.
+    REGISTERED = "a registered decode rank"
+    #: A decode rank registered for the room: the first complete set of metadata binds it.
+    ROOM_DECODE = "a decode rank of the room"
+    #: A prefill rank the room's plan names as writing into this decode rank.
+    ROOM_WRITER = "a prefill rank that writes the room"
+
+
+@attrs.frozen
+class MaySend:
+    """Who may send one kind of message: ``role``, with ``standing``, named by ``sender``
+    (the field that carries the sender's key)."""
+
+    role: Role
+    standing: Standing
+    sender: str
+
+
+#: Rule 9, for every message: who sends it, and from which of them the receiver accepts it.
+WHO_MAY_SEND: Mapping[type[Message], MaySend] = MappingProxyType(
+    {
+        Register: MaySend(Role.DECODE, Standing.ANY, "decode_key"),
+        Metadata: MaySend(Role.DECODE, Standing.ROOM_DECODE, "decode_key"),
+        Abort: MaySend(Role.DECODE, Standing.ROOM_DECODE, "sender_key"),
+        Waiting: MaySend(Role.DECODE, Standing.REGISTERED, "decode_key"),
+        Status: MaySend(Role.PREFILL, Standing.ROOM_WRITER, "prefill_key"),
+        AbortAck: MaySend(Role.PREFILL, Standing.ROOM_WRITER, "prefill_key"),
+        Heartbeat: MaySend(Role.PREFILL, Standing.ANY, "prefill_key"),
+    }
+)
+
+
+def refused_by(role: Role, message: Message) -> bool:
+    """Whether a rank of ``role`` drops ``message`` unread: only the other role sends it."""
+    return WHO_MAY_SEND[type(message)].role is role
+
+
+def sender_of(message: Message) -> str:
+    """The key of the rank that says it sent ``message`` (untrusted until checked)."""
+    return str(getattr(message, WHO_MAY_SEND[type(message)].sender))
 
 
 def encode(message: Message) -> list[bytes]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import attrs
 import numpy as np
 
+#: The reason a rank gives for a room it aborted only because another rank failed (rule 7).
+FROM_OTHER_RANK = "failed on another rank"
+
 
 @attrs.frozen(eq=False)
 class Committed:

@@ -23,8 +23,7 @@ from kvbridge.protocol.columns import (
     WAITING,
     Columns,
 )
-from kvbridge.protocol.decode import FROM_OTHER_RANK
-from kvbridge.protocol.outcomes import Aborted, PrefillStep
+from kvbridge.protocol.outcomes import FROM_OTHER_RANK, Aborted, PrefillStep
 
 BOOTSTRAP = np.uint8(0)
 INFLIGHT = np.uint8(1)

@@ -18,27 +18,24 @@ from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
-from kvbridge.protocol.decode import FROM_OTHER_RANK, DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.protocol.decode import DecodeRequest, MetadataToSend, PageAllocator
 from kvbridge.protocol.messages import (
     Abort,
-    AbortAck,
-    Heartbeat,
     Message,
     Metadata,
     Register,
-    Status,
     Waiting,
+    refused_by,
     regions_to_wire,
 )
 from kvbridge.protocol.outcomes import DecodeStep
 from kvbridge.protocol.plan import PrefillKey, PrefillTarget, by_control
-from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, control_key, control_receiver
 from kvbridge.runtime.decode_session import DecodeSession
 from kvbridge.transport.facade import Transport
 from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
-from kvbridge.types import MemoryRegion, RankIdentity
+from kvbridge.types import MemoryRegion, RankIdentity, Role
 
 log = logging.getLogger("kvbridge")
 
@@ -70,10 +67,8 @@ class DecodeNode:
         self.kv_regions = tuple(kv_regions)
         self.aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
         self.manager = transport.create_manager(config, rank, self.kv_regions, self.aux_regions)
-        self.abort_acks = 0
         key = control_key(config)
         self._out = ControlSender(key)
-        self._warn_misdirected = ThrottledWarning(log, "misdirected control messages ignored")
         self._registered: set[str] = set()
         self._last_used: dict[str, float] = {}
         self._next_idle_check = 0.0
@@ -119,27 +114,16 @@ class DecodeNode:
         )
 
     def _on_message(self, message: Message) -> None:
-        if isinstance(message, Status):
-            self.session.notify_done(
-                message.room,
-                message.prefill_key,
-                message.ok,
-                message.reason,
-                message.checksum,
-                message.root,
-            )
-        elif isinstance(message, AbortAck):
-            self.abort_acks += 1
-            self.session.notify_ack(message.room, message.prefill_key)
-        elif isinstance(message, Heartbeat):
-            self.session.notify_heartbeat(message.prefill_key)
-        else:  # Register / Metadata / Abort are prefill's to receive
-            self.session.queue.untrusted += 1
-            self._warn_misdirected(
-                time.monotonic(),
-                "ignored a %s control message on a decode rank",
-                type(message).__name__,
-            )
+        # Control thread: the session takes it up at its next step.
+        if refused_by(Role.DECODE, message):
+            self.session.refuse(message)
+        else:
+            self.session.receive(message)
+
+    @property
+    def abort_acks(self) -> int:
+        """AbortAck messages this rank took up (from any sender)."""
+        return self.session.abort_acks
 
     def _ensure_registered(self, control: str) -> None:
         """A prefill rank hears who this decode rank is before anything else from it."""
@@ -203,19 +187,14 @@ class DecodeNode:
         self.directory.forget_room(room)
         if target is None:
             return
-        message = self._abort_message(room, reason)
+        message = Abort.of(room, self.key, reason)
         for contact in target.plan:
             self._ensure_registered(contact.control)
             self._out.send(contact.control, message)
 
-    def _abort_message(self, room: int, reason: str | None) -> Abort:
-        if reason is None:
-            return Abort(room, self.key, FROM_OTHER_RANK, root=False)
-        return Abort(room, self.key, f"decode {self.key}: {reason}")
-
     def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str | None) -> None:
         """Decode gave up before it knew the room's DP rank: tell every prefill rank there."""
-        message = self._abort_message(room, reason)
+        message = Abort.of(room, self.key, reason)
         for control in self.directory.controls_of(bootstrap_addr):
             self._ensure_registered(control)
             self._out.send(control, message)

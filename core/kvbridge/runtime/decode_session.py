@@ -1,6 +1,7 @@
 """A decode rank's session (see :mod:`kvbridge.runtime` for how a step runs).
 
-Its prepare drains completions, acknowledgements, heartbeats and checksums, declares silent
+Its prepare hands the prefill ranks' messages to :class:`~kvbridge.protocol.decode.DecodeQueue`
+(which decides trust and the fence) and heartbeats to the writers' liveness, declares silent
 writers dead, resolves prefill targets, renews memory leases and polls the receivers; its
 finish sends metadata and aborts and releases fenced memory.
 """
@@ -19,20 +20,14 @@ from kvbridge.config import TransferConfig
 from kvbridge.memory import AuxSlotPool
 from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
-from kvbridge.protocol.decode import (
-    FENCED,
-    PREALLOC,
-    DecodeQueue,
-    DecodeRequest,
-    PageAllocator,
-)
+from kvbridge.protocol.decode import FENCED, DecodeQueue, DecodeRequest, PageAllocator
 from kvbridge.protocol.liveness import WriterLiveness
+from kvbridge.protocol.messages import AbortAck, Heartbeat, Message, Status, sender_of
 from kvbridge.protocol.outcomes import DecodeStep, LateCause
 from kvbridge.protocol.plan import PrefillTarget
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.wiring import (
-    FOLLOWED,
     AbortSink,
     Clock,
     MetadataSink,
@@ -91,6 +86,8 @@ class DecodeSession:
             fence_timeout=config.fence_timeout,
             # A checksum arrives with the completion message: then wait for it.
             stamp_completes=verify is None,
+            keep_checksums=verify is not None,
+            one_sided_writes=_one_sided(manager),
         )
         self._unresolved: list[DecodeRequest] = []
         self._targets: dict[int, PrefillTarget] = {}
@@ -99,11 +96,6 @@ class DecodeSession:
         #: Commits whose aux slot this rank saw written again after its gate passed.
         self.stamp_moved = 0
         self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
-        # A receiver that refuses writes for rooms it dropped (the Fake) is safe once a
-        # silent writer is declared dead; with one-sided writes a partitioned prefill could
-        # come back and finish a write, so only its acknowledgement or its replacement count.
-        info = getattr(getattr(manager, "transport", None), "info", None)
-        self._dead_lifts_fence = not (info is not None and info.one_sided_writes)
         self._fence_plans: dict[int, PrefillTarget] = {}
         self.verify = verify
         self.send_early_abort = send_early_abort
@@ -112,14 +104,13 @@ class DecodeSession:
         self._lease_every = config.heartbeat_interval
         self._next_lease = 0.0
         self._addr_of: dict[int, str] = {}
-        self._checksums: dict[int, dict[object, int]] = {}
-        self._checksum_events: collections.deque[tuple[int, object, int]] = collections.deque()
         self._verified: set[int] = set()
-        self._heartbeats: collections.deque[object] = collections.deque()
+        #: AbortAck messages received (from any sender).
+        self.abort_acks = 0
         self._warn_untrusted = ThrottledWarning(log, "untrusted prefill reports ignored")
-        self._events: collections.deque[tuple[int, object, bool | None, str | None]] = (
-            collections.deque()
-        )
+        self._inbox: collections.deque[Message] = collections.deque()
+        self._refused: collections.deque[Message] = collections.deque()
+        self._lost: collections.deque[tuple[str, str]] = collections.deque()
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -135,10 +126,18 @@ class DecodeSession:
             self._addr_of[r.room] = r.bootstrap_addr
         self._unresolved.extend(requests)
 
+    def receive(self, message: Message) -> None:
+        """A control message from a prefill rank (its role already checked). Thread-safe."""
+        self._inbox.append(message)
+
+    def refuse(self, message: Message) -> None:
+        """A control message this role never receives (``WHO_MAY_SEND``). Thread-safe."""
+        self._refused.append(message)
+
     def notify_done(
         self,
         room: int,
-        sender: object,
+        sender: str,
         ok: bool = True,
         reason: str | None = None,
         checksum: int | None = None,
@@ -148,11 +147,7 @@ class DecodeSession:
 
         ``root`` False: the prefill rank failed only because another prefill rank did.
         """
-        if checksum is not None and self.verify is not None:
-            self._checksum_events.append((room, sender, checksum))  # before the completion
-        if not ok and not root:
-            reason = FOLLOWED
-        self._events.append((room, sender, ok, reason))
+        self.receive(Status(room, sender, ok, reason, checksum, root))
 
     def abort(self, room: int, reason: str) -> None:
         """The engine gives up on ``room`` (client gone, request cancelled). Scheduler thread.
@@ -163,13 +158,13 @@ class DecodeSession:
         """
         self.queue.fail(room, reason)
 
-    def notify_heartbeat(self, sender: object) -> None:
+    def notify_heartbeat(self, sender: str) -> None:
         """A prefill rank said it is alive. Thread-safe."""
-        self._heartbeats.append(sender)
+        self.receive(Heartbeat(sender))
 
-    def notify_ack(self, room: int, sender: object) -> None:
+    def notify_ack(self, room: int, sender: str) -> None:
         """A prefill rank confirmed it will write ``room`` no more (abort fence). Thread-safe."""
-        self._events.append((room, sender, None, None))
+        self.receive(AbortAck(room, sender))
 
     @property
     def untrusted(self) -> int:
@@ -182,7 +177,7 @@ class DecodeSession:
 
     def fail_address(self, bootstrap_addr: str, reason: str) -> None:
         """Liveness: fail every queued room served by ``bootstrap_addr``. Thread-safe."""
-        self._events.append((0, bootstrap_addr, False, reason))
+        self._lost.append((bootstrap_addr, reason))
 
     def step(self) -> DecodeStep:
         local = self.prepare()
@@ -191,48 +186,39 @@ class DecodeSession:
 
     def prepare(self) -> np.ndarray:
         queue = self.queue
-        while self._checksum_events:
-            room, sender, checksum = self._checksum_events.popleft()
-            writers = queue.writers.get(room)
-            if room in queue.requests and (writers is None or sender in writers):
-                self._checksums.setdefault(room, {})[sender] = checksum
-        while self._events:
-            room, sender, ok, reason = self._events.popleft()
-            if room == 0:  # a whole prefill address is gone: its writers are dead
-                gone = [r for r, q in queue.requests.items() if q.bootstrap_addr == sender]
-                for r in gone:
-                    queue.fail(r, reason or f"lost connection to prefill {sender}")
-                queue.writers_gone(gone, lifts_fence=self._dead_lifts_fence)
-                continue
-            if ok is None:
-                trusted = queue.acknowledged(room, sender)
-            elif ok:
-                trusted = queue.completed(room, sender)
-            else:
-                trusted = queue.peer_failed(
-                    room,
-                    sender,
-                    None if reason is FOLLOWED else reason or "prefill reported failure",
-                )
-            if not trusted:
-                self._warn_untrusted(
-                    self.clock(),
-                    "ignored a report for room %d from %r: not a prefill rank that writes it",
-                    room,
-                    sender,
-                )
+        while self._lost:  # a whole prefill address is gone: its writers are dead
+            queue.address_lost(*self._lost.popleft())
         now = self.clock()
-        self._warn_untrusted.flush(now)
         self.liveness.looking(now)
-        while self._heartbeats:
-            self.liveness.heard(self._heartbeats.popleft(), now)
+        while self._refused:
+            message = self._refused.popleft()
+            queue.untrusted += 1
+            self._warn_untrusted(
+                now, "ignored a %s control message on a decode rank", type(message).__name__
+            )
+        while self._inbox:
+            message = self._inbox.popleft()
+            if isinstance(message, Heartbeat):
+                self.liveness.heard(message.prefill_key, now)
+                continue
+            if isinstance(message, AbortAck):
+                self.abort_acks += 1
+            if not queue.receive(message):
+                self._warn_untrusted(
+                    now,
+                    "ignored a %s for room %d from %r: not a prefill rank that writes it",
+                    type(message).__name__,
+                    getattr(message, "room", 0),
+                    sender_of(message),
+                )
+        self._warn_untrusted.flush(now)
         if self.liveness.due(now):  # writers_in_use() is a loop over rooms: only when due
             for writer in self.liveness.dead(now, queue.writers_in_use()):
                 reason = (
                     f"lost connection to prefill {writer} (no heartbeat for "
                     f"{self.liveness.limit:g}s)"
                 )
-                rooms = queue.writer_dead(writer, reason, lifts_fence=self._dead_lifts_fence)
+                rooms = queue.writer_dead(writer, reason)
                 if self.on_writer_dead is not None:
                     self.on_writer_dead(writer)
                 log.warning("%s; failing %d rooms", reason, len(rooms))
@@ -285,9 +271,7 @@ class DecodeSession:
     def _renew_leases(self) -> None:
         """Tell prefills which of their rooms wait here only for memory (see ``Waiting``)."""
         assert self.send_waiting is not None
-        stage, rooms = self.queue.cols.stage, self.queue.cols.rooms
-        waiting = rooms[stage == PREALLOC]
-        items = [(r, self._targets[r]) for r in waiting.tolist() if r in self._targets]
+        items = [(r, self._targets[r]) for r in self.queue.leases() if r in self._targets]
         if items:
             self.send_waiting(items)
 
@@ -304,7 +288,7 @@ class DecodeSession:
                 self._targets[room],
                 queue.allocated[room],
                 int(queue.cols.slot[i]),
-                self._checksums.get(room, {}),
+                (self.queue.checksums or {}).get(room, {}),
             )
             if problem is None:
                 self._verified.add(room)
@@ -359,7 +343,6 @@ class DecodeSession:
             self._addr_of.pop(done.room, None)
             self.manager.receiver_clear(done.room)
             self._targets.pop(done.room, None)
-            self._checksums.pop(done.room, None)
             self._verified.discard(done.room)
             if self.observers.active:
                 self.observers.call(
@@ -381,7 +364,6 @@ class DecodeSession:
             addr = self._addr_of.pop(failed.room, "")
             if lost is None and addr and self.send_early_abort is not None:
                 self.send_early_abort(failed.room, addr, own)
-            self._checksums.pop(failed.room, None)
             self._verified.discard(failed.room)
             if self.send_abort is not None:
                 # A follower says so: its reason must not become the prefill's root cause.
@@ -429,3 +411,10 @@ class DecodeSession:
             reason=reason,
             from_other_rank=other,
         )
+
+
+def _one_sided(manager: TransportManager) -> bool:
+    """Whether the transport's writes are one-sided (its capability; see the fence policy in
+    :class:`~kvbridge.protocol.decode.DecodeQueue`)."""
+    info = getattr(getattr(manager, "transport", None), "info", None)
+    return info is not None and info.one_sided_writes

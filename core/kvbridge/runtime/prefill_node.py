@@ -16,29 +16,17 @@ import numpy as np
 from kvbridge.bootstrap.registration import PrefillRegistration
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
-from kvbridge.protocol.decode import FROM_OTHER_RANK
 from kvbridge.protocol.mapping import AUTHORITATIVE_CP_RANK
-from kvbridge.protocol.messages import (
-    Abort,
-    AbortAck,
-    Heartbeat,
-    Message,
-    Metadata,
-    Register,
-    Status,
-    Waiting,
-    regions_from_wire,
-)
+from kvbridge.protocol.messages import AbortAck, Heartbeat, Message, Status, refused_by
 from kvbridge.protocol.outcomes import PrefillStep
-from kvbridge.protocol.plan import DecodeMetadata, DecodePeer, PrefillKey
+from kvbridge.protocol.plan import DecodePeer, PrefillKey
 from kvbridge.protocol.prefill import PrefillRequest
-from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, control_key, control_receiver
 from kvbridge.runtime.prefill_session import PrefillSession
 from kvbridge.transport.facade import Transport
 from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
-from kvbridge.types import MemoryRegion, RankIdentity
+from kvbridge.types import MemoryRegion, RankIdentity, Role
 
 log = logging.getLogger("kvbridge")
 
@@ -87,7 +75,6 @@ class PrefillNode:
         key = control_key(config)
         self._out = ControlSender(key)  # scheduler thread only
         self._acks = ControlSender(key)  # control thread only (ZMQ sockets are single-threaded)
-        self._warn_misdirected = ThrottledWarning(log, "misdirected control messages ignored")
         self.control = control_receiver(self._on_message, config, host, key)
         self._next_heartbeat = 0.0
         self._losses = ControlLosses(
@@ -123,52 +110,16 @@ class PrefillNode:
         )
 
     def _on_message(self, message: Message) -> None:
-        if isinstance(message, Register):
-            self.session.register_decode_peer(
-                message.decode_key,
-                DecodePeer(
-                    message.endpoint,
-                    regions_from_wire(message.kv_regions),
-                    regions_from_wire(message.aux_regions),
-                    message.control,
-                ),
-            )
-        elif isinstance(message, Metadata):
-            self.session.on_metadata(
-                DecodeMetadata(
-                    message.room,
-                    message.decode_key,
-                    message.pages,
-                    message.aux_slot,
-                    message.expected,
-                    page_slice=message.route,
-                    writes=message.route is not None,
-                )
-            )
-        elif isinstance(message, Waiting):
-            self.session.on_waiting(message.decode_key, message.rooms)
-        elif isinstance(message, Abort):
-            # Acknowledged from the scheduler thread once the transport has drained the room.
-            self.session.on_decode_abort(
-                message.room, message.reason if message.root else None, message.sender_key
-            )
+        # Control thread: the session takes it up at its next step.
+        if refused_by(Role.PREFILL, message):
+            self.session.refuse(message)
         else:
-            self.session.untrusted += 1
-            self._warn_misdirected(
-                time.monotonic(),
-                "ignored a %s control message on a prefill rank",
-                type(message).__name__,
-            )
+            self.session.receive(message)
 
     def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
-        if not ok:
-            # The root cause travels with where it was seen; a follower says only that.
-            root = reason is not None
-            reason = f"prefill {self.key}: {reason}" if root else FROM_OTHER_RANK
-        else:
-            root = True
+        message = Status(room, self.key, True) if ok else Status.failed(room, self.key, reason)
         for peer in peers:
-            self._out.send(peer.control, Status(room, self.key, ok, reason, root=root))
+            self._out.send(peer.control, message)
 
     def _notify_checksum(self, room: int, peer: DecodePeer, checksum: int) -> None:
         self._out.send(peer.control, Status(room, self.key, True, None, checksum))

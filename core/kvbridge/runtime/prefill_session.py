@@ -1,8 +1,9 @@
 """A prefill rank's session (see :mod:`kvbridge.runtime` for how a step runs).
 
-It binds each room to the decode ranks whose metadata completes it first, turns chunks into
-descriptors, announces completions (and checksums), and acknowledges aborts only once the
-transport has drained the room.
+It performs what :class:`~kvbridge.protocol.prefill_rooms.PrefillRooms` decides (binding,
+trust, early and ended rooms, who hears of an abort, drain-then-acknowledge): it calls the
+transport, hands messages to the control channel's sinks and logs; and it turns chunks into
+descriptors and computes checksums.
 """
 
 from __future__ import annotations
@@ -21,10 +22,22 @@ from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
-from kvbridge.protocol.early import EarlyMessages
+from kvbridge.protocol.messages import Message
 from kvbridge.protocol.outcomes import LateCause, PrefillStep
 from kvbridge.protocol.plan import DecodeMetadata, DecodePeer
 from kvbridge.protocol.prefill import PrefillQueue, PrefillRequest
+from kvbridge.protocol.prefill_rooms import (
+    Acknowledge,
+    Decision,
+    Drained,
+    Evicted,
+    Expired,
+    PrefillRooms,
+    Refused,
+    StartSending,
+    StopSending,
+    Tell,
+)
 from kvbridge.ratelimit import ThrottledWarning
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.wiring import (
@@ -39,9 +52,6 @@ from kvbridge.transport.facade import TransportManager
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, Role, SendChunk
 
 log = logging.getLogger("kvbridge")
-_MAX_TOMBSTONES = 100_000
-#: Rooms aborted "from another rank" remembered for a decode root cause arriving late.
-_MAX_FOLLOWED = 4096
 
 
 class PrefillSession:
@@ -76,63 +86,52 @@ class PrefillSession:
         self.notify_decode = notify_decode
         self.clock = clock
         self.observers = observers or ObserverRelay()
-        self.queue = PrefillQueue(
+        self.rooms = PrefillRooms(
             authoritative=manager is not None,
             bootstrap_timeout=config.bootstrap_timeout,
             waiting_timeout=config.waiting_timeout,
+            kv_regions=self.kv_regions,
+            aux_regions=self.aux_regions,
         )
-        self.decode_peers: dict[Any, DecodePeer] = {}
-        self._metadata: dict[int, dict[Any, DecodeMetadata]] = {}
-        self._targets: dict[int, tuple[tuple[DecodePeer, DecodeMetadata], ...]] = {}
+        self.queue: PrefillQueue = self.rooms.queue
         self._offsets: dict[int, int] = {}
-        self._notified: set[int] = set()
         self._sent: dict[int, list[float]] = {}  # observers only: room -> [first send, bytes]
         self._events: collections.deque[tuple[str, Any]] = collections.deque()
-        #: Decode may hear of a request before this prefill rank does: metadata and aborts
-        #: from registered decode ranks wait here until add() brings the room, or expire
-        #: after ``bootstrap_timeout``; bounded, so a flood evicts its own (counted).
-        self.early = EarlyMessages(config.bootstrap_timeout)
-        # Decode may ask about a failed room as late as it waits for memory, then transfers.
-        self._ended_ttl = config.bootstrap_timeout + config.waiting_timeout
-        #: Aborted rooms whose writes may still be landing: who to acknowledge once drained.
-        self._draining: dict[int, dict[Any, DecodePeer]] = {}
-        #: Decode ranks that asked to abort each live room.
-        self._abort_senders: dict[int, set[Any]] = {}
-        #: Rooms that ended here without success, so late metadata is answered, not written.
-        self._ended: dict[int, tuple[float, str | None]] = {}
-        #: Rooms that ended here only because another rank failed, and the decode ranks
-        #: whose root cause may still come (None: any registered one; the room was unbound).
-        self._followed: dict[int, frozenset[Any] | None] = {}
-        self._late: list[LateCause] = []
-        #: Messages dropped because their sender may not say that (rule 9).
-        self.untrusted = 0
         # A peer may trigger these at will: the first is logged, then a periodic count.
         self._warn_untrusted = ThrottledWarning(log, "untrusted control messages ignored")
         self._warn_evicted = ThrottledWarning(log, "rooms' early decode messages evicted")
         self._warn_expired = ThrottledWarning(log, "rooms' early decode messages expired")
 
     @property
-    def authoritative(self) -> bool:
-        return self.manager is not None
+    def untrusted(self) -> int:
+        """Messages dropped because their sender may not say that (rule 9)."""
+        return self.rooms.untrusted
 
     def __len__(self) -> int:
         return len(self.queue)
 
+    @property
+    def authoritative(self) -> bool:
+        return self.manager is not None
+
     def add(self, requests: Sequence[PrefillRequest]) -> None:
-        self.queue.add(requests, self.clock())
-        for r in requests:
-            self._followed.pop(r.room, None)  # a new life for the room number
+        decisions = self.rooms.add(requests, self.clock())
         if self.manager is not None:
             for r in requests:
                 self.manager.sender_construct(r.room)
-        if self.early:
-            for r in requests:
-                for kind, payload in self.early.pop(r.room):
-                    self._apply_event(kind, payload)
+        self._perform(decisions)
 
     def pending_early(self) -> int:
         """Rooms with messages waiting for this rank to add them."""
-        return len(self.early)
+        return len(self.rooms.early)
+
+    def receive(self, message: Message) -> None:
+        """A control message from a decode rank (its role already checked). Thread-safe."""
+        self._events.append(("message", message))
+
+    def refuse(self, message: Message) -> None:
+        """A control message this role never receives (``WHO_MAY_SEND``). Thread-safe."""
+        self._events.append(("refuse", message))
 
     def register_decode_peer(self, key: Any, peer: DecodePeer) -> None:
         """Thread-safe."""
@@ -163,27 +162,16 @@ class PrefillSession:
         Fewer than the prompt's pages when decode had a prefix-cache hit of its own: this
         rank then sends only the request's last pages.
         """
-        counts = {len(meta.pages) for _, meta in self._targets.get(room, ()) if meta.writes}
-        return max(counts) if counts else None
+        return self.rooms.requested_pages(room)
 
     def live_decode_controls(self) -> set[Any]:
         """Control addresses of decode ranks with rooms in flight here (heartbeat targets)."""
-        keys: set[Any] = set()
-        for senders in self._metadata.values():
-            keys.update(senders)
-        # Metadata that came before the engine added the room (a router that dispatches to
-        # both sides at once, a long forward pass): that decode rank waits on us too.
-        keys.update(
-            payload.decode_rank for kind, payload in self.early.messages() if kind == "meta"
-        )
-        for peers in self._draining.values():
-            keys.update(peers)
-        return {self.decode_peers[k].control for k in keys if k in self.decode_peers}
+        return self.rooms.live_decode_controls()
 
     @property
     def draining(self) -> int:
         """Aborted rooms whose writes the transport has not yet confirmed stopped."""
-        return len(self._draining)
+        return self.rooms.draining
 
     def step(self) -> PrefillStep:
         local = self.prepare()
@@ -191,16 +179,19 @@ class PrefillSession:
         return self.finish(reduced)
 
     def prepare(self) -> np.ndarray:
+        rooms = self.rooms
         while self._events:
-            self._apply_event(*self._events.popleft())
-        if self.early or self._ended:
-            self._expire_early()
+            self._perform(self._take(*self._events.popleft()))
         now = self.clock()
+        self._perform(rooms.expire(now))
         self._warn_untrusted.flush(now)
         self._warn_evicted.flush(now)
         self._warn_expired.flush(now)
-        if self._draining:
-            self._acknowledge_drained()
+        if rooms.draining:
+            assert self.manager is not None
+            draining = rooms.draining_rooms()
+            drained = self.manager.sender_drained(draining)
+            self._perform(rooms.drained(draining[drained].tolist()))
         queue = self.queue
         if not len(queue):
             return np.zeros(0, dtype=np.uint8)
@@ -209,203 +200,69 @@ class PrefillSession:
             failures: dict[int, str] = {}
         else:
             statuses, failures = self.manager.sender_poll(queue.rooms)
-            self._announce_completions(statuses)
+            self._perform(rooms.announce(statuses))
         return queue.local_statuses(statuses, failures, self.clock())
 
-    def _untrusted(self, what: str, *args: Any) -> None:
-        self.untrusted += 1
-        self._warn_untrusted(self.clock(), "ignored " + what, *args)
-
-    def _apply_event(self, kind: str, payload: Any) -> None:
+    def _take(self, kind: str, payload: Any) -> list[Decision]:
+        rooms, now = self.rooms, self.clock()
+        if kind == "message":
+            return rooms.on_message(payload, now)
+        if kind == "refuse":
+            rooms.untrusted += 1
+            return [Refused("a %s control message on a prefill rank", (type(payload).__name__,))]
         if kind == "peer":
             key, peer = payload
-            known = self.decode_peers.get(key)
-            if known is not None and known != peer:
-                self._untrusted("a second registration of decode rank %r with other memory", key)
-            else:
-                self.decode_peers[key] = peer
-            return
+            return rooms.register(key, peer)
+        if kind == "meta":
+            return rooms.metadata(payload, now)
         if kind == "waiting":
-            sender, rooms = payload
-            if sender not in self.decode_peers:
-                self._untrusted("a memory lease from unregistered decode rank %r", sender)
-            else:
-                self.queue.renew(rooms, self.clock())
-                for room in rooms.tolist():
-                    if room in self._ended:
-                        self._answer_ended(room, sender)
-            return
-        room = payload.room if kind == "meta" else payload[0]
-        if self.queue.cols.index_of(room) is None:
-            sender = payload[2] if kind == "abort" else payload.decode_rank
-            if sender is not None and sender not in self.decode_peers:
-                # Nothing from it could count once the room arrives: drop it now, not then.
-                self._untrusted(
-                    "%s for room %d from unregistered decode rank %r", kind, room, sender
-                )
-                return
-            if kind == "abort":
-                self._abort_unqueued(room, sender)
-                if room in self._ended:
-                    self._abort_ended(room, payload[1], sender)
-                    return  # it ended here already: nothing left to fail later
-            elif room in self._ended:
-                self._answer_ended(room, sender)
-                return
-            evicted = self.early.keep(room, sender, kind, payload, self.clock())
-            if evicted is not None:
+            sender, waiting = payload
+            return rooms.waiting(sender, waiting, now)
+        room, reason, sender = payload
+        return rooms.decode_abort(room, reason, sender, now)
+
+    def _perform(self, decisions: list[Decision]) -> None:
+        for d in decisions:
+            if isinstance(d, Tell):
+                if d.ok and self.notify_checksum is not None:
+                    self._send_checksums(d.room)  # before the completion they belong to
+                if self.notify_decode is not None:
+                    self.notify_decode(d.room, d.peers, d.ok, d.reason)
+            elif isinstance(d, Acknowledge):
+                if self.acknowledge is not None:
+                    self.acknowledge(d.room, d.peers)
+            elif isinstance(d, StartSending):
+                assert self.manager is not None
+                self.manager.sender_init(d.room, d.peers)
+            elif isinstance(d, StopSending):
+                assert self.manager is not None
+                self.manager.sender_abort(d.room, d.reason)
+            elif isinstance(d, Drained):
+                assert self.manager is not None
+                self.manager.sender_clear(d.room)
+            elif isinstance(d, Refused):
+                self._warn_untrusted(self.clock(), "ignored " + d.what, *d.args)
+            elif isinstance(d, Evicted):
                 self._warn_evicted(
                     self.clock(),
                     "dropped decode messages for room %d: more than %d rooms wait for this "
                     "prefill rank to add them",
-                    evicted,
-                    self.early.capacity,
+                    d.room,
+                    d.capacity,
                 )
-        elif kind == "meta":
-            self._take_metadata(payload)
-        else:
-            _, reason, sender = payload
-            if sender is not None:
-                asked = self._metadata.get(room)
-                if sender not in self.decode_peers or (asked and sender not in asked):
-                    self._untrusted(
-                        "an abort of room %d from %r: not its decode rank", room, sender
-                    )
-                    return
-                self._abort_senders.setdefault(room, set()).add(sender)
-            if reason is None:
-                self.queue.follow(room)
-            else:
-                self.queue.fail(room, f"decode aborted: {reason}")
-
-    def _abort_unqueued(self, room: int, sender: Any) -> None:
-        """An abort for a room not queued here: nothing of it is being written, say so now.
-
-        The room either ended here (its writes finished or drained) or was never added; in
-        the latter case the abort also waits in ``early`` so a later ``add`` fails the room
-        before anything is sent. ``sender`` is a registered decode rank (or None: unchecked).
-        """
-        peer = self.decode_peers.get(sender)
-        if peer is not None and self.acknowledge is not None:
-            self._acknowledge_when_drained(room, sender, peer)
-
-    def _abort_ended(self, room: int, reason: str | None, sender: Any) -> None:
-        """A decode rank aborts a room that already ended here (rule 7, both directions).
-
-        Its root cause is kept once when this rank only followed another's failure; a
-        follower is told this rank's own root cause (it may have ended the room on decode
-        before anything asked this rank, so the cause would never cross otherwise).
-        """
-        if reason is not None and room in self._followed:
-            keys = self._followed[room]
-            if sender is not None and keys is not None and sender not in keys:
-                self._untrusted("an abort of room %d from %r: not its decode rank", room, sender)
-                return
-            del self._followed[room]
-            self._late.append(LateCause(room, f"decode aborted: {reason}"))
-        elif reason is None and self._ended[room][1] is not None:
-            peer = self.decode_peers.get(sender)
-            if peer is not None and self.notify_decode is not None:
-                self.notify_decode(room, (peer,), False, self._ended[room][1])
-
-    def _acknowledge_when_drained(self, room: int, key: Any, peer: DecodePeer) -> None:
-        draining = self._draining.get(room)
-        if draining is not None:
-            draining[key] = peer  # its writes may still land: acknowledged once drained
-        elif self.acknowledge is not None:
-            self.acknowledge(room, (peer,))
-
-    def _answer_ended(self, room: int, decode_key: Any) -> None:
-        """Decode still wants a room that already failed here: tell it why, at once."""
-        peer = self.decode_peers.get(decode_key)
-        if peer is None:
-            return
-        reason = self._ended[room][1]
-        if self.notify_decode is not None:
-            self.notify_decode(room, (peer,), False, reason)
-        self._acknowledge_when_drained(room, decode_key, peer)
-
-    def _acknowledge_drained(self) -> None:
-        assert self.manager is not None
-        rooms = np.fromiter(self._draining, dtype=np.uint64, count=len(self._draining))
-        drained = self.manager.sender_drained(rooms)
-        for room in rooms[drained].tolist():
-            peers = self._draining.pop(room)
-            self.manager.sender_clear(room)
-            if self.acknowledge is not None and peers:
-                self.acknowledge(room, tuple(peers.values()))
-
-    def _expire_early(self) -> None:
-        now = self.clock()
-        ended_limit = now - self._ended_ttl
-        if self._ended and (
-            len(self._ended) > _MAX_TOMBSTONES or next(iter(self._ended.values()))[0] < ended_limit
-        ):
-            # Insertion order is end order: drop from the front while too old or too many.
-            while self._ended:
-                room, (t, _) = next(iter(self._ended.items()))
-                if t >= ended_limit and len(self._ended) <= _MAX_TOMBSTONES:
-                    break
-                del self._ended[room]
-        for room in self.early.expire(now):
-            self._warn_expired(
-                now,
-                "dropped decode messages for room %d: it was not queued on this "
-                "prefill rank within bootstrap_timeout (never added, or already ended)",
-                room,
-            )
-
-    def _take_metadata(self, meta: DecodeMetadata) -> None:
-        if self.manager is None:
-            log.debug("metadata for room %d ignored (no-op CP rank)", meta.room)
-            return
-        peer = self.decode_peers.get(meta.decode_rank)
-        if peer is None:
-            self._untrusted(
-                "metadata for room %d from unregistered %r", meta.room, meta.decode_rank
-            )
-            return
-        got = self._metadata.setdefault(meta.room, {})
-        if meta.room in self._targets or meta.decode_rank in got:
-            # The first complete set binds the room to its decode ranks; never re-point it.
-            known = got.get(meta.decode_rank)
-            if known is None or not _same_metadata(known, meta):
-                self._untrusted(
-                    "metadata for room %d from %r: the room is already bound",
-                    meta.room,
-                    meta.decode_rank,
+            elif isinstance(d, Expired):
+                self._warn_expired(
+                    self.clock(),
+                    "dropped decode messages for room %d: it was not queued on this "
+                    "prefill rank within bootstrap_timeout (never added, or already ended)",
+                    d.room,
                 )
-            return
-        problem = _metadata_problem(meta, peer, self.kv_regions, self.aux_regions)
-        if problem is not None:
-            self.queue.fail(meta.room, f"decode {meta.decode_rank} sent bad metadata: {problem}")
-            return
-        got[meta.decode_rank] = meta
-        if len(got) == meta.expected and meta.room not in self._targets:
-            ordered = tuple((self.decode_peers[k], got[k]) for k in sorted(got, key=repr))
-            self._targets[meta.room] = ordered
-            self.manager.sender_init(meta.room, tuple(p.endpoint for p, _ in ordered))
-            self.queue.metadata_complete(meta.room)
-
-    def _announce_completions(self, statuses: np.ndarray) -> None:
-        if self.notify_decode is None:
-            return
-        for i in np.flatnonzero(statuses == SUCCESS).tolist():
-            room = int(self.queue.rooms[i])
-            if room not in self._notified and room in self._targets:
-                self._notified.add(room)
-                # Only ranks this rank wrote to count a completion from it.
-                written = tuple(p for p, m in self._targets[room] if m.writes)
-                if written and self.notify_checksum is not None:
-                    self._send_checksums(room)
-                if written:
-                    self.notify_decode(room, written, True, None)
 
     def _send_checksums(self, room: int) -> None:
         assert self.notify_checksum is not None
         pages = np.concatenate(self._sent_pages.get(room, [np.zeros(0, dtype=np.int64)]))
         slot = self._sent_aux.get(room, -1)
-        for peer, meta in self._targets[room]:
+        for peer, meta in self.rooms.targets(room) or ():
             if meta.writes:
                 src_offset, _, length = meta.page_slice or (0, 0, None)
                 crc = room_checksum(
@@ -431,7 +288,7 @@ class PrefillSession:
 
     def _send_writes(self, room: int, pages: np.ndarray, is_last: bool, aux_slot: int) -> None:
         assert self.manager is not None
-        targets = self._targets.get(room)
+        targets = self.rooms.targets(room)
         if targets is None:
             raise ValueError(f"room {room} has no decode metadata yet; wait until it is ready")
         offset = self._offsets.get(room, 0)
@@ -492,30 +349,15 @@ class PrefillSession:
                     nbytes=sent[1],
                     seconds=self.clock() - sent[0],
                 )
-            self._drop(room)
             if self.manager is not None:
                 self.manager.sender_clear(room)
+        for room in (*step.finished, *(a.room for a in step.aborted)):
+            self._sent_pages.pop(room, None)
+            self._sent_aux.pop(room, None)
+            self._sent.pop(room, None)
+            self._offsets.pop(room, None)
+        self._perform(self.rooms.finish(step, self.clock()))
         for failed in step.aborted:
-            room = failed.room
-            targets = self._targets.get(room, ())
-            # Everyone who may be waiting on this room: its metadata senders and aborters.
-            told = {k: self.decode_peers[k] for k in self._metadata.get(room, {})}
-            for k in self._abort_senders.get(room, ()):
-                told[k] = self.decode_peers[k]
-            if failed.from_other_rank:
-                bound = room in self._targets
-                self._followed[room] = frozenset(self._metadata.get(room, ())) if bound else None
-                if len(self._followed) > _MAX_FOLLOWED:
-                    del self._followed[next(iter(self._followed))]
-            self._drop(room)
-            self._ended[room] = (self.clock(), None if failed.from_other_rank else failed.reason)
-            if self.manager is not None:
-                self.manager.sender_abort(room, failed.reason)
-                # Cleared, and acknowledged to decode, only once no write can land (rule 8).
-                self._draining[room] = told
-                if self.notify_decode is not None and targets:
-                    reason = None if failed.from_other_rank else failed.reason
-                    self.notify_decode(room, tuple(p for p, _ in targets), False, reason)
             log_abort("prefill", failed)
         if self.manager is not None:
             self.observers.call(
@@ -531,65 +373,9 @@ class PrefillSession:
 
     def _late_causes(self) -> tuple[LateCause, ...]:
         """As ``DecodeSession._late_causes``: logged once, observed, handed to the engine."""
-        late, self._late = tuple(self._late), []
+        late = self.rooms.take_late_causes()
         if self.manager is not None:
             report_late_causes(Role.PREFILL, self.manager.rank, late, self.observers)
         else:  # a non-authoritative CP rank: no rank identity to report for observers
             report_late_causes(Role.PREFILL, None, late, None)
         return late
-
-    def _drop(self, room: int) -> None:
-        self._abort_senders.pop(room, None)
-        self._sent_pages.pop(room, None)
-        self._sent_aux.pop(room, None)
-        self._sent.pop(room, None)
-        self._metadata.pop(room, None)
-        self._targets.pop(room, None)
-        self._offsets.pop(room, None)
-        self._notified.discard(room)
-
-
-def _same_metadata(a: DecodeMetadata, b: DecodeMetadata) -> bool:
-    return (
-        a.aux_slot == b.aux_slot
-        and a.expected == b.expected
-        and a.page_slice == b.page_slice
-        and a.writes == b.writes
-        and np.array_equal(a.pages, b.pages)
-    )
-
-
-def _metadata_problem(
-    meta: DecodeMetadata,
-    peer: DecodePeer,
-    kv_regions: tuple[MemoryRegion, ...],
-    aux_regions: tuple[MemoryRegion, ...] = (),
-) -> str | None:
-    """Why ``meta`` cannot be written into ``peer``'s registered memory, or None if it can."""
-    if not meta.writes:
-        return None
-    pages = meta.pages
-    if peer.kv_regions and len(pages):
-        limit = min(r.num_items for r in peer.kv_regions)
-        if int(pages.max()) >= limit:
-            return f"page {int(pages.max())} is out of range (decode registered {limit} pages)"
-    if not peer.aux_regions:
-        return "decode registered no aux rows"
-    rows = min(r.num_items for r in peer.aux_regions)
-    if not 0 <= meta.aux_slot < rows:
-        return f"aux slot {meta.aux_slot} is out of range (decode registered {rows} rows)"
-    # A whole row is copied: a shorter decode row would be overrun (another slot, or past it).
-    mine = [r.item_bytes for r in aux_regions]
-    theirs = [r.item_bytes for r in peer.aux_regions]
-    if mine and mine != theirs:
-        return f"decode registered aux rows of {theirs} bytes, this prefill writes rows of {mine}"
-    if meta.page_slice is not None and peer.kv_regions and kv_regions:
-        src_offset, dst_offset, length = meta.page_slice
-        src_page = min(r.item_bytes for r in kv_regions)
-        dst_page = min(r.item_bytes for r in peer.kv_regions)
-        if length <= 0 or src_offset + length > src_page or dst_offset + length > dst_page:
-            return (
-                f"page slice (src {src_offset}, dst {dst_offset}, {length} bytes) does not "
-                f"fit pages of {src_page} / {dst_page} bytes"
-            )
-    return None

@@ -59,12 +59,9 @@ Verifier = Callable[[int, PrefillTarget, np.ndarray, int, Mapping[object, int]],
 AbortSink = Callable[[int, PrefillTarget | None, str | None], None]
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
 AckSink = Callable[[int, tuple[DecodePeer, ...]], None]
-#: Marks a failure report from a rank that only followed another rank's failure.
-FOLLOWED = "\x00followed"
 ChecksumSink = Callable[[int, DecodePeer, int], None]
 
 __all__ = [
-    "FOLLOWED",
     "AbortSink",
     "AckSink",
     "ChecksumSink",
