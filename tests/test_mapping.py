@@ -85,3 +85,15 @@ def test_token_major_pages_map_one_to_one_and_refuse_unequal_tp() -> None:
         routes(2, 1, 2048, 4096, "token_major")
     with pytest.raises(ConfigError, match="page size differs"):
         routes(1, 1, 2048, 4096, "token_major")
+
+
+def test_an_engine_page_description_after_the_kind_maps_like_the_kind() -> None:
+    for kind in ("replicated", "head_sharded", "token_major"):
+        assert routes(2, 2, 4096, 4096, f"{kind}:vllm LBHNC 128B") == routes(2, 2, 4096, 4096, kind)
+    assert routes(1, 2, 4096, 2048, "head_sharded:vllm LBHNC") == routes(
+        1, 2, 4096, 2048, "head_sharded"
+    )
+    with pytest.raises(ConfigError, match=r"token_major:vllm BLNHC KV .* prefill 1 and decode 2"):
+        routes(1, 2, 4096, 4096, "token_major:vllm BLNHC")
+    with pytest.raises(ConfigError, match="optionally followed by ':'"):
+        routes(1, 1, 1, 1, "head-sharded:vllm LBHNC")

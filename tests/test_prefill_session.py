@@ -67,6 +67,39 @@ def test_an_early_abort_is_kept_too() -> None:
         receiver.close()
 
 
+def test_an_engine_abort_before_the_room_was_added_reaches_decode_at_once() -> None:
+    """A router sent both legs at once and prefill's client went away before its KV was ready:
+    the engine aborts a room it never added. Decode ranks that already asked are told the
+    cause now, one that asks later at once, instead of waiting for bootstrap_timeout."""
+    session, sender, receiver = make_session(TransferConfig())
+    told: list[tuple[int, bool, str | None]] = []
+    session.notify_decode = lambda room, peers, ok, reason: told.append((room, ok, reason))
+    try:
+        receiver.receiver_construct(7)
+        session.on_metadata(DecodeMetadata(7, "d0", np.array([1, 2]), 0))
+        session.step()
+        session.abort(7, "client gone")
+        assert told == [(7, False, "client gone")]
+        assert session.pending_early() == 0
+        session.on_metadata(DecodeMetadata(8, "d0", np.array([3]), 0))
+        session.abort(8, "client gone too")  # before its metadata was even applied
+        session.step()
+        assert told[-1] == (8, False, "client gone too")
+        session.abort(9, "never asked")
+        session.on_metadata(DecodeMetadata(9, "d0", np.array([4]), 0))
+        session.step()
+        assert told[-1] == (9, False, "never asked")
+        assert session.step().ready == ()
+        # A later life of the number is a new room: its metadata is taken, not answered.
+        session.add([PrefillRequest(9)])
+        session.on_metadata(DecodeMetadata(9, "d0", np.array([4]), 0))
+        assert session.step().ready == (9,)
+        assert len(told) == 3
+    finally:
+        sender.close()
+        receiver.close()
+
+
 def test_early_messages_for_rooms_that_never_come_are_dropped_after_the_timeout() -> None:
     now = [0.0]
     session, sender, receiver = make_session(

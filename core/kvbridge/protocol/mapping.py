@@ -16,6 +16,11 @@ Three KV layouts are supported:
     heads each (``[tokens, heads, head_dim]``, SGLang's paged MHA pool): a rank's heads are
     not contiguous in a page, so only equal TP sizes combine, page to page.
 
+A layout may name the engine's page interior after a colon (``head_sharded:vllm LBHNC``): the
+mapping reads only the part before it, and prefill and decode must state the same text (the
+decode side compares ``kv_layout`` verbatim), so two engines whose pages map alike but hold
+their bytes in another order are refused instead of silently paired.
+
 With context parallelism on prefill only CP rank 0 of each TP shard (the authoritative rank,
 holding the gathered KV) is a transfer target; the other CP ranks send nothing and take part
 in the reductions only.
@@ -48,6 +53,17 @@ class Route:
         return self.src_offset == 0 and self.dst_offset == 0
 
 
+def layout_kind(kv_layout: str) -> str:
+    """The mapping kind of ``kv_layout`` (one of :data:`KV_LAYOUTS`): the part before ``:``."""
+    kind = kv_layout.partition(":")[0]
+    if kind not in KV_LAYOUTS:
+        raise ConfigError(
+            f"kv_layout must be one of {KV_LAYOUTS}, optionally followed by ':' and the "
+            f"engine's page description, got {kv_layout!r}"
+        )
+    return kind
+
+
 def routes(
     prefill_tp: int,
     decode_tp: int,
@@ -56,23 +72,22 @@ def routes(
     kv_layout: str,
 ) -> tuple[Route, ...]:
     """Every (prefill rank, decode rank) pair that moves bytes, with its page slice."""
-    if kv_layout not in KV_LAYOUTS:
-        raise ConfigError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
+    kind = layout_kind(kv_layout)
     if prefill_tp < 1 or decode_tp < 1:
         raise ConfigError(f"TP sizes must be >= 1, got prefill {prefill_tp}, decode {decode_tp}")
-    if kv_layout == "token_major" and prefill_tp != decode_tp:
+    if kind == "token_major" and prefill_tp != decode_tp:
         raise ConfigError(
-            f"token_major KV (pages of several tokens, heads inside each token) needs equal TP "
-            f"sizes, got prefill {prefill_tp} and decode {decode_tp}: use the same TP size, "
-            f"or page size 1 (head_sharded)"
+            f"{kv_layout} KV (a TP rank's heads are not one contiguous slice of a page) needs "
+            f"equal TP sizes, got prefill {prefill_tp} and decode {decode_tp}: use the same TP "
+            f"size, or a head-major page layout (head_sharded)"
         )
-    if kv_layout == "replicated" or prefill_tp == decode_tp:
+    if kind == "replicated" or prefill_tp == decode_tp:
         if prefill_page_bytes != decode_page_bytes:
             raise ConfigError(
                 f"page size differs: prefill {prefill_page_bytes} bytes, decode "
                 f"{decode_page_bytes} bytes"
             )
-        if kv_layout == "replicated":
+        if kind == "replicated":
             return tuple(
                 Route(d % prefill_tp, d, 0, 0, decode_page_bytes) for d in range(decode_tp)
             )

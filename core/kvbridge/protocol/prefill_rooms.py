@@ -170,11 +170,33 @@ class PrefillRooms:
         self.queue.add(requests, now)
         for r in requests:
             self._followed.pop(r.room, None)  # a new life for the room number
+            self._ended.pop(r.room, None)
         out: list[Decision] = []
         if self.early:
             for r in requests:
                 for kind, payload in self.early.pop(r.room):
                     out += self._event(kind, payload, now)
+        return out
+
+    def engine_abort(self, room: int, reason: str, now: float) -> list[Decision]:
+        """The engine gives up on ``room``.
+
+        A room never added here (the engine ended the request before its KV was ready: a
+        client gone while a router's decode leg already waits) ends here at once: decode ranks
+        whose metadata came early are told ``reason`` now, later ones when they ask, as for
+        any room that failed here, so decode does not wait out ``bootstrap_timeout``."""
+        if self.queue.cols.index_of(room) is not None:
+            self.queue.fail(room, reason)
+            return []
+        if room in self._ended:
+            return []
+        self._ended[room] = (now, reason)
+        out: list[Decision] = []
+        for kind, payload in self.early.pop(room):
+            if kind == "meta":
+                out += self._answer_ended(room, payload.decode_rank)
+            elif kind == "abort":
+                out += self._abort_unqueued(room, payload[2])
         return out
 
     # -- what decode ranks say -----------------------------------------------------------------

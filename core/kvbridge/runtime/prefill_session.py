@@ -153,8 +153,9 @@ class PrefillSession:
         self._events.append(("abort", (room, reason, sender)))
 
     def abort(self, room: int, reason: str) -> None:
-        """The engine gives up on ``room``. Scheduler thread; see ``DecodeSession.abort``."""
-        self.queue.fail(room, reason)
+        """The engine gives up on ``room``. Scheduler thread; see ``DecodeSession.abort`` and
+        ``PrefillRooms.engine_abort`` (a room never added here ends at once)."""
+        self._perform(self.rooms.engine_abort(room, reason, self.clock()))
 
     def requested_pages(self, room: int) -> int | None:
         """How many pages decode allocated for ``room`` (None before its metadata arrived).
