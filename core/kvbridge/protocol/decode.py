@@ -1,22 +1,16 @@
-"""The decode side's pre-allocation and transfer queues, as a pure state machine.
+"""The decode machine: pre-allocation, transfer and fenced queues, pure.
 
-No torch, sockets or clock in here: the driver passes in transport statuses, the current time
-and the reduced vector, and executes the decisions that come back. Every decision is taken on
-the *reduced* status vector, so ranks that see the same ``add`` calls and the same reduced
-vectors make the same decisions (rule 1); local observations only lower a rank's own entry in
-the vector before the MIN (rule 2).
+The driver passes in transport statuses, the current time and the reduced vector, and
+performs the decisions that come back. It decides, for decode, the README's rules 1, 2, 5 and
+6 (the gated queues and the metadata gate), rule 8's decode half (which rooms are fenced, who
+must still confirm, whether a dead writer's silence lifts the fence: ``one_sided_writes``,
+when the memory is released) and rule 9 for prefill's reports (``Standing.ROOM_WRITER``: the
+writers named by :meth:`DecodeQueue.initialised`); and which rooms hold a lease while they
+wait for memory.
 
 Stages: ``PREALLOC`` (waiting for the prefill DP rank, connection and free memory),
 ``TRANSFER`` (metadata sent, waiting for completion and the aux room stamp) and ``FENCED``
-(aborted after its metadata went out: the pages and aux slot stay quarantined until every
-prefill rank that may write them has said it will write no more, rule 8).
-
-Trust (rule 9) is decided here too: a completion, failure, checksum or abort acknowledgement
-counts only from a writer named in the room's plan (:meth:`DecodeQueue.initialised`,
-``Standing.ROOM_WRITER``); anything else is counted in ``untrusted`` and ignored. So is the
-decode half of the abort fence (rule 8), whole: which rooms are fenced, who must still
-confirm, whether a dead writer's silence lifts the fence (``one_sided_writes``), when the
-memory is released, and which rooms hold a lease while they wait for memory.
+(aborted after its metadata went out, until its writers are quiet).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The prefill side's bootstrap and in-flight queues, as a pure state machine.
+"""The prefill side's bootstrap and in-flight queues, pure (rules 1, 2, 5 and 6 for prefill;
+the rest of the prefill machine is :mod:`kvbridge.protocol.prefill_rooms`).
 
 Stages: ``BOOTSTRAP`` (waiting for every decode rank's metadata) and ``INFLIGHT`` (forward pass
 and sending). With context parallelism only the authoritative CP rank of each attention-TP

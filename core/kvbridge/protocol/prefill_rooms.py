@@ -1,18 +1,13 @@
 """What a prefill rank knows of each room's decode side, as a pure state machine.
 
-It decides, for the messages decode ranks send (:data:`~kvbridge.protocol.messages.
-WHO_MAY_SEND`):
-
-- **who may speak** (rule 9): a decode rank's first registration binds its key to its memory;
-  leases only from registered ranks; metadata and aborts only from the decode ranks registered
-  for the room, and the first complete set of metadata **binds** the room to them;
-- **early and ended rooms**: messages for a room not yet added wait in
-  :class:`~kvbridge.protocol.early.EarlyMessages`; a room that ended here without success is
-  remembered for a while, so late metadata is answered with the failure instead of written;
-- **where aborts and root causes go** (rule 7): who is told a room failed, and a root cause
-  that reaches a room this rank only followed;
-- **the prefill half of the fence** (rule 8): an abort is acknowledged only once the transport
-  says the room's writes drained.
+It decides, for what decode ranks send: rule 9 (the standings of
+:data:`~kvbridge.protocol.messages.WHO_MAY_SEND` for registration, leases, metadata and
+aborts, and the binding of a room to the first complete set of metadata); early and ended
+rooms (messages for a room not yet added wait in :class:`~kvbridge.protocol.early.
+EarlyMessages`; a room that ended here without success is remembered for a while, so late
+metadata is answered with the failure instead of written); rule 7 on this side (who is told a
+room failed; a root cause reaching a room this rank only followed); and rule 8's prefill half
+(an abort is acknowledged once the transport says the room drained).
 
 Every call returns decisions (:data:`Decision`) for :class:`~kvbridge.runtime.prefill_session.
 PrefillSession` to perform; nothing here sends, logs or reads a clock.

@@ -1,8 +1,7 @@
-"""The only module that talks to ``torch.distributed``: one MIN all-reduce per step.
+"""The only module that talks to ``torch.distributed``, where rule 3 (the README) is kept.
 
 The queues never call this themselves; a session builds its status vector, calls the reducer
-once, and applies the result. An empty vector means an empty queue on every rank (membership is
-identical by construction), so no collective runs at all.
+once per step, and applies the result; an empty vector calls nothing.
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ Each installed transport gets its own :class:`pluggy.PluginManager`, so an opera
 reaches exactly the configured transport; the operation hooks are ``firstresult``. Observer
 hooks (:class:`ObserverSpec`) are a separate, broadcast contract.
 
-The core calls every operation hook from the engine's scheduler thread. Unless a hook says
-otherwise it **must return quickly and must not block** on the network or on a peer: start the
-work on your own thread or the library's asynchronous API and report progress through ``poll``.
-A transport **must never run a collective** (``torch.distributed`` or similar): the core runs
-exactly one per scheduler step and every rank must run the same ones.
+This contract is where rule 4 of kvbridge's README is decided for plugins. The core calls
+every operation hook from the engine's scheduler thread: unless a hook says otherwise it
+**must return quickly and must not block** on the network or on a peer (start the work on your
+own thread or the library's asynchronous API and report progress through ``poll``), and it
+**must never run a collective** (``torch.distributed`` or similar).
 
 Errors
 ------
