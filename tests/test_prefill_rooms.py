@@ -62,8 +62,10 @@ def test_an_abort_is_acknowledged_only_once_the_transport_drained() -> None:
         StopSending(7, aborted.reason),
         Tell(7, (peer,), False, aborted.reason),
     ]
-    assert rooms.draining_rooms().tolist() == [7]
-    assert rooms.drained([7]) == [Drained(7), Acknowledge(7, (peer,))]
+    draining = rooms.draining_rooms()
+    assert draining.tolist() == [7]
+    assert rooms.drained(draining, np.array([False])) == []  # still landing: no word yet
+    assert rooms.drained(draining, np.array([True])) == [Drained(7), Acknowledge(7, (peer,))]
     # decode still asking about it later is told why, and acknowledged at once
     lease = Waiting("d0", np.array([7], dtype=np.uint64))
     assert rooms.on_message(lease, 0.3) == [
@@ -88,3 +90,17 @@ def test_a_non_authoritative_cp_rank_ignores_metadata() -> None:
     rooms.add([PrefillRequest(7)], 0.0)
     assert rooms.on_message(metadata(7, "d0"), 0.0) == []
     assert rooms.targets(7) is None
+
+
+def test_a_transport_that_cannot_tell_counts_as_drained() -> None:
+    """A plugin for API 1.0 has no ``kvbridge_sender_drained``: its aborts are acknowledged
+    at once (it never promised the fence)."""
+    rooms = machine()
+    peer = register(rooms, "d0")
+    rooms.add([PrefillRequest(7)], 0.0)
+    rooms.on_message(metadata(7, "d0"), 0.0)
+    rooms.on_message(Abort.of(7, "d0", "client gone"), 0.0)
+    step = rooms.queue.apply(rooms.queue.local_statuses(np.array([2], np.uint8), {}, 0.1))
+    rooms.finish(step, 0.1)
+    assert rooms.drained(rooms.draining_rooms(), None) == [Drained(7), Acknowledge(7, (peer,))]
+    assert rooms.draining == 0

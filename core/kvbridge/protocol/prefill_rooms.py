@@ -15,7 +15,7 @@ PrefillSession` to perform; nothing here sends, logs or reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -401,11 +401,14 @@ class PrefillRooms:
         """Aborted rooms whose drain the transport has not confirmed yet (ask it about these)."""
         return np.fromiter(self._draining, dtype=np.uint64, count=len(self._draining))
 
-    def drained(self, rooms: Iterable[int]) -> list[Decision]:
-        """The transport confirmed these aborted rooms drained: clear them, then acknowledge
-        to every decode rank that may wait on them (rule 8)."""
+    def drained(self, rooms: np.ndarray, confirmed: np.ndarray | None) -> list[Decision]:
+        """The transport's answer for :meth:`draining_rooms`: ``confirmed`` per room, or None
+        when it cannot tell (a plugin for API 1.0, which has no ``kvbridge_sender_drained``).
+        Drained rooms are cleared, then acknowledged to every decode rank that may wait on
+        them (rule 8). Cannot tell counts as drained at once: the only answer that does not
+        hold decode's memory forever, and the guarantee such a plugin never gave."""
         out: list[Decision] = []
-        for room in rooms:
+        for room in (rooms if confirmed is None else rooms[confirmed]).tolist():
             peers = self._draining.pop(room)
             out.append(Drained(room))
             if peers:

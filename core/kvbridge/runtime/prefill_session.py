@@ -191,8 +191,7 @@ class PrefillSession:
         if rooms.draining:
             assert self.manager is not None
             draining = rooms.draining_rooms()
-            drained = self.manager.sender_drained(draining)
-            self._perform(rooms.drained(draining[drained].tolist()))
+            self._perform(rooms.drained(draining, self.manager.sender_drained(draining)))
         queue = self.queue
         if not len(queue):
             return np.zeros(0, dtype=np.uint8)

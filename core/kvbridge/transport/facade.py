@@ -164,15 +164,17 @@ class TransportManager:
     def sender_clear(self, room: int) -> None:
         self._clear("kvbridge_sender_clear", room)
 
-    def sender_drained(self, rooms: np.ndarray) -> np.ndarray:
-        """Bool per aborted room: no write of it will land any more (see the hookspec)."""
+    def sender_drained(self, rooms: np.ndarray) -> np.ndarray | None:
+        """Bool per aborted room: no write of it will land any more (see the hookspec); None
+        when the transport cannot tell (a plugin for API 1.0: what that means for the fence
+        is ``PrefillRooms.drained``'s to decide). A plugin that raises or answers nonsense
+        confirms nothing."""
         rooms = np.asarray(rooms, dtype=np.uint64)
         if not len(rooms):
             return np.zeros(0, dtype=bool)
         try:
             result = self._hook.kvbridge_sender_drained(manager=self.raw, rooms=rooms)
         except Exception as exc:
-            # Saying "drained" on an error would lift the fence on a guess: keep waiting.
             log.warning(
                 "transport %s kvbridge_sender_drained raised %s: %s",
                 self.transport.name,
@@ -188,7 +190,7 @@ class TransportManager:
                     "acknowledged without a guarantee that its writes have stopped",
                     self.transport.name,
                 )
-            return np.ones(len(rooms), dtype=bool)
+            return None
         drained = np.asarray(result, dtype=bool)
         if drained.shape != (len(rooms),):
             log.warning(
