@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbridge.queue.collective import init_gloo
+from kvbridge.runtime.collective import init_gloo
 
 RESULTS = Path(__file__).parent / "results"
 PAGE = 64 << 10
@@ -72,7 +72,7 @@ def _config(name: str) -> Any:
 
 
 def _observers(on: bool) -> Any:
-    from kvbridge.plugins import ObserverRelay
+    from kvbridge.observe import ObserverRelay
 
     return ObserverRelay(discover=on)
 
@@ -204,8 +204,9 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
         from kvbridge.bootstrap.server import BootstrapServer
         from kvbridge.memory import aux_descriptors, kv_descriptors
-        from kvbridge.node import PrefillNode
-        from kvbridge.queue import PrefillRequest, TorchMinReducer
+        from kvbridge.protocol.prefill import PrefillRequest
+        from kvbridge.runtime.collective import TorchMinReducer
+        from kvbridge.runtime.prefill_node import PrefillNode
         from kvbridge.types import Descriptors
 
         world = args["world"]
@@ -259,7 +260,7 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
             raw_times: list[float] = []
             if mode != "warmup":
                 if raw is None:
-                    peer = next(iter(node.session.decode_peers.values()))
+                    peer = next(iter(node.session.rooms.decode_peers.values()))
                     raw = RawPath(
                         args["transport"], node.manager.raw, peer, args["ports"]["fake_raw"][rank]
                     )
@@ -293,8 +294,9 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         import torch.distributed as dist
 
         from kvbridge import AuxLayout, MemoryRegion, PagePool, RankIdentity, Role
-        from kvbridge.node import DecodeNode
-        from kvbridge.queue import DecodeRequest, TorchMinReducer
+        from kvbridge.protocol.decode import DecodeRequest
+        from kvbridge.runtime.collective import TorchMinReducer
+        from kvbridge.runtime.decode_node import DecodeNode
 
         world = args["world"]
         init_gloo(rank, world, args["ports"]["decode_gloo"])

@@ -116,8 +116,11 @@ def worker(rank: int, port: int, sizes: list[int], steps: int, out) -> None:
     import torch.distributed as dist
 
     from kvbridge import AuxLayout, PagePool, RankIdentity, Role, TransferConfig, Transport
-    from kvbridge.plugins import TransportRegistry
-    from kvbridge.queue import DecodeRequest, DecodeSession, PrefillTarget, TorchMinReducer
+    from kvbridge.protocol.decode import DecodeRequest
+    from kvbridge.protocol.plan import PrefillTarget
+    from kvbridge.runtime.collective import TorchMinReducer
+    from kvbridge.runtime.decode_session import DecodeSession
+    from kvbridge.transport.loading import TransportRegistry
 
     dist.init_process_group(
         "gloo",

@@ -294,8 +294,9 @@ def raw_prefill(args: dict[str, Any], barrier: Any, results: Any) -> None:
         from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
         from kvbridge.bootstrap.server import BootstrapServer
         from kvbridge.memory import aux_descriptors, kv_descriptors
-        from kvbridge.node import PrefillNode
-        from kvbridge.queue import PrefillRequest, SingleRankReducer
+        from kvbridge.protocol.prefill import PrefillRequest
+        from kvbridge.runtime.collective import SingleRankReducer
+        from kvbridge.runtime.prefill_node import PrefillNode
         from kvbridge.types import Descriptors
 
         blocks, item = args["blocks"], args["layer_block_bytes"]
@@ -335,7 +336,7 @@ def raw_prefill(args: dict[str, Any], barrier: Any, results: Any) -> None:
                 raise RuntimeError(f"prefill room {a.room} aborted: {a.reason}")
             time.sleep(POLL)
         barrier.wait(timeout=120)  # decode committed everything
-        peer = next(iter(node.session.decode_peers.values()))
+        peer = next(iter(node.session.rooms.decode_peers.values()))
         assert node.manager is not None
         raw = RawPath(args["transport"], node.manager.raw, peer, args["fake_raw_port"])
         d = Descriptors.concat(
@@ -363,8 +364,9 @@ def raw_decode(args: dict[str, Any], barrier: Any, results: Any) -> None:
     stop = threading.Event()
     try:
         from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
-        from kvbridge.node import DecodeNode
-        from kvbridge.queue import DecodeRequest, SingleRankReducer
+        from kvbridge.protocol.decode import DecodeRequest
+        from kvbridge.runtime.collective import SingleRankReducer
+        from kvbridge.runtime.decode_node import DecodeNode
 
         blocks, item = args["blocks"], args["layer_block_bytes"]
         listener = socket.create_server(("127.0.0.1", args["fake_raw_port"]))

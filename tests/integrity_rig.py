@@ -13,10 +13,12 @@ import numpy as np
 
 from kvbridge import PagePool, RankIdentity, Role, TransferConfig
 from kvbridge.bootstrap.server import BootstrapServer
-from kvbridge.node import DecodeNode, PrefillNode
-from kvbridge.queue import DecodeRequest, PrefillRequest
-from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.queue.outcomes import DecodeStep, PrefillStep
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.outcomes import DecodeStep, PrefillStep
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer
+from kvbridge.runtime.decode_node import DecodeNode
+from kvbridge.runtime.prefill_node import PrefillNode
 from kvbridge.testing.buffers import RankBuffers
 
 PAGE_BYTES = 4096

@@ -18,17 +18,12 @@ import torch.distributed as dist
 
 from kvbridge import PagePool, RankIdentity, Role, TransferConfig, Transport
 from kvbridge.errors import LockstepError
-from kvbridge.queue import (
-    DecodeMetadata,
-    DecodePeer,
-    DecodeRequest,
-    DecodeSession,
-    PrefillRequest,
-    PrefillSession,
-    PrefillTarget,
-    SingleRankReducer,
-    TorchMinReducer,
-)
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.plan import DecodeMetadata, DecodePeer, PrefillTarget
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer, TorchMinReducer
+from kvbridge.runtime.decode_session import DecodeSession
+from kvbridge.runtime.prefill_session import PrefillSession
 from kvbridge.testing import RankBuffers
 
 SHAPE = {"num_regions": 2, "num_pages": 64, "page_bytes": 1024, "num_slots": 8}

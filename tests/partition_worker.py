@@ -24,8 +24,10 @@ import numpy as np
 from kvbridge import PagePool, RankIdentity, Role, TransferConfig
 from kvbridge.bootstrap.server import BootstrapServer
 from kvbridge.memory import IndexPool
-from kvbridge.node import DecodeNode, PrefillNode
-from kvbridge.queue import DecodeRequest, PrefillRequest
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.decode_node import DecodeNode
+from kvbridge.runtime.prefill_node import PrefillNode
 from kvbridge.testing.buffers import RankBuffers
 
 PAGES = 8  # pages per request

@@ -248,7 +248,8 @@ def test_an_abort_for_a_room_still_draining_is_acknowledged_only_after_the_drain
 
 def test_engine_owned_pages_are_written_never_freed_and_released_after_the_fence() -> None:
     """An engine with its own allocator (vLLM, SGLang) hands kvbridge the pages per request."""
-    from kvbridge.queue import DecodeRequest, PrefillRequest
+    from kvbridge.protocol.decode import DecodeRequest
+    from kvbridge.protocol.prefill import PrefillRequest
 
     config = _config("mooncake")
     require_transport("mooncake")

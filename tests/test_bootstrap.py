@@ -13,15 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvbridge import TransferConfig
-from kvbridge.bootstrap.client import (
-    BootstrapClient,
-    BootstrapDirectory,
-    BootstrapError,
-    BootstrapNotReady,
-    DecodeExpectation,
-)
+from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
+from kvbridge.bootstrap.http_client import BootstrapClient, BootstrapError, BootstrapNotReady
 from kvbridge.bootstrap.server import MAX_BODY, BootstrapServer
-from kvbridge.queue import DecodeRequest
+from kvbridge.protocol.decode import DecodeRequest
 from kvbridge.secret import Secret
 
 SECRET = Secret("s3cret-for-bootstrap-tests")

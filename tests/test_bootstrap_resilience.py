@@ -19,13 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbridge import TransferConfig
-from kvbridge.bootstrap.client import (
-    BootstrapClient,
-    BootstrapDirectory,
-    BootstrapError,
-    DecodeExpectation,
-    split_address,
-)
+from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
+from kvbridge.bootstrap.http_client import BootstrapClient, BootstrapError, split_address
+from kvbridge.bootstrap.registration import PrefillRegistration
 from kvbridge.bootstrap.server import (
     BadRequest,
     BootstrapServer,
@@ -33,8 +29,8 @@ from kvbridge.bootstrap.server import (
     json_depth,
     parse_control,
 )
-from kvbridge.queue import DecodeRequest
-from kvbridge.queue.session import PrefillTarget
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.plan import PrefillTarget
 
 
 def registration(tp_rank: int = 0, tp_size: int = 1, control_port: int = 6000, **changes) -> dict:
@@ -461,10 +457,10 @@ def test_restarted_bootstrap_server_gets_the_ranks_and_rooms_back() -> None:
     port = free_port()
     addr = f"127.0.0.1:{port}"
     server = BootstrapServer(port=port).start()
-    client = BootstrapClient(check_interval=0.1, backoff_max=0.1)
+    client = PrefillRegistration(check_interval=0.1, backoff_max=0.1)
     try:
         for tp in (0, 1):
-            client.register_rank(addr, registration(tp, tp_size=2), keep=True)
+            client.register(addr, registration(tp, tp_size=2))
         client.publish_rooms(addr, {5: 0, 6: 0})
         wait_for(lambda: len(server.state.rooms) == 2, what="rooms published")
         server.stop()
@@ -482,12 +478,10 @@ def test_restarted_bootstrap_server_gets_the_ranks_and_rooms_back() -> None:
 def test_registration_waits_for_a_bootstrap_server_that_starts_later() -> None:
     port = free_port()
     addr = f"127.0.0.1:{port}"
-    client = BootstrapClient(timeout=0.5, check_interval=0.1, backoff_max=0.1)
+    client = PrefillRegistration(BootstrapClient(timeout=0.5), check_interval=0.1, backoff_max=0.1)
     server: BootstrapServer | None = None
     try:
-        assert (
-            client.register_rank(addr, registration(), attempts=2, interval=0.01, keep=True) is None
-        )
+        assert client.register(addr, registration(), attempts=2, interval=0.01) is None
         server = BootstrapServer(port=port).start()
         wait_for(lambda: len(server.state.ranks) == 1, what="late registration")
     finally:
@@ -501,7 +495,9 @@ def test_client_threads_end_on_close_even_while_the_server_hangs() -> None:
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)  # accepts connections, never answers
     addr = f"127.0.0.1:{listener.getsockname()[1]}"
-    client = BootstrapClient(timeout=0.3, check_interval=0.05, backoff_max=0.05)
+    client = PrefillRegistration(
+        BootstrapClient(timeout=0.3), check_interval=0.05, backoff_max=0.05
+    )
     try:
         client.publish_rooms(addr, {1: 0})
         time.sleep(0.2)

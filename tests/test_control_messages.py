@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvbridge.control import (
+from kvbridge.protocol.messages import (
     Abort,
     AbortAck,
     MalformedFrame,

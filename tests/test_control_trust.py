@@ -14,7 +14,7 @@ import pytest
 from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
-from kvbridge.control import Abort, Metadata, Register, Status, encode
+from kvbridge.protocol.messages import Abort, Metadata, Register, Status, encode
 from kvbridge.secret import Secret
 
 pytestmark = pytest.mark.multiprocess
@@ -205,7 +205,7 @@ def test_metadata_out_of_range_fails_that_room_with_a_reason_and_nothing_else() 
     prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
     try:
         _honest_round(decode, prefill, 61, 0x11)  # registers the decode rank
-        from kvbridge.queue import PrefillRequest
+        from kvbridge.protocol.prefill import PrefillRequest
 
         prefill.node.add([PrefillRequest(62)])
         decode.node._out.send(
@@ -248,7 +248,7 @@ def test_decode_aux_rows_shorter_than_prefill_rows_fail_that_room_not_the_memory
     prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
     try:
         _honest_round(decode, prefill, 71, 0x31)
-        from kvbridge.queue import PrefillRequest
+        from kvbridge.protocol.prefill import PrefillRequest
 
         kv = tuple((r.addr, r.length, r.item_bytes) for r in decode.buffers.kv_regions)
         aux = decode.buffers.aux_regions[0]

@@ -15,10 +15,16 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvbridge.control import MalformedFrame, Register, decode, encode
 from kvbridge.errors import MemoryRegistrationError
 from kvbridge.memory import aux_descriptors, kv_descriptors
-from kvbridge.node import _regions_from_wire, _regions_wire
+from kvbridge.protocol.messages import (
+    MalformedFrame,
+    Register,
+    decode,
+    encode,
+    regions_from_wire,
+    regions_to_wire,
+)
 from kvbridge.types import HOST, Descriptors, MemoryRegion, device_index, device_name
 
 
@@ -217,12 +223,12 @@ def test_device_groups_partition_runs_by_device_pair(pairs: list[tuple[int, int]
 def test_register_carries_region_devices_across_the_wire() -> None:
     kv = _regions("cuda:1", 1 << 30)
     aux = [MemoryRegion(1 << 36, 24 * 8, 24, "cpu")]
-    message = Register("dec", {"id": "x"}, _regions_wire(kv), _regions_wire(aux), "tcp://h:1")
+    message = Register("dec", {"id": "x"}, regions_to_wire(kv), regions_to_wire(aux), "tcp://h:1")
     back = decode(encode(message))
     assert back == message
-    assert _regions_from_wire(back.kv_regions) == tuple(kv)
-    assert _regions_from_wire(back.aux_regions) == tuple(aux)
-    assert [r.device for r in _regions_from_wire(back.kv_regions)] == ["cuda:1", "cuda:1"]
+    assert regions_from_wire(back.kv_regions) == tuple(kv)
+    assert regions_from_wire(back.aux_regions) == tuple(aux)
+    assert [r.device for r in regions_from_wire(back.kv_regions)] == ["cuda:1", "cuda:1"]
 
 
 def _register_frames(kv_regions: object) -> list[bytes]:

@@ -98,9 +98,9 @@ CASES = [
 def test_the_kit_catches_each_broken_transport(tmp_path: Path) -> None:
     source = [
         "import pytest",
-        "from kvbridge.plugins import TransportRegistry",
+        "from kvbridge.transport.loading import TransportRegistry",
         "from kvbridge.testing import TransportConformance",
-        "from kvbridge.transports import Transport",
+        "from kvbridge.transport.facade import Transport",
         "from sample_plugins import broken_transports as broken",
         "class TestFake(TransportConformance):\n    transport_name = 'fake'",
         "class TestWrongName(TransportConformance):\n    transport_name = 'fakee'",

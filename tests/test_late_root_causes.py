@@ -18,19 +18,16 @@ from hypothesis import strategies as st
 from test_prefill_session import make_session
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool, TransferConfig, Transport, hookimpl
-from kvbridge.plugins import ObserverRelay, TransportRegistry
-from kvbridge.queue import (
-    DecodeQueue,
-    DecodeRequest,
-    DecodeSession,
-    LateCause,
-    PrefillRequest,
-    PrefillTarget,
-)
-from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.queue.decode import FROM_OTHER_RANK, MAX_FOLLOWED
+from kvbridge.observe import ObserverRelay
+from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED, DecodeQueue, DecodeRequest
+from kvbridge.protocol.outcomes import LateCause
+from kvbridge.protocol.plan import PrefillTarget
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer
+from kvbridge.runtime.decode_session import DecodeSession
 from kvbridge.status import KVPoll
 from kvbridge.testing import RankBuffers
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import RankIdentity, Role
 
 ROOM = 7

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbridge.liveness import WriterLiveness
+from kvbridge.protocol.liveness import WriterLiveness
 
 INTERVAL = 1.0
 MISSES = 3

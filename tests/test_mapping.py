@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbridge.errors import ConfigError
-from kvbridge.mapping import routes, sources_of, targets_of
 from kvbridge.memory import kv_descriptors
+from kvbridge.protocol.mapping import routes, sources_of, targets_of
 from kvbridge.testing.buffers import RankBuffers
 
 HEAD = 64

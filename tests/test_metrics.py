@@ -13,7 +13,7 @@ prom = pytest.importorskip("prometheus_client")
 
 from kvbridge import RankIdentity, Role  # noqa: E402
 from kvbridge.metrics import PrometheusObserver, failure_cause, serve  # noqa: E402
-from kvbridge.plugins import ObserverRelay  # noqa: E402
+from kvbridge.observe import ObserverRelay  # noqa: E402
 from kvbridge.status import KVPoll  # noqa: E402
 
 DECODE = RankIdentity(Role.DECODE, tp_rank=1, tp_size=2)
@@ -153,8 +153,8 @@ def test_serve_exposes_the_registry():
 def test_core_imports_and_discovers_without_prometheus_client():
     code = (
         "import sys; sys.modules['prometheus_client'] = None\n"
-        "import kvbridge, kvbridge.node\n"
-        "from kvbridge.plugins import ObserverRelay\n"
+        "import kvbridge, kvbridge.runtime.decode_node, kvbridge.runtime.prefill_node\n"
+        "from kvbridge.observe import ObserverRelay\n"
         "relay = ObserverRelay(discover=True)\n"
         "assert 'prometheus' not in {n for n, _ in relay.plugin_manager.list_name_plugin()}\n"
     )

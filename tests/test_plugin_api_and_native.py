@@ -10,13 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from kvbridge import TransportRegistry
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge import RankIdentity, Role, TransferConfig, Transport, TransportRegistry
 from kvbridge.native import NativeLibraryMissing, check_native, python_module, shared_library
-from kvbridge.plugins import TRANSPORT_GROUP
-from kvbridge.transport_kit import BookedManager, ManagerHooks
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.transport.kit import BookedManager, ManagerHooks
+from kvbridge.transport.loading import TRANSPORT_GROUP
+from sample_plugins.recording import written_for_1_0
 
 MAJOR, MINOR = (int(x) for x in KVBRIDGE_API_VERSION.split("."))
 
@@ -153,3 +155,20 @@ def test_cli_says_not_loaded_and_prints_the_fix(tmp_path: Path) -> None:
     assert 'fix: pip install "kvbridge-nixl[cpu]"' in table
     (nixl,) = [r for r in json.loads(rest) if r["name"] == "nixl"]
     assert nixl["loaded"] is False and nixl["fixes"]
+
+
+def test_a_transport_for_api_1_0_cannot_tell_whether_an_abort_drained(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The facade reports that it cannot tell (None), with one warning; what that means for
+    the fence is the protocol's (``PrefillRooms.drained``)."""
+    registry = TransportRegistry()
+    assert registry.register("written_for_1_0", written_for_1_0).loaded
+    transport = Transport(registry.get("written_for_1_0"))
+    manager = transport.create_manager(
+        TransferConfig(transport="written_for_1_0"), RankIdentity(Role.PREFILL), (), ()
+    )
+    with caplog.at_level(logging.WARNING, logger="kvbridge"):
+        assert manager.sender_drained(np.array([3], dtype=np.uint64)) is None
+        assert manager.sender_drained(np.array([4], dtype=np.uint64)) is None
+    assert sum("predates kvbridge_sender_drained" in r.getMessage() for r in caplog.records) == 1

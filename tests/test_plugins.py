@@ -17,8 +17,8 @@ from kvbridge import (
     TransportRegistry,
 )
 from kvbridge.errors import IncompatiblePluginError
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION
-from kvbridge.plugins import TRANSPORT_GROUP, check_api_version
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.transport.loading import TRANSPORT_GROUP, check_api_version
 from kvbridge_fake import plugin as fake_plugin
 from sample_plugins import recording
 

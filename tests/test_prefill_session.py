@@ -8,10 +8,12 @@ import time
 import numpy as np
 
 from kvbridge import TransferConfig, Transport
-from kvbridge.plugins import TransportRegistry
-from kvbridge.queue import DecodeMetadata, DecodePeer, PrefillRequest, PrefillSession
-from kvbridge.queue.collective import SingleRankReducer
+from kvbridge.protocol.plan import DecodeMetadata, DecodePeer
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer
+from kvbridge.runtime.prefill_session import PrefillSession
 from kvbridge.testing import RankBuffers
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import RankIdentity, Role
 
 
@@ -168,9 +170,9 @@ def test_early_messages_from_a_registered_sender_are_bounded_and_spare_the_other
                 session.on_decode_abort(1_000_000 + i, "forged again", "flooder")
             session.step()
             assert session.pending_early() < FLOOD // 2
-            limit = session.early.capacity
+            limit = session.rooms.early.capacity
             assert session.pending_early() == limit
-            assert session.early.evicted == FLOOD + 1 - limit
+            assert session.rooms.early.evicted == FLOOD + 1 - limit
             session.add([PrefillRequest(6)])
             (aborted,) = session.step().aborted
             assert aborted.room == 6 and "decode gave up" in aborted.reason

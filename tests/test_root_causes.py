@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool
-from kvbridge.queue import DecodeQueue, DecodeRequest, PrefillQueue, PrefillRequest
-from kvbridge.queue.decode import FROM_OTHER_RANK
+from kvbridge.protocol.decode import FROM_OTHER_RANK, DecodeQueue, DecodeRequest
+from kvbridge.protocol.prefill import PrefillQueue, PrefillRequest
 from kvbridge.status import KVPoll
 
 

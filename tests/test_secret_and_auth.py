@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kvbridge import ConfigError, TransferConfig
-from kvbridge.control.auth import REPLAY_WINDOW_S, AuthError, Sealer, Verifier
-from kvbridge.control.messages import MalformedFrame, Status, clean_text, decode, encode
+from kvbridge.protocol.auth import REPLAY_WINDOW_S, AuthError, Sealer, Verifier
+from kvbridge.protocol.messages import MalformedFrame, Status, clean_text, decode, encode
 from kvbridge.secret import Secret
 
 VALUE = "s3cr3t-value-that-is-long-enough"

@@ -9,7 +9,7 @@ import pytest
 from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
-from kvbridge.queue import PrefillRequest
+from kvbridge.protocol.prefill import PrefillRequest
 
 pytestmark = pytest.mark.multiprocess
 PAGES = 16
@@ -101,7 +101,7 @@ def test_prefill_failing_a_room_before_decode_metadata_tells_decode_when_it_arri
 
 
 def test_root_causes_cross_with_their_origin_and_echoes_stay_echoes() -> None:
-    from kvbridge.control import Status
+    from kvbridge.protocol.messages import Status
 
     decode_config = TransferConfig(transport="fake", waiting_timeout=30.0, heartbeat_interval=1.0)
     # The prefill's transport fails room 41 itself; nothing fails on decode.

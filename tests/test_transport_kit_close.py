@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 
-from kvbridge.transport_kit import PeerWorkers
+from kvbridge.transport.kit import PeerWorkers
 
 PEERS, QUEUED = ("a", "b", "c"), 100
 

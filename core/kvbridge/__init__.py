@@ -10,12 +10,17 @@ from kvbridge.errors import (
     PluginLoadError,
     TransportNotFoundError,
 )
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION, hookimpl
 from kvbridge.memory import AuxLayout, AuxSlotPool, PagePool
-from kvbridge.plugins import TransportRegistry
+from kvbridge.protocol.decode import DecodeRequest
+from kvbridge.protocol.prefill import PrefillRequest
+from kvbridge.runtime.collective import SingleRankReducer, TorchMinReducer
+from kvbridge.runtime.decode_node import DecodeNode
+from kvbridge.runtime.prefill_node import PrefillNode
 from kvbridge.secret import Secret
 from kvbridge.status import KVPoll
-from kvbridge.transports import Transport, TransportManager
+from kvbridge.transport.facade import Transport, TransportManager
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION, hookimpl
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import (
     Capability,
     Descriptors,
@@ -34,6 +39,8 @@ __all__ = [
     "AuxSlotPool",
     "Capability",
     "ConfigError",
+    "DecodeNode",
+    "DecodeRequest",
     "Descriptors",
     "IncompatiblePluginError",
     "KVBridgeError",
@@ -44,10 +51,14 @@ __all__ = [
     "PeerWrite",
     "PluginLoadError",
     "PollResult",
+    "PrefillNode",
+    "PrefillRequest",
     "RankIdentity",
     "Role",
     "Secret",
     "SendChunk",
+    "SingleRankReducer",
+    "TorchMinReducer",
     "TransferConfig",
     "Transport",
     "TransportInfo",

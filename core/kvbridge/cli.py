@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from kvbridge._version import __version__
-from kvbridge.hookspecs import KVBRIDGE_API_VERSION
-from kvbridge.plugins import TransportRegistry
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.transport.loading import TransportRegistry
 
 
 def _cmd_transports(args: argparse.Namespace) -> int:
@@ -69,7 +69,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as exc:
         print(f"kvbridge demo: {exc}", file=sys.stderr)
         return 2
-    from kvbridge.plugins import TransportRegistry
+    from kvbridge.transport.loading import TransportRegistry
 
     registry = TransportRegistry.discover()
     try:

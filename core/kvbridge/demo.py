@@ -28,8 +28,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kvbridge.queue.collective import init_gloo
-from kvbridge.queue.decode import FROM_OTHER_RANK
+from kvbridge.protocol.decode import FROM_OTHER_RANK
+from kvbridge.runtime.collective import init_gloo
 
 log = logging.getLogger("kvbridge.demo")
 HEAD_BYTES = 512  # bytes per KV head per page; a page holds `heads` of them
@@ -196,8 +196,9 @@ def prefill_main(
 
         from kvbridge import PagePool, RankIdentity, Role
         from kvbridge.bootstrap.server import BootstrapServer
-        from kvbridge.node import PrefillNode
-        from kvbridge.queue import PrefillRequest, TorchMinReducer
+        from kvbridge.protocol.prefill import PrefillRequest
+        from kvbridge.runtime.collective import TorchMinReducer
+        from kvbridge.runtime.prefill_node import PrefillNode
 
         per_replica = plan.prefill_cp * plan.prefill_tp
         dp, local = divmod(g, per_replica)
@@ -328,8 +329,9 @@ def decode_main(
     node = None
     try:
         from kvbridge import PagePool, RankIdentity, Role
-        from kvbridge.node import DecodeNode
-        from kvbridge.queue import DecodeRequest, TorchMinReducer
+        from kvbridge.protocol.decode import DecodeRequest
+        from kvbridge.runtime.collective import TorchMinReducer
+        from kvbridge.runtime.decode_node import DecodeNode
 
         init_gloo(d, plan.decode_tp, ports["decode_gloo"])
         buffers = _buffers(plan, plan.decode_tp, d, num_slots=max(plan.requests // 2, 8))

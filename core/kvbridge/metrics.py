@@ -42,8 +42,8 @@ except ImportError as exc:  # pragma: no cover - exercised by the no-extra test
         "kvbridge.metrics needs prometheus_client: pip install 'kvbridge[metrics]'"
     ) from exc
 
-from kvbridge.hookspecs import hookimpl
 from kvbridge.status import KVPoll
+from kvbridge.transport.hookspecs import hookimpl
 from kvbridge.types import RankIdentity, Role
 
 log = logging.getLogger("kvbridge")

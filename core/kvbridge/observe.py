@@ -1,12 +1,48 @@
-"""Small helpers that feed the observer hooks from the nodes (see ``ObserverSpec``)."""
+"""The observer hooks (``ObserverSpec``): the relay that broadcasts them to every observer
+plugin, and the helpers that feed them from the nodes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import importlib.metadata
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from kvbridge.plugins import ObserverRelay
+import pluggy
+
+from kvbridge.transport.hookspecs import PROJECT_NAME, ObserverSpec
 from kvbridge.types import RankIdentity
+
+log = logging.getLogger("kvbridge")
+
+OBSERVER_GROUP = "kvbridge.observers"
+
+
+class ObserverRelay:
+    """Broadcasts observer hooks to every plugin of the ``kvbridge.observers`` group."""
+
+    def __init__(self, observers: Iterable[object] = (), *, discover: bool = False) -> None:
+        self.plugin_manager = pluggy.PluginManager(PROJECT_NAME)
+        self.plugin_manager.add_hookspecs(ObserverSpec)
+        if discover:
+            for ep in importlib.metadata.entry_points(group=OBSERVER_GROUP):
+                try:
+                    self.plugin_manager.register(ep.load(), name=ep.name)
+                except ImportError as exc:  # an optional extra that is not installed
+                    log.info("kvbridge observer %r not loaded: %s", ep.name, exc)
+                except Exception as exc:
+                    log.warning("kvbridge observer %r not loaded: %s", ep.name, exc)
+        for observer in observers:
+            self.plugin_manager.register(observer)
+        self.active = bool(self.plugin_manager.get_plugins())
+
+    def call(self, hook: str, **kwargs: Any) -> None:
+        if not self.active:
+            return
+        try:
+            getattr(self.plugin_manager.hook, hook)(**kwargs)
+        except Exception:
+            log.exception("kvbridge observer hook %s raised; ignored", hook)
 
 
 class ControlLosses:

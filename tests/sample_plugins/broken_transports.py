@@ -10,7 +10,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kvbridge.transport_kit import ManagerHooks
+from kvbridge.transport.kit import ManagerHooks
 from kvbridge.types import Descriptors
 from kvbridge_fake.manager import FakeManager
 

@@ -1,7 +1,7 @@
-"""The control channel between prefill and decode ranks."""
+"""Moved: the messages to :mod:`kvbridge.protocol.messages`, the channel to
+:mod:`kvbridge.runtime.control`. This old package (and its modules) is kept for one release."""
 
-from kvbridge.control.channel import ControlReceiver, ControlSender
-from kvbridge.control.messages import (
+from kvbridge.protocol.messages import (
     Abort,
     AbortAck,
     Heartbeat,
@@ -14,6 +14,7 @@ from kvbridge.control.messages import (
     decode,
     encode,
 )
+from kvbridge.runtime.control import ControlReceiver, ControlSender
 
 __all__ = [
     "Abort",

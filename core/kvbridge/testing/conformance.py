@@ -49,7 +49,7 @@ from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.status import KVPoll
 from kvbridge.testing.remote import RemoteReceiver
 from kvbridge.testing.rig import TransferRig, TransportHang, require_transport, wait_until_terminal
-from kvbridge.transports import Transport
+from kvbridge.transport.facade import Transport
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, RankIdentity, Role, SendChunk
 
 

@@ -11,7 +11,7 @@ import pytest
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     try:
-        from kvbridge.plugins import TransportRegistry
+        from kvbridge.transport.loading import TransportRegistry
 
         records = TransportRegistry.discover().records()
     except Exception as exc:  # a broken install must not break unrelated test suites

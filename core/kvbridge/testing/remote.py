@@ -14,8 +14,8 @@ import numpy as np
 
 from kvbridge.buffers import RankBuffers
 from kvbridge.config import TransferConfig
-from kvbridge.plugins import TransportRegistry
-from kvbridge.transports import Transport
+from kvbridge.transport.facade import Transport
+from kvbridge.transport.loading import TransportRegistry
 from kvbridge.types import RankIdentity, Role
 
 _IDLE_LIMIT = 120.0

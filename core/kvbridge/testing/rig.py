@@ -16,9 +16,9 @@ import numpy as np
 from kvbridge.buffers import RankBuffers
 from kvbridge.config import TransferConfig
 from kvbridge.memory import aux_descriptors, kv_descriptors
-from kvbridge.plugins import LoadedTransport, TransportRegistry
 from kvbridge.status import KVPoll
-from kvbridge.transports import Transport
+from kvbridge.transport.facade import Transport
+from kvbridge.transport.loading import LoadedTransport, TransportRegistry
 from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, RankIdentity, Role, SendChunk
 
 #: Comma-separated transport names (or "all") whose absence fails tests instead of skipping

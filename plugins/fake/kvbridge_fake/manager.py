@@ -29,7 +29,7 @@ import numpy as np
 from kvbridge.config import TransferConfig
 from kvbridge.errors import MemoryRegistrationError
 from kvbridge.status import KVPoll
-from kvbridge.transport_kit import BookedManager, transport_options
+from kvbridge.transport.kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 from kvbridge_fake import wire
 from kvbridge_fake.faults import FaultPlan

@@ -1,8 +1,8 @@
 """The Fake transport's hooks.
 
 This is the shape third-party transports copy: a manager class that subclasses
-:class:`kvbridge.transport_kit.BookedManager` (writing only the transport's own calls), and a
-:class:`~kvbridge.transport_kit.ManagerHooks` instance that the entry point names::
+:class:`kvbridge.transport.kit.BookedManager` (writing only the transport's own calls), and a
+:class:`~kvbridge.transport.kit.ManagerHooks` instance that the entry point names::
 
     [project.entry-points."kvbridge.transports"]
     fake = "kvbridge_fake.plugin:plugin"
@@ -12,7 +12,7 @@ The Fake has no native library, so it has no :func:`kvbridge.native.check_native
 
 from __future__ import annotations
 
-from kvbridge.transport_kit import ManagerHooks
+from kvbridge.transport.kit import ManagerHooks
 from kvbridge_fake.manager import FakeManager
 
 #: The kvbridge plugin API this plugin was written for (not the running core's version).

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvbridge.config import TransferConfig
-from kvbridge.transport_kit import BookedManager, transport_options
+from kvbridge.transport.kit import BookedManager, transport_options
 from kvbridge.types import Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.mooncake")

@@ -13,7 +13,7 @@ import os
 from typing import Any
 
 from kvbridge.native import check_native, python_module
-from kvbridge.transport_kit import ManagerHooks
+from kvbridge.transport.kit import ManagerHooks
 from kvbridge_mori.io_module import DEFAULT_MODULE, ENV_MODULE, load_io_module
 
 #: The kvbridge plugin API this plugin was written for (not the running core's version).

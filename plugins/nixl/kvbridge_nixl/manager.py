@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.transport_kit import BookedManager, transport_options
+from kvbridge.transport.kit import BookedManager, transport_options
 from kvbridge.types import HOST, Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.nixl")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvbridge.native import check_native, python_module, shared_library
-from kvbridge.transport_kit import ManagerHooks
+from kvbridge.transport.kit import ManagerHooks
 from kvbridge_nixl.manager import NIXL_MODULES
 
 #: The kvbridge plugin API this plugin was written for (not the running core's version).

@@ -1,0 +1,260 @@
+"""A decode rank's complete wiring: transport manager, control channel, bootstrap, session.
+
+An engine creates one :class:`DecodeNode` per decode rank (a :class:`~kvbridge.runtime.
+prefill_node.PrefillNode` on prefill ranks), calls ``add`` with the same requests in the same
+order on every rank of its group, and calls ``step`` once per scheduler step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
+from kvbridge.checksum import room_checksum
+from kvbridge.config import TransferConfig
+from kvbridge.observe import ControlLosses, ObserverRelay
+from kvbridge.protocol.decode import DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.protocol.messages import (
+    Abort,
+    Message,
+    Metadata,
+    Register,
+    Waiting,
+    refused_by,
+    regions_to_wire,
+)
+from kvbridge.protocol.outcomes import DecodeStep
+from kvbridge.protocol.plan import PrefillKey, PrefillTarget, by_control
+from kvbridge.runtime.collective import Reducer
+from kvbridge.runtime.control import ControlSender, control_key, control_receiver
+from kvbridge.runtime.decode_session import DecodeSession
+from kvbridge.transport.facade import Transport
+from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
+from kvbridge.types import MemoryRegion, RankIdentity, Role
+
+log = logging.getLogger("kvbridge")
+
+
+class DecodeNode:
+    """A decode rank: receives KV into ``kv_regions`` and aux rows into ``aux``."""
+
+    def __init__(
+        self,
+        *,
+        config: TransferConfig,
+        rank: RankIdentity,
+        kv_regions: Sequence[MemoryRegion],
+        aux: np.ndarray,
+        pages: PageAllocator | None,
+        reducer: Reducer,
+        page_size: int,
+        kv_dtype: str,
+        kv_layout: str = "head_sharded",
+        transport: Transport | None = None,
+        host: str | None = None,
+        dp_follows_room: bool = False,
+        observers: ObserverRelay | None = None,
+    ) -> None:
+        self.config = config
+        self.rank = rank
+        self.key = f"decode-{uuid.uuid4().hex[:12]}-dp{rank.dp_rank}-tp{rank.tp_rank}"
+        transport = transport or Transport.from_config(config)
+        self.kv_regions = tuple(kv_regions)
+        self.aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
+        self.manager = transport.create_manager(config, rank, self.kv_regions, self.aux_regions)
+        key = control_key(config)
+        self._out = ControlSender(key)
+        self._registered: set[str] = set()
+        self._last_used: dict[str, float] = {}
+        self._next_idle_check = 0.0
+        self.control = control_receiver(self._on_message, config, host, key)
+        self.directory = BootstrapDirectory(
+            config,
+            rank.tp_rank,
+            rank.tp_size,
+            DecodeExpectation(
+                transport=config.transport,
+                kv_dtype=kv_dtype,
+                kv_layout=kv_layout,
+                page_size=page_size,
+                page_bytes=self.kv_regions[0].item_bytes if self.kv_regions else 1,
+                num_kv_regions=max(len(self.kv_regions), 1),
+                api_version=KVBRIDGE_API_VERSION,
+            ),
+            on_lost=lambda addr, reason: self.session.fail_address(addr, reason),
+            dp_follows_room=dp_follows_room,
+        )
+        self.session = DecodeSession(
+            config=config,
+            manager=self.manager,
+            pages=pages,
+            aux=aux,
+            reducer=reducer,
+            directory=self.directory,
+            send_metadata=self._send_metadata,
+            send_abort=self._send_abort,
+            send_early_abort=self._send_early_abort,
+            on_writer_dead=lambda key: self.directory.writer_dead(PrefillKey.parse(str(key)).addr),
+            send_waiting=self._send_waiting,
+            verify=self._verify if config.verify_checksums else None,
+            observers=observers if observers is not None else ObserverRelay(discover=True),
+            page_bytes=sum(r.item_bytes for r in self.kv_regions),
+        )
+        self._losses = ControlLosses(
+            self.session.observers,
+            rank,
+            self.control,
+            (self._out,),
+            untrusted=lambda: self.session.untrusted,
+        )
+
+    def _on_message(self, message: Message) -> None:
+        # Control thread: the session takes it up at its next step.
+        if refused_by(Role.DECODE, message):
+            self.session.refuse(message)
+        else:
+            self.session.receive(message)
+
+    @property
+    def abort_acks(self) -> int:
+        """AbortAck messages this rank took up (from any sender)."""
+        return self.session.abort_acks
+
+    def _ensure_registered(self, control: str) -> None:
+        """A prefill rank hears who this decode rank is before anything else from it."""
+        self._last_used[control] = time.monotonic()
+        if control in self._registered:
+            return
+        self._out.send(
+            control,
+            Register(
+                self.key,
+                dict(self.manager.endpoint),
+                regions_to_wire(self.kv_regions),
+                regions_to_wire(self.aux_regions),
+                self.control.address,
+            ),
+        )
+        self._registered.add(control)
+
+    def _send_metadata(self, meta: MetadataToSend, target: PrefillTarget) -> None:
+        for contact in target.plan:
+            self._ensure_registered(contact.control)
+            route = contact.route
+            self._out.send(
+                contact.control,
+                Metadata(
+                    meta.room,
+                    self.key,
+                    meta.pages,
+                    meta.aux_slot,
+                    contact.expected,
+                    None if route is None else (route.src_offset, route.dst_offset, route.length),
+                ),
+            )
+
+    def _verify(
+        self,
+        room: int,
+        target: PrefillTarget,
+        pages: np.ndarray,
+        aux_slot: int,
+        checksums: Mapping[object, int],
+    ) -> str | None:
+        for contact in target.plan:
+            route = contact.route
+            if route is None:
+                continue  # takes part only: wrote nothing here
+            got = checksums.get(contact.prefill_key)
+            if got is None:
+                return f"prefill {contact.prefill_key} sent no checksum (verify_checksums)"
+            want = room_checksum(
+                self.kv_regions, self.aux_regions, pages, aux_slot, route.dst_offset, route.length
+            )
+            if got != want:
+                return (
+                    f"checksum mismatch for the bytes from prefill {contact.prefill_key}: "
+                    f"it wrote {got:#010x}, this rank holds {want:#010x}"
+                )
+        return None
+
+    def _send_abort(self, room: int, target: PrefillTarget | None, reason: str | None) -> None:
+        self.directory.forget_room(room)
+        if target is None:
+            return
+        message = Abort.of(room, self.key, reason)
+        for contact in target.plan:
+            self._ensure_registered(contact.control)
+            self._out.send(contact.control, message)
+
+    def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str | None) -> None:
+        """Decode gave up before it knew the room's DP rank: tell every prefill rank there."""
+        message = Abort.of(room, self.key, reason)
+        for control in self.directory.controls_of(bootstrap_addr):
+            self._ensure_registered(control)
+            self._out.send(control, message)
+
+    def _send_waiting(self, waiting: Sequence[tuple[int, PrefillTarget]]) -> None:
+        for control, rooms in by_control(waiting).items():
+            self._ensure_registered(control)
+            self._out.send(control, Waiting(self.key, np.array(rooms, dtype=np.uint64)))
+
+    def _release_replaced_writers(self) -> None:
+        """A dead writer whose rank re-registered with another control address is a new
+        process: the old one, and any write it had in flight, is gone (the fence may lift)."""
+        for room, writer, target in self.session.dead_writers():
+            self.directory.watch(target.bootstrap_addr)
+            for contact in target.plan:
+                if contact.prefill_key != writer:
+                    continue
+                now_at = self.directory.rank_control(PrefillKey.parse(contact.prefill_key))
+                if now_at is not None and now_at != contact.control:
+                    log.info("room %d: prefill %s was replaced; its fence lifts", room, writer)
+                    self.session.writer_replaced(room, writer)
+
+    def _forget_idle_peers(self, now: float) -> None:
+        """Close sockets to prefill ranks no live room has used for ``bootstrap_timeout``."""
+        in_use = {
+            contact.control for target in self.session.targets.values() for contact in target.plan
+        }
+        idle = [
+            c
+            for c, t in self._last_used.items()
+            if c not in in_use and now - t > self.config.bootstrap_timeout
+        ]
+        for control in idle:
+            del self._last_used[control]
+            self._registered.discard(control)
+            self._out.forget(control)
+
+    def add(self, requests: Sequence[DecodeRequest]) -> None:
+        self.session.add(requests)
+
+    def abort(self, room: int, reason: str) -> None:
+        """Give up on ``room`` (client disconnected, request cancelled): it aborts on every
+        rank at the next step, the prefill is told, and its pages are released through the
+        fence (``DecodeStep.released``)."""
+        self.session.abort(room, reason)
+
+    def step(self) -> DecodeStep:
+        self._losses.check()
+        now = time.monotonic()
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + self.config.heartbeat_interval
+            self._forget_idle_peers(now)
+            self._release_replaced_writers()
+        result = self.session.step()
+        for done in result.committed:
+            self.directory.forget_room(done.room)
+        return result
+
+    def close(self) -> None:
+        self.directory.close()
+        self.control.close()
+        self._out.close()
+        self.manager.close()

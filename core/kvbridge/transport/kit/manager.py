@@ -1,0 +1,140 @@
+"""A manager base class built on the book, the regions and the workers: a transport subclasses
+it and writes only its native calls."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from kvbridge.status import KVPoll
+from kvbridge.transport.kit.book import RoomBook, RoomState
+from kvbridge.transport.kit.regions import RegionSet
+from kvbridge.transport.kit.workers import PeerWorkers
+from kvbridge.types import Descriptors, MemoryRegion, PollResult, SendChunk
+
+
+class BookedManager:
+    """Base class for a transport manager: subclasses write only the native parts.
+
+    It keeps receivers and senders in :class:`RoomBook`\\ s, checks source memory, runs every
+    chunk for a peer as one job on :class:`PeerWorkers`, and calls :meth:`write` with the KV
+    runs first and the aux runs after them (so the room stamp never lands before the pages).
+    Override :meth:`peer_key` and :meth:`write`; optionally :meth:`check_peer`,
+    :meth:`connect_peer`, :meth:`release`, and the fault-injection hooks.
+    """
+
+    def __init__(
+        self, label: str, kv_regions: Sequence[MemoryRegion], aux_regions: Sequence[MemoryRegion]
+    ) -> None:
+        self.label = label
+        self.regions = RegionSet([*kv_regions, *aux_regions])
+        self.aux_regions = RegionSet(aux_regions)
+        self.receivers = RoomBook(label)
+        self.senders = RoomBook(label)
+        self._workers = PeerWorkers(f"kvbridge-send-{label}")
+        self._closed = False
+
+    # -- what a transport provides ---------------------------------------------------------------
+
+    @property
+    def endpoint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def peer_key(self, peer: Mapping[str, Any]) -> str:
+        """A stable name for a peer endpoint (one worker thread per key)."""
+        raise NotImplementedError
+
+    def check_peer(self, peer: Mapping[str, Any]) -> None:
+        """Raise ValueError if ``peer`` is not this transport's endpoint."""
+
+    def connect_peer(self, peer: Mapping[str, Any]) -> None:
+        """Sender side, at init: make the peer known to the library (must not block long)."""
+
+    def write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> str | None:
+        """Perform the writes (blocking is fine: this runs on the peer's worker thread).
+
+        Returns None on success or the failure reason.
+        """
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Deregister memory and free library resources (called once by :meth:`close`)."""
+
+    def init_delay(self) -> float:
+        return 0.0
+
+    def send_delay(self) -> float:
+        return 0.0
+
+    def injected_failure(self, room: int) -> str | None:
+        return None
+
+    def injects_failures(self) -> bool:
+        """Whether :meth:`injected_failure` may fail a room now; polls skip it when not."""
+        return type(self).injected_failure is not BookedManager.injected_failure
+
+    # -- the shared mechanics --------------------------------------------------------------------
+
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+        for peer in peers:
+            self.check_peer(peer)
+            if book is self.senders:
+                self.connect_peer(peer)
+        book.init(room, peers, delay=self.init_delay())
+
+    def poll(self, book: RoomBook, rooms: np.ndarray) -> PollResult:
+        return book.poll(rooms, self.injected_failure if self.injects_failures() else None)
+
+    def send(self, room: int, chunk: SendChunk) -> None:
+        for write in chunk.writes:
+            self.regions.check_sources(room, write.descriptors, self.label)
+        state = self.senders.start_send(room, chunk, jobs=len(chunk.writes))
+        if state is None:
+            return
+        ready_at = time.monotonic() + self.send_delay()
+        for write in chunk.writes:
+            peer = state.peers[write.peer]
+            job = functools.partial(
+                self._job, state, room, peer, write.descriptors, chunk.is_last, ready_at
+            )
+            self._workers.submit(self.peer_key(peer), job)
+
+    def _job(
+        self,
+        state: RoomState,
+        room: int,
+        peer: Mapping[str, Any],
+        d: Descriptors,
+        is_last: bool,
+        ready_at: float,
+    ) -> None:
+        wait = ready_at - time.monotonic()
+        if wait > 0 and self._workers.closing.wait(wait):
+            return  # closed while it waited: it never started
+        error = None
+        if state.status != KVPoll.Failed:
+            is_aux = self.aux_regions.covers(d.src, d.lengths)
+            for aux, mask in ((False, ~is_aux), (True, is_aux)):
+                if not mask.any():
+                    continue
+                runs = d.select(mask)  # devices travel with the runs
+                try:
+                    error = self.write(room, peer, runs, aux)
+                except Exception as exc:  # a failed write fails the room, never the thread
+                    error = f"{type(exc).__name__}: {exc}"
+                if error is not None:
+                    break
+        self.senders.finish_job(state, error, is_last)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._workers.close()
+        self.release()
