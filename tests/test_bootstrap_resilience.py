@@ -490,6 +490,36 @@ def test_registration_waits_for_a_bootstrap_server_that_starts_later() -> None:
             server.stop()
 
 
+@pytest.mark.parametrize("grace, levels", [(60.0, {"INFO"}), (0.0, {"INFO", "WARNING"})])
+def test_a_bootstrap_server_not_started_yet_is_no_warning_within_the_grace(
+    caplog: pytest.LogCaptureFixture, grace: float, levels: set[str]
+) -> None:
+    """Engines start their bootstrap server after their ranks register (vLLM: the workers
+    register KV caches before the scheduler exists), so that is INFO, one attempt, and the
+    upkeep thread registers later; a server that stays away past the grace is a WARNING."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    client = PrefillRegistration(
+        BootstrapClient(timeout=0.5), check_interval=0.05, backoff_max=0.05, start_grace=grace
+    )
+    server: BootstrapServer | None = None
+    try:
+        with caplog.at_level("INFO", logger="kvbridge"):
+            assert client.register(addr, registration()) is None
+            wait_for(
+                lambda: any("upkeep" in r.getMessage() for r in caplog.records),
+                what="an upkeep attempt",
+            )
+        said = {r.levelname for r in caplog.records if addr in r.getMessage()}
+        assert said == levels, [(r.levelname, r.getMessage()) for r in caplog.records]
+        server = BootstrapServer(port=port).start()
+        wait_for(lambda: len(server.state.ranks) == 1, what="late registration")
+    finally:
+        client.close()
+        if server is not None:
+            server.stop()
+
+
 def test_client_threads_end_on_close_even_while_the_server_hangs() -> None:
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

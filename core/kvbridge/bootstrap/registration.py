@@ -47,8 +47,11 @@ class PrefillRegistration:
         check_interval: float = 5.0,
         republish_horizon: float = 300.0,
         max_pending_rooms: int = 1 << 20,
+        start_grace: float = 60.0,
     ) -> None:
         self.client = client or BootstrapClient()
+        #: Seconds a server that never answered may stay unreachable before that is a WARNING.
+        self.start_grace = start_grace
         self.backoff_max = backoff_max
         self.check_interval = check_interval
         self.republish_horizon = republish_horizon
@@ -58,6 +61,8 @@ class PrefillRegistration:
         self._kept: dict[tuple[str, tuple[int, ...]], dict[str, Any]] = {}
         #: addr -> the server instance that holds our registrations (None: not registered).
         self._instances: dict[str, str | None] = {}
+        #: addr -> when the first registration there was tried (monotonic).
+        self._first_tried: dict[str, float] = {}
         self._pending_rooms: dict[str, dict[int, int]] = collections.defaultdict(dict)
         self._published: dict[str, collections.OrderedDict[int, tuple[int, float]]] = (
             collections.defaultdict(collections.OrderedDict)
@@ -73,24 +78,30 @@ class PrefillRegistration:
             backoff_max=config.bootstrap_backoff_max,
             check_interval=config.heartbeat_interval,
             republish_horizon=config.bootstrap_timeout,
+            start_grace=config.bootstrap_timeout,
         )
 
     def register(
-        self, addr: str, entry: Mapping[str, Any], *, attempts: int = 50, interval: float = 0.1
+        self, addr: str, entry: Mapping[str, Any], *, attempts: int = 1, interval: float = 0.1
     ) -> Any:
         """Register a prefill rank and keep the registration: it is sent again whenever the
         server restarted, and, if the server is still unreachable after ``attempts``, sent by
         the background thread once it answers (this returns None then instead of raising).
-        Definitive errors (a conflicting or invalid registration) raise."""
+        Definitive errors (a conflicting or invalid registration) raise.
+
+        One attempt by default, so an engine's start never waits here: engines commonly
+        start their bootstrap server after their ranks (vLLM's scheduler, after the workers
+        registered their KV caches)."""
         entry = dict(entry)
         coords = tuple(int(entry[k]) for k in ("dp_rank", "pp_rank", "cp_rank", "tp_rank"))
         with self._lock:
             self._kept[(addr, coords)] = entry
             self._instances.setdefault(addr, None)
+            self._first_tried.setdefault(addr, time.monotonic())
         try:
             answer = self.client.register_rank(addr, entry, attempts=attempts, interval=interval)
         except BootstrapUnreachable as exc:
-            log.warning("%s; the registration will be sent when it answers", exc)
+            log.info("%s (not started yet?); the registration will be sent when it answers", exc)
             self._start()
             return None
         self._note_instance(addr, answer)
@@ -157,11 +168,20 @@ class PrefillRegistration:
                 except BootstrapError as exc:
                     failures[addr] += 1
                     if failures[addr] == 1 or failures[addr] % 20 == 0:
-                        log.warning("bootstrap upkeep %s: %s", addr, exc)
+                        log.log(self._upkeep_level(addr, now), "bootstrap upkeep %s: %s", addr, exc)
                     retry_at[addr] = now + backoff(failures[addr], self.backoff_max)
                     continue
                 if failures.pop(addr, 0):
                     log.info("bootstrap upkeep %s: answering again", addr)
+
+    def _upkeep_level(self, addr: str, now: float) -> int:
+        """INFO while a server that never answered is within ``start_grace`` of the first
+        try (the expected start-up order), WARNING otherwise."""
+        with self._lock:
+            never_answered = self._instances.get(addr, "") is None
+            first = self._first_tried.get(addr, now)
+        starting = never_answered and now - first < self.start_grace
+        return logging.INFO if starting else logging.WARNING
 
     def _check_registration(self, addr: str, now: float) -> None:
         """Register this client's ranks at ``addr`` again if the server lost them."""
