@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbridge.hookspecs import hookimpl
-from kvbridge.types import Role
+from kvbridge import Role, hookimpl
 from kvbridge_vllm.config import metric_names_of
 
 try:

@@ -22,13 +22,19 @@ from typing import Any
 
 import numpy as np
 
-from kvbridge import AuxLayout, MemoryRegion, RankIdentity, Role
-from kvbridge.memory import AuxSlotPool
-from kvbridge.node import DecodeNode, PrefillNode
-from kvbridge.plugins import ObserverRelay
-from kvbridge.queue import DecodeRequest
-from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.queue.prefill import PrefillRequest
+from kvbridge import (
+    AuxLayout,
+    AuxSlotPool,
+    DecodeNode,
+    DecodeRequest,
+    MemoryRegion,
+    PrefillNode,
+    PrefillRequest,
+    RankIdentity,
+    Role,
+    SingleRankReducer,
+)
+from kvbridge.observe import ObserverRelay
 from kvbridge_vllm.config import ConnectorConfig
 from kvbridge_vllm.layouts import KvDescription, PageContent, describe_kv_caches
 from kvbridge_vllm.scheduler import KvbridgeMetadata

@@ -36,9 +36,9 @@ from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
 
 from kvbridge import AuxLayout, RankIdentity, Role, TransferConfig
 from kvbridge.bootstrap.server import BootstrapServer
-from kvbridge.plugins import ObserverRelay
-from kvbridge.queue.columns import TRANSFERRING
-from kvbridge.queue.prefill import PrefillQueue, PrefillRequest
+from kvbridge.observe import ObserverRelay
+from kvbridge.protocol.columns import TRANSFERRING
+from kvbridge.protocol.prefill import PrefillQueue, PrefillRequest
 from kvbridge_vllm import KvbridgeConnector
 from kvbridge_vllm.config import ConnectorConfig
 from kvbridge_vllm.scheduler import KvbridgeMetadata, RecvRoom, SendRoom
