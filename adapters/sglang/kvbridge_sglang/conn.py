@@ -268,6 +268,9 @@ class KvbridgeKVReceiver(BaseKVReceiver):
         return self._endpoint.poll(self._state)
 
     def failure_exception(self) -> None:
+        # SGLang asks only when the MIN over its TP ranks said Failed: if this rank's room had
+        # not failed, another rank's had, and this rank ends its room too.
+        self._endpoint.follow_failure(self._state)
         raise self._state.exception()
 
     def abort(self) -> None:

@@ -14,7 +14,9 @@ Per room, what SGLang's calls do:
   (``Transferring``);
 - the driver thread steps the node: a commit publishes the metadata rows, an abort its reason;
 - ``poll()`` copies the committed rows into SGLang's metadata slot, then answers ``Success``
-  (so SGLang's own metadata gate sees the room stamp), or ``Failed``.
+  (so SGLang's own metadata gate sees the room stamp), or ``Failed``;
+- ``failure_exception()``, which SGLang calls once the MIN over its TP ranks says Failed: on a
+  rank whose own room had not failed, the room is ended here too (:meth:`follow_failure`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ from kvbridge_sglang.rooms import NO_BOOTSTRAP_HOST, RoomState, admit
 
 log = logging.getLogger("kvbridge_sglang")
 ENDED_IN_SGLANG = "request aborted in SGLang (client gone or cancelled)"
+FAILED_ON_ANOTHER_RANK = (
+    "failed on another decode TP rank (SGLang fails a request on every TP rank when one fails)"
+)
 #: Bootstrap addresses come from requests: bound the look-ups in flight and what is cached.
 MAX_LOOKUPS = 16
 MAX_PREFILLS = 1024
@@ -159,7 +164,27 @@ class DecodeEndpoint(DrivenEndpoint):
             return
         state.fail(ENDED_IN_SGLANG)
         if state.room and state.metadata_sent:
-            self._queue("abort", state.room)
+            self._queue("abort", (state.room, ENDED_IN_SGLANG))
+
+    def follow_failure(self, state: RoomState) -> None:
+        """SGLang failed the request on every TP rank (the MIN of their ``poll()`` answers)
+        while this rank's own receiver had not failed: another rank's had.
+
+        This rank ends the room in kvbridge as well, so the prefill hears it from this rank
+        too and the fence lifts once no write can land here. Without it the room would stay
+        live until ``waiting_timeout``, and SGLang's deferred release, which waits for every
+        rank's fence, would hold the request's pages that long on every rank.
+        """
+        with self._lock:  # the driver thread may be publishing this room's end right now
+            if state.status == KVPoll.Failed:
+                return
+            live = state.status != KVPoll.Success and state.room and state.metadata_sent
+            state.status = KVPoll.Failed
+            state.reason = FAILED_ON_ANOTHER_RANK
+            state.from_other_rank = True
+            state.committed_row = None
+        if live:
+            self._queue("abort", (state.room, FAILED_ON_ANOTHER_RANK))
 
     def release_safe(self, room: int) -> bool:
         """SGLang's deferred release: may the pages of aborted ``room`` be reused now?"""
@@ -187,7 +212,7 @@ class DecodeEndpoint(DrivenEndpoint):
                         self._live.discard(item.room)
                     self._ended(item.room, None, f"refused by kvbridge: {exc}", False)
             else:
-                node.abort(item, ENDED_IN_SGLANG)
+                node.abort(*item)
         result = node.step()
         if result.committed or result.released:
             with self._lock:
