@@ -21,9 +21,9 @@ from sglang.srt.disaggregation.base.conn import (
     KVTransferMetric,
 )
 
+from kvbridge import KVPoll
 from kvbridge.bootstrap.server import BootstrapServer
 from kvbridge.errors import ConfigError
-from kvbridge.status import KVPoll
 from kvbridge_sglang.config import AdapterConfig
 from kvbridge_sglang.decode import DecodeEndpoint
 from kvbridge_sglang.layout import MetadataRows, RankLayout, kv_layout_for, kv_regions

@@ -28,12 +28,8 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kvbridge import Role
-from kvbridge.bootstrap.client import BootstrapClient, BootstrapError
-from kvbridge.node import DecodeNode
-from kvbridge.queue import DecodeRequest
-from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.status import KVPoll
+from kvbridge import DecodeNode, DecodeRequest, KVPoll, Role, SingleRankReducer
+from kvbridge.bootstrap.http_client import BootstrapClient, BootstrapError
 from kvbridge_sglang.config import AdapterConfig
 from kvbridge_sglang.driver import DrivenEndpoint
 from kvbridge_sglang.layout import AUX_FIELD, RankLayout

@@ -24,12 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from kvbridge import MemoryRegion, Role
-from kvbridge.memory import AuxSlotPool
-from kvbridge.node import PrefillNode
-from kvbridge.queue.collective import SingleRankReducer
-from kvbridge.queue.prefill import PrefillRequest
-from kvbridge.status import KVPoll
+from kvbridge import (
+    AuxSlotPool,
+    KVPoll,
+    MemoryRegion,
+    PrefillNode,
+    PrefillRequest,
+    Role,
+    SingleRankReducer,
+)
 from kvbridge_sglang.config import AdapterConfig
 from kvbridge_sglang.driver import DrivenEndpoint
 from kvbridge_sglang.layout import AUX_FIELD, RankLayout

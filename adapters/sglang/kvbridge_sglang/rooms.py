@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import attrs
 import numpy as np
 
-from kvbridge.status import KVPoll
+from kvbridge import KVPoll
 
 MAX_ROOM = 2**63 - 1
 #: The bootstrap address of a request that came without ``bootstrap_host`` (see plugin.py).
