@@ -104,3 +104,30 @@ def test_a_transport_that_cannot_tell_counts_as_drained() -> None:
     rooms.finish(step, 0.1)
     assert rooms.drained(rooms.draining_rooms(), None) == [Drained(7), Acknowledge(7, (peer,))]
     assert rooms.draining == 0
+
+
+def test_a_decode_rank_yet_to_send_its_metadata_may_abort_until_the_room_is_bound() -> None:
+    """Decode TP 2 into one prefill rank: d0's metadata is here, d1's client went away before
+    d1 sent its own. d1 is one of the room's decode ranks (the room is not bound yet), so its
+    abort counts; refusing it left the room waiting for metadata that never comes. Once bound,
+    a registered rank that is not among the room's decode ranks is still refused."""
+    rooms = machine()
+    register(rooms, "d0")
+    register(rooms, "d1")
+    register(rooms, "d2")
+    rooms.add([PrefillRequest(7), PrefillRequest(8)], 0.0)
+
+    def two(room: int, key: str) -> Metadata:
+        return Metadata(room, key, np.arange(2), 0, 2, (0, 0, PAGE))
+
+    assert rooms.on_message(two(7, "d0"), 0.1) == []
+    assert rooms.on_message(Abort.of(7, "d1", "client gone"), 0.2) == []
+    assert rooms.untrusted == 0
+    step = rooms.queue.apply(rooms.queue.local_statuses(np.array([2, 2], np.uint8), {}, 0.3))
+    assert [a.room for a in step.aborted] == [7]
+    assert "client gone" in step.aborted[0].reason
+
+    rooms.on_message(two(8, "d0"), 0.1)
+    assert isinstance(rooms.on_message(two(8, "d1"), 0.1)[0], StartSending)
+    (refused,) = rooms.on_message(Abort.of(8, "d2", "forged"), 0.4)
+    assert isinstance(refused, Refused) and "not its decode rank" in refused.what

@@ -289,8 +289,12 @@ class PrefillRooms:
             return self._take_metadata(payload)
         _, reason, sender = payload
         if sender is not None:
-            asked = self._metadata.get(room)
-            if sender not in self.decode_peers or (asked and sender not in asked):
+            # Until the room is bound every registered decode rank may be one of those whose
+            # metadata is still to come (a client gone before that rank sent it); once bound,
+            # only the room's own decode ranks count (rule 9).
+            bound = room in self._targets
+            asked = self._metadata.get(room) or {}
+            if sender not in self.decode_peers or (bound and sender not in asked):
                 return self._refuse(
                     "an abort of room %d from %r: not its decode rank", room, sender
                 )
