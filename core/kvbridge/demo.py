@@ -10,6 +10,7 @@ work is done, when told to stop, or when the parent disappears.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import math
 import multiprocessing
@@ -242,7 +243,7 @@ def prefill_main(
         step = 0
         stop_seen = 0.0
         while not _orphaned(parent):
-            if stop.is_set():
+            if stop.value:
                 # Leave in lock-step: only once the queue is empty on every rank (emptiness
                 # is agreed, so no rank is left inside a collective), or after a grace period.
                 stop_seen = stop_seen or time.monotonic()
@@ -354,7 +355,7 @@ def decode_main(
         last_report = 0.0
         started = time.time()
         drain_until = None  # after the last request ended: wait for fenced memory to lift
-        while not stop.is_set() and not _orphaned(parent):
+        while not stop.value and not _orphaned(parent):
             if ended >= len(todo):
                 if not len(node.session):
                     break
@@ -484,7 +485,10 @@ def run_demo(plan: DemoPlan, on_progress: Callable[[tuple], None] | None = None)
     """Run the demo; every process started here has ended when this returns or raises."""
     ctx = multiprocessing.get_context("spawn")
     ports = {"bootstrap": _free_port(), "prefill_gloo": _free_port(), "decode_gloo": _free_port()}
-    stop, results, progress = ctx.Event(), ctx.Queue(), ctx.Queue()
+    # A lock-free flag, not an Event: a process killed while it checks an Event holds the
+    # Event's lock forever, and every other process (and this one, setting it) waits on it.
+    stop = ctx.RawValue(ctypes.c_bool, False)
+    results, progress = ctx.Queue(), ctx.Queue()
     parent = os.getpid()
     prefill_world = plan.prefill_dp * plan.prefill_cp * plan.prefill_tp
     prefill = [
@@ -542,12 +546,12 @@ def run_demo(plan: DemoPlan, on_progress: Callable[[tuple], None] | None = None)
             if any(p.exitcode not in (None, 0) for p in decode):
                 bad = [p.name for p in decode if p.exitcode not in (None, 0)]
                 raise RuntimeError(f"decode process(es) {bad} died")
-        stop.set()
+        stop.value = True
         for _ in range(len([p for p in prefill if p.exitcode is None or p.exitcode == 0])):
             with contextlib.suppress(queue.Empty):
                 outs.append(results.get(timeout=10))
     finally:
-        stop.set()
+        stop.value = True
         for p in procs:
             p.join(5)
         for p in procs:
