@@ -133,6 +133,36 @@ def small_server() -> Iterator[BootstrapServer]:
 # -- hostile input ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("close", ["fin", "rst"])
+def test_a_client_gone_mid_body_is_no_internal_error(close: str) -> None:
+    """A prefill worker killed (or cut off) while registering is the client's problem: no
+    ERROR traceback, no internal error counted, the server goes on answering."""
+    import struct
+
+    server = BootstrapServer().start()
+    try:
+        conn = socket.create_connection((server.host, server.port))
+        conn.sendall(
+            b"PUT /v1/ranks HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"dp_rank": '
+        )
+        time.sleep(0.2)  # the server is reading the body now
+        if close == "rst":
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+        wait_for(
+            lambda: (
+                BootstrapClient().status(server.address)["internal_errors"] == 0
+                and not server.state.ranks
+            ),
+            what="the server answering",
+        )
+        time.sleep(0.3)  # the handler has seen the connection end by now
+        assert BootstrapClient().status(server.address)["internal_errors"] == 0
+    finally:
+        server.stop()
+
+
 def test_deeply_nested_json_is_400_not_500(small_server) -> None:
     for depth in (40, 900, 2000, 100_000):  # past the limit, near and past the recursion limit
         status, body = send_raw(small_server, http("PUT", "/v1/rooms", b"[" * depth))

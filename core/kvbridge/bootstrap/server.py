@@ -374,6 +374,8 @@ def build_app(
             raise BadRequest(
                 f"body not received within {limits.idle_timeout:g}s", status=408
             ) from None
+        except ConnectionResetError:  # the client went away mid-body: its problem, not a bug
+            raise BadRequest("the connection closed before the body was received") from None
         try:
             data = json.loads(raw)
         except RecursionError:  # the C parser stops at the interpreter's recursion limit
