@@ -18,6 +18,18 @@ For each size, in one run and in the same processes:
   room's stamp is the landing step, ``commit step - landing step`` is recorded (0: committed
   in the first step that started after the bytes were visible on every rank; -1: the bytes
   landed between that read and the step's own poll);
+- (d) kvbridge's own CPU per request and rank, per side: ``sequential`` (one request in
+  flight) and ``window`` (K in flight, a new one added as one commits) phases of
+  ``--cpu-requests`` requests at ``--cpu-sizes-kib``, in which prefill adds rooms as earlier
+  ones finish, as an engine sees them arrive. Every thread's CPU time is read from
+  ``/proc/self/task/*/schedstat`` (native threads too) at the phase's start and end; the
+  scheduler thread's is its thread time inside kvbridge's calls (``add``, ``step``,
+  ``send``), the collective's part apart. kvbridge's own = scheduler + control channel
+  (receive thread and ZMQ's I/O thread) + bootstrap threads + the transport's Python threads
+  (prefill: the kit's send workers; decode: the Fake's receive threads) minus the raw calls'
+  CPU for the same bytes. The transport library's native threads are shown apart, for
+  kvbridge's phase and the raw one. ``--profile-dir D`` also writes a cProfile (CPU time) of
+  every scheduler thread in those phases to ``D``;
 - raw: the same bytes (same registered memory, same KV and aux descriptors) through the raw
   library on the connections kvbridge opened (Fake: its own loopback wire without the
   kvbridge booking; Mooncake ``batch_transfer_sync_write``; NIXL ``initialize_xfer`` +
@@ -26,6 +38,8 @@ For each size, in one run and in the same processes:
 
 Usage: python benchmarks/handoff.py [--transports fake mooncake nixl] [--worlds 2 1]
        [--sizes-kib 64 1024 16384 65536] [--repeats 10] [--poll-ms 0.5] [--observers on|off]
+       [--modes latency throughput sequential window] [--cpu-sizes-kib 1024]
+       [--cpu-requests 200] [--profile-dir D]
 Writes benchmarks/results/handoff.md and handoff.json (``--no-write``: print only).
 """
 
@@ -44,9 +58,10 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
+import thread_cpu
 
 from kvbridge.runtime.collective import init_gloo
 
@@ -77,18 +92,57 @@ def _observers(on: bool) -> Any:
     return ObserverRelay(discover=on)
 
 
+class Phase(NamedTuple):
+    mode: str
+    pages: int  # per request and rank
+    count: int  # requests (0: --repeats)
+    #: Requests decode keeps in flight (0: all at once).
+    window: int = 0
+
+    @property
+    def sustained(self) -> bool:
+        """Prefill adds rooms as earlier ones finish (an engine's arrival pattern), instead
+        of all at the start."""
+        return self.mode in SUSTAINED
+
+
+#: Modes whose requests arrive while earlier ones are in flight, for CPU per request.
+SUSTAINED = ("sequential", "window")
+
+
+def _window(pages: int) -> int:
+    return min(MAX_INFLIGHT, POOL_BYTES // PAGE // pages)
+
+
 def phases(
-    sizes_kib: list[int], modes: tuple[str, ...] = ("latency", "throughput")
-) -> list[tuple[str, int, int]]:
-    """(mode, pages per request, requests) in run order; a warm-up first."""
-    out = [("warmup", 1, 4)]
+    sizes_kib: list[int],
+    modes: tuple[str, ...] = ("latency", "throughput"),
+    cpu_sizes_kib: tuple[int, ...] = (),
+    cpu_requests: int = 200,
+) -> list[Phase]:
+    """The phases in run order; a warm-up first. ``sequential`` and ``window`` run
+    ``cpu_requests`` requests at ``cpu_sizes_kib``, one or K at a time."""
+    out = [Phase("warmup", 1, 4)]
     for kib in sizes_kib:
         pages = max(kib * 1024 // PAGE, 1)
         if "latency" in modes:
-            out.append(("latency", pages, 0))
+            out.append(Phase("latency", pages, 0, 1))
         if "throughput" in modes:
-            out.append(("throughput", pages, min(MAX_INFLIGHT, POOL_BYTES // PAGE // pages)))
+            out.append(Phase("throughput", pages, _window(pages)))
+    for kib in cpu_sizes_kib:
+        pages = max(kib * 1024 // PAGE, 1)
+        if "sequential" in modes:
+            out.append(Phase("sequential", pages, cpu_requests, 1))
+        if "window" in modes:
+            out.append(Phase("window", pages, cpu_requests, _window(pages)))
     return out
+
+
+def _phases(args: dict[str, Any] | argparse.Namespace) -> list[Phase]:
+    get = args.get if isinstance(args, dict) else lambda k: getattr(args, k)
+    return phases(
+        get("sizes_kib"), tuple(get("modes")), tuple(get("cpu_sizes_kib")), get("cpu_requests")
+    )
 
 
 def _rooms(phase: int, count: int) -> list[int]:
@@ -213,17 +267,18 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         init_gloo(rank, world, args["ports"]["prefill_gloo"])
         if rank == 0:
             server = BootstrapServer("127.0.0.1", args["ports"]["bootstrap"]).start()
-        max_pages = max(p for _, p, _ in phases(args["sizes_kib"], args["modes"]))
+        max_pages = max(p.pages for p in _phases(args))
         kv = np.random.default_rng(rank).integers(0, 256, (max_pages, PAGE), dtype=np.uint8)
         aux = AuxLayout().allocate(SLOTS + 1)  # the last row stays zero: raw writes copy it
         kv_regions = (MemoryRegion.of(kv, PAGE),)
         aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
+        reducer = thread_cpu.MeteredReducer(TorchMinReducer())
         node = PrefillNode(
             config=_config(args["transport"]),
             rank=RankIdentity(Role.PREFILL, tp_rank=rank, tp_size=world),
             kv_regions=kv_regions,
             aux_regions=aux_regions,
-            reducer=TorchMinReducer(),
+            reducer=reducer,
             bootstrap_addr=f"127.0.0.1:{args['ports']['bootstrap']}",
             page_size=16,
             kv_dtype="uint8",
@@ -232,32 +287,54 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         )
         poll = args["poll_ms"] / 1e3
         src_all = np.arange(max_pages, dtype=np.int64)
-        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"], args["modes"])):
-            count = count or args["repeats"]
+        meter = thread_cpu.Meter()  # the scheduler thread's CPU inside kvbridge's calls
+        profile = thread_cpu.PhaseProfile(args["profile_dir"])
+        for index, phase in enumerate(_phases(args)):
+            mode, pages = phase.mode, phase.pages
+            count = phase.count or args["repeats"]
             rooms = _rooms(index, count)
             barrier.wait(timeout=300)
-            node.add([PrefillRequest(r) for r in rooms])
+            cpu_before = thread_cpu.snapshot()
+            meter.take()
+            reducer.meter.take()
+            if phase.sustained:
+                profile.start()
+            # Sustained phases add rooms as earlier ones finish (finished comes from the
+            # reduced vector, so every prefill rank adds the same rooms in the same step),
+            # keeping at most two windows ahead of decode; the others add all at once.
+            ahead = 2 * max(phase.window, 1) if phase.sustained else count
+            added = done = steps = 0
             pending, last_send = set(rooms), {}
             slot_of = {r: i % SLOTS for i, r in enumerate(rooms)}
             deadline = time.monotonic() + 300
             while pending:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"prefill phase {index} did not finish")
-                result = node.step()
+                upto = min(count, done + ahead)
+                if upto > added:
+                    meter(node.add, [PrefillRequest(r) for r in rooms[added:upto]])
+                    added = upto
+                result = meter(node.step)
+                steps += 1
                 for room in result.ready:
                     slot = slot_of[room]
                     aux[slot]["output_token_id"] = room % 50_000
                     aux[slot]["room"] = room
-                    node.send(room, src_all[:pages], is_last=True, aux_slot=slot)
+                    meter(node.send, room, src_all[:pages], is_last=True, aux_slot=slot)
                     last_send[room] = time.monotonic()
                 for room in result.finished:
                     pending.discard(room)
+                    done += 1
                 for a in result.aborted:
                     raise RuntimeError(f"prefill room {a.room} aborted: {a.reason}")
                 time.sleep(poll)
+            cpu = _cpu_record(cpu_before, meter, reducer.meter, steps)
+            profile.stop(f"prefill{rank}-{args['transport']}-w{world}-{index}-{mode}")
             barrier.wait(timeout=300)  # decode has committed everything
             # Raw: the same KV pages and an aux row, on the connection kvbridge opened.
             raw_times: list[float] = []
+            raw_cpu_ns = 0
+            raw_before = thread_cpu.snapshot()
             if mode != "warmup":
                 if raw is None:
                     peer = next(iter(node.session.rooms.decode_peers.values()))
@@ -272,13 +349,22 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
                         aux_descriptors(aux_regions, peer.aux_regions, SLOTS, 0),
                     ]
                 )
-                for _ in range(count if mode == "throughput" else args["repeats"]):
+                for _ in range(count if mode != "latency" else args["repeats"]):
                     dist.barrier()
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time_ns()
                     raw.transfer(d.src, d.dst, d.lengths)
+                    raw_cpu_ns += time.thread_time_ns() - c0
                     raw_times.append(time.perf_counter() - t0)
+            raw_groups = thread_cpu.by_group(raw_before, thread_cpu.snapshot())
             barrier.wait(timeout=300)
-            out["phases"].append({"last_send": last_send, "raw": raw_times})
+            out["phases"].append(
+                {
+                    "last_send": last_send,
+                    "raw": raw_times,
+                    "cpu": cpu,
+                    "raw_cpu": {"caller_ns": raw_cpu_ns, "groups": raw_groups},
+                }
+            )
     except Exception:
         fail(out, barrier)
     finally:
@@ -301,20 +387,26 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         world = args["world"]
         init_gloo(rank, world, args["ports"]["decode_gloo"])
         listener = socket.create_server(("127.0.0.1", args["ports"]["fake_raw"][rank]))
-        threading.Thread(target=_fake_raw_server, args=(listener, stop), daemon=True).start()
+        threading.Thread(
+            target=_fake_raw_server,
+            args=(listener, stop),
+            daemon=True,
+            name=f"bench-raw-receive-{rank}",
+        ).start()
         # Resident, like an engine's KV pool: np.zeros maps pages lazily, and the first write
         # to each would pay a page fault that the raw path (always the same pages) never pays.
         kv = np.empty((POOL_BYTES // PAGE, PAGE), dtype=np.uint8)
         kv.fill(0)
         aux = AuxLayout().allocate(SLOTS)
         pool = PagePool(kv.shape[0])
+        reducer = thread_cpu.MeteredReducer(TorchMinReducer())
         node = DecodeNode(
             config=_config(args["transport"]),
             rank=RankIdentity(Role.DECODE, tp_rank=rank, tp_size=world),
             kv_regions=(MemoryRegion.of(kv, PAGE),),
             aux=aux,
             pages=pool,
-            reducer=TorchMinReducer(),
+            reducer=reducer,
             page_size=16,
             kv_dtype="uint8",
             kv_layout="head_sharded",
@@ -323,8 +415,12 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         bootstrap = f"127.0.0.1:{args['ports']['bootstrap']}"
         stamps = aux["room"]
         poll = args["poll_ms"] / 1e3
-        for index, (mode, pages, count) in enumerate(phases(args["sizes_kib"], args["modes"])):
-            count = count or args["repeats"]
+        meter = thread_cpu.Meter()  # the scheduler thread's CPU inside kvbridge's calls
+        profile = thread_cpu.PhaseProfile(args["profile_dir"])
+        for index, phase in enumerate(_phases(args)):
+            mode, pages = phase.mode, phase.pages
+            count = phase.count or args["repeats"]
+            window = phase.window or count
             rooms = _rooms(index, count)
             added: dict[int, float] = {}
             committed: dict[int, float] = {}
@@ -332,21 +428,28 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
             commit_step: dict[int, int] = {}
             step = 0
             barrier.wait(timeout=300)
+            cpu_before = thread_cpu.snapshot()
+            meter.take()
+            reducer.meter.take()
+            if phase.sustained:
+                profile.start()
             waiting = list(rooms)
             deadline = time.monotonic() + 300
             t_start = time.monotonic()
             while len(committed) < len(rooms):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"decode phase {index} did not finish")
-                if waiting and (mode != "latency" or len(added) == len(committed)):
-                    batch = waiting if mode != "latency" else waiting[:1]
-                    node.add([DecodeRequest(r, pages, bootstrap) for r in batch])
+                # Commits come from the reduced vector: every rank adds the same rooms.
+                room_for = window - (len(added) - len(committed))
+                if waiting and room_for > 0:
+                    batch = waiting[:room_for]
+                    meter(node.add, [DecodeRequest(r, pages, bootstrap) for r in batch])
                     now = time.monotonic()
                     added.update((r, now) for r in batch)
                     waiting = waiting[len(batch) :]
                 for slot in np.flatnonzero(stamps).tolist():  # (c): what landed before the step
                     landed_step.setdefault(int(stamps[slot]), step)
-                result = node.step()
+                result = meter(node.step)
                 now = time.monotonic()
                 step += 1
                 for c in result.committed:
@@ -357,8 +460,12 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
                     raise RuntimeError(f"decode room {a.room} aborted: {a.reason}")
                 time.sleep(poll)
             t_end = time.monotonic()
+            cpu = _cpu_record(cpu_before, meter, reducer.meter, step)
+            profile.stop(f"decode{rank}-{args['transport']}-w{world}-{index}-{mode}")
             barrier.wait(timeout=300)  # prefill runs the raw transfers now
+            raw_before = thread_cpu.snapshot()
             barrier.wait(timeout=300)
+            raw_groups = thread_cpu.by_group(raw_before, thread_cpu.snapshot())
             allreduce: list[float] = []
             if mode != "warmup":
                 one = torch.zeros(1, dtype=torch.uint8)
@@ -375,6 +482,8 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
                     "commit_step": commit_step,
                     "span": t_end - t_start,
                     "allreduce": allreduce,
+                    "cpu": cpu,
+                    "raw_cpu": {"caller_ns": 0, "groups": raw_groups},
                 }
             )
         out["observer_us"] = _observer_cost(node)
@@ -383,6 +492,30 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
     finally:
         stop.set()
         hand_in(out, results, node)
+
+
+def _cpu_record(
+    before: Any, meter: thread_cpu.Meter, reduce: thread_cpu.Meter, steps: int
+) -> dict[str, Any]:
+    """What a phase cost this process: CPU ns per thread group, and the scheduler thread's
+    inside kvbridge's calls (``sched_ns``, of which ``reduce_ns`` in the collective)."""
+    after = thread_cpu.snapshot()
+    sched_ns, calls = meter.take()
+    reduce_ns, reduces = reduce.take()
+    library = {
+        name: ns
+        for name, ns in thread_cpu.by_name(before, after).items()
+        if thread_cpu.group_of(name) == "library" and ns > 0
+    }
+    return {
+        "groups": thread_cpu.by_group(before, after),
+        "library": library,
+        "sched_ns": sched_ns,
+        "calls": calls,
+        "reduce_ns": reduce_ns,
+        "reduces": reduces,
+        "steps": steps,
+    }
 
 
 def _observer_cost(node: Any, n: int = 2000) -> float:
@@ -427,6 +560,9 @@ def run(transport: str, world: int, args: argparse.Namespace) -> list[dict[str, 
         "poll_ms": args.poll_ms,
         "observers": args.observers == "on",
         "modes": tuple(args.modes),
+        "cpu_sizes_kib": tuple(args.cpu_sizes_kib),
+        "cpu_requests": args.cpu_requests,
+        "profile_dir": args.profile_dir,
     }
     barrier, results = ctx.Barrier(2 * world), ctx.Queue()
     procs = [
@@ -466,6 +602,54 @@ def run_processes(procs: list[Any], results: Any, timeout: float, what: str) -> 
     return outs
 
 
+def cpu_per_request(
+    prefill: list[dict[str, Any]], decode: list[dict[str, Any]], raw_count: int
+) -> dict[str, float]:
+    """Microseconds of CPU per request and rank (mean over ranks), per side and thread group.
+
+    ``own`` is kvbridge's: the scheduler thread inside kvbridge's calls, the control channel
+    (its receive thread and ZMQ's I/O thread) and the bootstrap threads, plus the transport's
+    Python threads (prefill: the kit's per-peer send workers; decode: the Fake's receive
+    threads) minus what the raw path's calls cost for the same bytes (prefill: the calling
+    thread; decode: the benchmark's raw receive thread). The library's own native threads are
+    listed apart, for kvbridge's phase and the raw one: they move the bytes either way.
+    """
+    out: dict[str, float] = {}
+    for side, per_rank in (("prefill", prefill), ("decode", decode)):
+        count = len(per_rank[0]["committed"] if side == "decode" else per_rank[0]["last_send"])
+
+        def us(get: Any, per: int, ranks: list[dict[str, Any]] = per_rank) -> float:
+            return sum(get(p) for p in ranks) / len(ranks) / max(per, 1) / 1e3
+
+        def group(name: str, key: str = "cpu") -> Any:
+            return lambda p: p[key]["groups"].get(name, 0)
+
+        sched = us(lambda p: p["cpu"]["sched_ns"], count)
+        control = us(group("control"), count) + us(group("zmq_io"), count)
+        bootstrap = us(group("bootstrap"), count)
+        if side == "prefill":
+            threads = us(group("send_workers"), count)
+            raw = us(lambda p: p["raw_cpu"]["caller_ns"], raw_count)
+        else:
+            threads = us(group("fake_receive"), count)
+            raw = us(group("raw_receive", "raw_cpu"), raw_count)
+        out.update(
+            {
+                f"{side}_sched_us": sched,
+                f"{side}_reduce_us": us(lambda p: p["cpu"]["reduce_ns"], count),
+                f"{side}_control_us": control,
+                f"{side}_bootstrap_us": bootstrap,
+                f"{side}_transport_threads_us": threads,
+                f"{side}_raw_us": raw,
+                f"{side}_own_us": sched + control + bootstrap + threads - raw,
+                f"{side}_library_us": us(group("library"), count),
+                f"{side}_raw_library_us": us(group("library", "raw_cpu"), raw_count),
+                f"{side}_steps_per_request": us(lambda p: p["cpu"]["steps"], count) * 1e3,
+            }
+        )
+    return out
+
+
 def _p(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -476,7 +660,8 @@ def summarise(
     prefill = [o for o in outs if o["role"] == "prefill"]
     decode = [o for o in outs if o["role"] == "decode"]
     rows = []
-    for index, (mode, pages, count) in enumerate(phases(args.sizes_kib, tuple(args.modes))):
+    for index, phase in enumerate(_phases(args)):
+        mode, pages, count = phase.mode, phase.pages, phase.count or args.repeats
         if mode == "warmup":
             continue
         dp = [o["phases"][index] for o in decode]
@@ -490,9 +675,12 @@ def summarise(
             "transport": transport,
             "world": world,
             "mode": mode,
+            "requests": count,
             "kib": size >> 10,
             "observers": args.observers,
+            "window": phase.window or count,
         }
+        row.update(cpu_per_request(pp, dp, len(raw)))
         if mode == "latency":
             add_commit = [(commit[r] - max(d["added"][r] for d in dp)) * 1e3 for r in rooms]
             send_commit = [(commit[r] - max(p["last_send"][r] for p in pp)) * 1e3 for r in rooms]
@@ -511,7 +699,6 @@ def summarise(
             kv_bps = size * count / span
             raw_bps = size * len(raw) / sum(raw)
             row.update(
-                requests=count,
                 rps=count / span,
                 kvbridge_gbps=kv_bps / 1e9,
                 raw_gbps=raw_bps / 1e9,
@@ -568,6 +755,35 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
                 f"| {r['vs_raw']:.2f} | {r['steps_p50']:.0f} / {r['steps_p99']:.0f} "
                 f"/ {r['steps_max']} |"
             )
+    lines += [
+        "",
+        "## (d) kvbridge's own CPU per request and rank (us)",
+        "",
+        "Thread CPU time over the phase's requests (sequential: one in flight; window: K in "
+        "flight, new ones added as others commit), mean over ranks. own = scheduler thread in "
+        "kvbridge's calls + control (receive thread, ZMQ I/O) + bootstrap threads + transport "
+        "Python threads minus the raw calls' CPU for the same bytes. Library: the transport "
+        "library's native threads, in kvbridge's phase / the raw one.",
+        "",
+        "| transport | world | mode | KiB/rank | N (K) | side | own | scheduler (collective) "
+        "| control | bootstrap | transport threads - raw | steps/request | library kvbridge / raw "
+        "| requests/s |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r["mode"] not in SUSTAINED:
+            continue
+        for side in ("prefill", "decode"):
+            c = {k[len(side) + 1 :]: v for k, v in r.items() if k.startswith(side + "_")}
+            lines.append(
+                f"| {r['transport']} | {r['world']} | {r['mode']} | {r['kib']} "
+                f"| {r['requests']} ({r['window']}) | {side} | **{c['own_us']:.0f}** "
+                f"| {c['sched_us']:.0f} ({c['reduce_us']:.0f}) | {c['control_us']:.0f} "
+                f"| {c['bootstrap_us']:.0f} "
+                f"| {c['transport_threads_us']:.0f} - {c['raw_us']:.0f} "
+                f"| {c['steps_per_request']:.1f} "
+                f"| {c['library_us']:.0f} / {c['raw_library_us']:.0f} | {r['rps']:.0f} |"
+            )
     cost = max(r["observer_step_us"] for r in rows)
     lines += ["", f"Observer (Prometheus exporter) cost per step call: {cost:.1f} us."]
     loads = {(r["transport"], r["world"]): r.get("load_1m") for r in rows}
@@ -595,9 +811,23 @@ def main() -> int:
     parser.add_argument(
         "--modes",
         nargs="+",
-        choices=["latency", "throughput"],
-        default=["latency", "throughput"],
+        choices=["latency", "throughput", *SUSTAINED],
+        default=["latency", "throughput", *SUSTAINED],
         help="phases to run (profiling one: repeat a size, e.g. --sizes-kib 1024 1024 1024)",
+    )
+    parser.add_argument(
+        "--cpu-sizes-kib",
+        type=int,
+        nargs="+",
+        default=[1024],
+        help="sizes of the sequential and window phases (kvbridge's CPU per request)",
+    )
+    parser.add_argument("--cpu-requests", type=int, default=200)
+    parser.add_argument(
+        "--profile-dir",
+        default=None,
+        help="write a cProfile (CPU time) of each scheduler thread in the sequential and "
+        "window phases here",
     )
     parser.add_argument("--timeout", type=float, default=540.0, help="per transport and world")
     parser.add_argument("--no-write", action="store_true")
