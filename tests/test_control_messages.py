@@ -51,13 +51,13 @@ def test_metadata_round_trips_pages_and_route() -> None:
     ("frames", "message"),
     [
         ([b"KVB\x09\x04", b"{}"], "version 9"),
-        ([b"KVB\x02\x63", b"{}"], "unknown control message kind"),
+        ([b"KVB\x03\x63", b"{}"], "unknown control message kind"),
         ([b"XYZ\x01\x04", b"{}"], "not a kvbridge control frame"),
-        ([b"KVB\x02\x04", b"{not json"], "not JSON"),
-        ([b"KVB\x02\x04", b'{"room": 0, "prefill_key": "p", "ok": true}'], "room"),
-        ([b"KVB\x02\x04", b'{"room": 1, "prefill_key": "p", "ok": 1}'], "ok must be"),
-        ([b"KVB\x02\x02", b'{"room": 1}', b"\x00" * 7], "whole number"),
-        ([b"KVB\x02\x05", b'{"room": 1, "prefill_key": "p"}', b"x"], "payload"),
+        ([b"KVB\x03\x04", b"{not json"], "not JSON"),
+        ([b"KVB\x03\x04", b'{"room": 0, "prefill_key": "p", "ok": true}'], "room"),
+        ([b"KVB\x03\x04", b'{"room": 1, "prefill_key": "p", "ok": 1}'], "ok must be"),
+        ([b"KVB\x03\x02", b'{"room": 1}', b"\x00" * 7], "whole number"),
+        ([b"KVB\x03\x05", b'{"room": 1, "prefill_key": "p"}', b"x"], "payload"),
     ],
 )
 def test_malformed_frames_are_refused_with_a_reason(frames, message) -> None:
@@ -102,7 +102,7 @@ def test_garbage_never_raises_anything_but_malformed_frame(frames) -> None:
 def test_wrong_typed_headers_never_crash_the_decoder(kind, header) -> None:
     import json
 
-    frames = [b"KVB\x02" + bytes([kind]), json.dumps(header).encode()]
+    frames = [b"KVB\x03" + bytes([kind]), json.dumps(header).encode()]
     if kind == 2:
         frames.append(b"")
     with contextlib.suppress(MalformedFrame):

@@ -99,12 +99,12 @@ def _hostile_frames(decode: Decode, prefill: Prefill, room: int) -> dict[str, li
             encode(Status(room, "10.0.0.9:1/dp0/tp0", True)),
             encode(Status(room, "10.0.0.9:1/dp0/tp0", False, "\x1b[31mboom\x1b[0m")),
             # a deeply nested header (RecursionError in json), garbage, a huge header
-            [b"KVB\x02\x04", _nested(100_000)],
+            [b"KVB\x03\x04", _nested(100_000)],
             [b"garbage"],
-            [b"KVB\x02\x04", b"{" + b" " * (1 << 20) + b"}"],
+            [b"KVB\x03\x04", b"{" + b" " * (1 << 20) + b"}"],
         ],
         prefill.node.control.address: [
-            [b"KVB\x02\x03", _nested(100_000)],
+            [b"KVB\x03\x03", _nested(100_000)],
             # abort any room, as a stranger
             encode(Abort(room, "decode-stranger-dp0-tp0", "\x1b[2Jgo away")),
             # re-register the real decode rank with other memory, then point the room there
@@ -119,7 +119,7 @@ def _hostile_frames(decode: Decode, prefill: Prefill, room: int) -> dict[str, li
             ),
             # a registration whose control address is no endpoint
             [
-                b"KVB\x02\x01",
+                b"KVB\x03\x01",
                 json.dumps(
                     {
                         "decode_key": "evil",

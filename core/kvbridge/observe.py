@@ -16,10 +16,19 @@ from kvbridge.types import RankIdentity
 log = logging.getLogger("kvbridge")
 
 OBSERVER_GROUP = "kvbridge.observers"
+#: An observer's hook function and the arguments it declares (None: pluggy's own caller).
+_Impl = tuple[Callable[..., Any], tuple[str, ...] | None]
 
 
 class ObserverRelay:
-    """Broadcasts observer hooks to every plugin of the ``kvbridge.observers`` group."""
+    """Broadcasts observer hooks to every plugin of the ``kvbridge.observers`` group.
+
+    The observers are fixed when the relay is built. Each hook's implementations are looked
+    up once and then called directly, in pluggy's order and with the arguments each declares:
+    pluggy's own call machinery cost more than the Prometheus exporter's work, on every step
+    and several times per request. One observer that raises is logged and skipped; the others
+    still hear the call.
+    """
 
     def __init__(self, observers: Iterable[object] = (), *, discover: bool = False) -> None:
         self.plugin_manager = pluggy.PluginManager(PROJECT_NAME)
@@ -35,14 +44,33 @@ class ObserverRelay:
         for observer in observers:
             self.plugin_manager.register(observer)
         self.active = bool(self.plugin_manager.get_plugins())
+        self._impls: dict[str, tuple[_Impl, ...]] = {}
+
+    def _implementations(self, hook: str) -> tuple[_Impl, ...]:
+        impls = self._impls.get(hook)
+        if impls is None:
+            caller = getattr(self.plugin_manager.hook, hook)
+            found = caller.get_hookimpls()
+            if any(impl.hookwrapper or getattr(impl, "wrapper", False) for impl in found):
+                # A wrapper needs pluggy's machinery: the whole hook goes through it.
+                impls = ((caller, None),)
+            else:
+                # pluggy calls the last registered first (tryfirst / trylast sorted in)
+                impls = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(found))
+            self._impls[hook] = impls
+        return impls
 
     def call(self, hook: str, **kwargs: Any) -> None:
         if not self.active:
             return
-        try:
-            getattr(self.plugin_manager.hook, hook)(**kwargs)
-        except Exception:
-            log.exception("kvbridge observer hook %s raised; ignored", hook)
+        for function, names in self._implementations(hook):
+            try:
+                if names is None:
+                    function(**kwargs)
+                else:
+                    function(*[kwargs[name] for name in names])
+            except Exception:
+                log.exception("kvbridge observer hook %s raised; ignored", hook)
 
 
 class ControlLosses:

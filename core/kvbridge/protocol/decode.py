@@ -42,6 +42,14 @@ TRANSFER = np.uint8(8)
 FENCED = np.uint8(16)
 _COMMIT_KEY = int(TRANSFER) + 4
 _RELEASE_KEY = int(FENCED) + 4
+#: Keys that ask :meth:`DecodeQueue.apply` for a decision: any failure (reduced 0: keys 0, 8
+#: and 16), a commit, a release, and rooms ready to allocate (2..4). In a steady state (rooms
+#: transferring, or fenced and still written) no room has one, and one table look-up says so.
+_ACTS = np.zeros(256, dtype=bool)
+_ACTS[[int(PREALLOC), int(TRANSFER), int(FENCED), _COMMIT_KEY, _RELEASE_KEY, 2, 3, 4]] = True
+#: ``stage + local`` of a room in transfer whose completion this rank still waits for (one
+#: sum tells it apart: stages are 0, 8, 16 and statuses 0..4).
+_AWAITING = int(TRANSFER) + int(TRANSFERRING)
 #: How many rooms aborted "from another rank" are remembered for a root cause arriving late.
 MAX_FOLLOWED = 4096
 
@@ -112,6 +120,9 @@ class DecodeDecisions:
     @property
     def finished(self) -> tuple[int, ...]:
         return tuple(c.room for c in self.step.committed) + tuple(a.room for a in self.step.aborted)
+
+
+_NOTHING = DecodeDecisions()
 
 
 class DecodeQueue:
@@ -466,9 +477,9 @@ class DecodeQueue:
             self._complete_by_stamp()
         # In the transfer stage completion is the protocol's call; the transport may only object.
         v = np.minimum(cols.local, np.maximum(transport, cols.floor))
-        if not transport.all():
+        if not np.logical_and.reduce(transport):
             v[(transport == FAILED) & (cols.stage != FENCED)] = FAILED
-        done = np.flatnonzero(v == SUCCESS) if self._locally_complete else ()
+        done = (v == SUCCESS).nonzero()[0] if self._locally_complete else ()
         if len(done):
             # The metadata gate: a completion only counts once the room stamp landed.
             stamps = self.stamps[cols.slot[done]]
@@ -502,7 +513,7 @@ class DecodeQueue:
 
     def _complete_by_stamp(self) -> None:
         cols = self.cols
-        waiting = np.flatnonzero((cols.stage == TRANSFER) & (cols.local == TRANSFERRING))
+        waiting = ((cols.stage + cols.local) == _AWAITING).nonzero()[0]
         if not len(waiting):
             return
         landed = waiting[self.stamps[cols.slot[waiting]] == cols.rooms[waiting]]
@@ -537,11 +548,13 @@ class DecodeQueue:
         cols = self.cols
         if len(reduced) != len(cols):
             raise ValueError(f"reduced vector has {len(reduced)} entries for {len(cols)} rooms")
+        key = reduced + cols.stage
+        if not _ACTS[key].any():
+            return _NOTHING
         aborted: list[Aborted] = []
         committed: list[Committed] = []
         to_send: list[MetadataToSend] = []
         remove: list[int] = []
-        key = reduced + cols.stage
 
         # Cheap whole-vector checks first: in a steady state nothing is failed or complete.
         released: list[int] = []

@@ -9,9 +9,13 @@ its handling in the machine that receives it.
 Rule 7's one bit ("this rank only followed another's failure") is encoded here only:
 :meth:`Abort.of` and :meth:`Status.failed` build it, ``cause`` reads it back.
 
-A frame is a ZMQ multipart message ``[MAGIC + version + kind, JSON header, payload?]``. Anything
-that does not parse, has the wrong version or kind, or fails validation raises
-:class:`MalformedFrame`; receivers drop such frames and count them.
+A frame is a ZMQ multipart message ``[MAGIC + version + kind, header, payload?]``. Single
+messages have a JSON header (:func:`encode`); the messages every request sends (``Metadata``,
+``Status``, ``AbortAck``) also travel as binary batches (:func:`encode_batch`): one frame carries
+every such message a rank has for one peer in one step, in order, from one sender, so a step
+costs one frame per peer rather than one per room, and no JSON. Anything that does not parse,
+has the wrong version or kind, or fails validation raises :class:`MalformedFrame`; receivers
+drop such frames (a whole batch at once) and count them.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import struct
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -31,8 +36,13 @@ from kvbridge.types import DEVICE_PATTERN, MAX_DEVICE_CHARS, MemoryRegion, Role
 
 MAGIC = b"KVB"
 #: 2: reasons sanitised, control endpoints validated, optional authentication seal (auth.py).
-VERSION = 2
+#: 3: binary batches of Metadata, Status and AbortAck (kinds 8-10).
+VERSION = 3
+#: A batch holds at most this many messages (a rank sends one frame per peer per step).
+MAX_BATCH = 1 << 16
 _MAX_HEADER = 64 << 10
+#: A batch body: a full batch of the largest messages fits (a frame is also capped by ZMQ).
+_MAX_FRAME_BODY = 64 << 20
 _MAX_TEXT = 1024
 _MAX_KEY = 256
 _ENDPOINT = re.compile(r"tcp://(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9.-]{1,253}):(\d{1,5})")
@@ -161,6 +171,9 @@ _KINDS: dict[int, type] = {
     7: Waiting,
 }
 _KIND_OF = {cls: kind for kind, cls in _KINDS.items()}
+#: Batch frame kinds, by the message they carry.
+_BATCH_KIND = {Metadata: 8, Status: 9, AbortAck: 10}
+_BATCHED = {kind: cls for cls, kind in _BATCH_KIND.items()}
 
 
 class Standing(enum.Enum):
@@ -317,17 +330,11 @@ def _regions(value: Any, key: str) -> tuple[tuple[int, int, int, str], ...]:
 
 
 def decode(frames: Sequence[bytes]) -> Message:
-    """Parse one multipart frame; raise :class:`MalformedFrame` on anything unexpected.
-
-    Nothing else escapes: whatever a hostile frame makes the parser raise (deep JSON nesting
-    raising RecursionError, odd types) becomes a MalformedFrame.
-    """
-    try:
-        return _decode(frames)
-    except MalformedFrame:
-        raise
-    except (RecursionError, ValueError, TypeError, KeyError, IndexError, OverflowError) as exc:
-        raise MalformedFrame(f"unparseable frame ({type(exc).__name__})") from None
+    """Parse a frame that carries one message (see :func:`decode_all`)."""
+    messages = decode_all(frames)
+    if len(messages) != 1:
+        raise MalformedFrame(f"frame carries {len(messages)} messages, not one")
+    return messages[0]
 
 
 def _decode(frames: Sequence[bytes]) -> Message:
@@ -414,3 +421,181 @@ def _decode(frames: Sequence[bytes]) -> Message:
     if cls is Heartbeat:
         return Heartbeat(prefill_key=_str(header, "prefill_key"))
     return AbortAck(room=_int(header, "room", 1), prefill_key=_str(header, "prefill_key"))
+
+
+# -- binary batches --------------------------------------------------------------------------
+#
+# [MAGIC + version + kind, body]; body = sender key length (u16), sender key (UTF-8), count (u32),
+# count fixed-size records, then the variable part (Metadata: every page list, int64, in record
+# order; Status: every reason, UTF-8, in record order). Little-endian throughout.
+
+_COUNT = struct.Struct("<I")
+_KEY_LEN = struct.Struct("<H")
+#: room, aux_slot, expected, has route, route (src_offset, dst_offset, length), page count
+_META = struct.Struct("<QIHBQQQI")
+#: room, flags (ok, root, has checksum), checksum, reason length (_NO_REASON: none)
+_STATUS = struct.Struct("<QBII")
+_OK, _ROOT, _HAS_CHECKSUM = 1, 2, 4
+_NO_REASON = 0xFFFFFFFF
+_ACK = struct.Struct("<Q")
+
+
+def batchable(message: Message) -> bool:
+    """Whether ``message`` travels in a binary batch (:func:`encode_batch`)."""
+    return type(message) in _BATCH_KIND
+
+
+def encode_batch(messages: Sequence[Message]) -> list[bytes]:
+    """One frame for ``messages``: all of one batchable kind and from one sender."""
+    first = messages[0]
+    cls = type(first)
+    sender = sender_of(first)
+    if not 0 < len(messages) <= MAX_BATCH or any(
+        type(m) is not cls or sender_of(m) != sender for m in messages
+    ):
+        raise ValueError("a batch holds 1..MAX_BATCH messages of one kind from one sender")
+    key = sender.encode()
+    parts = [_KEY_LEN.pack(len(key)), key, _COUNT.pack(len(messages))]
+    if cls is Metadata:
+        pages = []
+        for m in messages:
+            assert isinstance(m, Metadata)
+            route = m.route or (0, 0, 0)
+            parts.append(
+                _META.pack(
+                    m.room, m.aux_slot, m.expected, m.route is not None, *route, len(m.pages)
+                )
+            )
+            pages.append(np.ascontiguousarray(m.pages, dtype="<i8").tobytes())
+        parts += pages
+    elif cls is Status:
+        reasons = []
+        for m in messages:
+            assert isinstance(m, Status)
+            flags = (_OK if m.ok else 0) | (_ROOT if m.root else 0)
+            flags |= _HAS_CHECKSUM if m.checksum is not None else 0
+            # Bounded (the receiver keeps _MAX_TEXT characters anyway): one overlong reason
+            # must not make the whole batch malformed.
+            reason = b"" if m.reason is None else m.reason[: 4 * _MAX_TEXT].encode()
+            parts.append(
+                _STATUS.pack(
+                    m.room, flags, m.checksum or 0, _NO_REASON if m.reason is None else len(reason)
+                )
+            )
+            reasons.append(reason)
+        parts += reasons
+    else:
+        parts += [_ACK.pack(m.room) for m in messages]  # type: ignore[union-attr]
+    return [MAGIC + bytes([VERSION, _BATCH_KIND[cls]]), b"".join(parts)]
+
+
+def decode_all(frames: Sequence[bytes]) -> list[Message]:
+    """Every message of one multipart frame, single or batch, in order; raise
+    :class:`MalformedFrame` (for the whole frame) on anything unexpected.
+
+    Nothing else escapes: whatever a hostile frame makes the parser raise (deep JSON nesting
+    raising RecursionError, odd types) becomes a MalformedFrame.
+    """
+    try:
+        if len(frames) == 2 and len(frames[0]) == 5 and frames[0][4] in _BATCHED:
+            if frames[0][:3] != MAGIC or frames[0][3] != VERSION:
+                return [_decode(frames)]  # raises with the reason
+            return _decode_batch(_BATCHED[frames[0][4]], frames[1])
+        return [_decode(frames)]
+    except MalformedFrame:
+        raise
+    except (
+        RecursionError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        OverflowError,
+        struct.error,
+    ) as exc:
+        raise MalformedFrame(f"unparseable frame ({type(exc).__name__})") from None
+
+
+def _decode_batch(cls: type, body: bytes) -> list[Message]:
+    if not _KEY_LEN.size <= len(body) <= _MAX_FRAME_BODY:
+        raise MalformedFrame(f"batch body of {len(body)} bytes")
+    (key_len,) = _KEY_LEN.unpack_from(body, 0)
+    at = _KEY_LEN.size + key_len
+    if key_len > 4 * _MAX_KEY or len(body) < at + _COUNT.size:
+        raise MalformedFrame("batch sender key too long or truncated")
+    try:
+        key = body[_KEY_LEN.size : at].decode()
+    except UnicodeDecodeError:
+        raise MalformedFrame("batch sender key is not UTF-8") from None
+    if len(key) > _MAX_KEY:
+        raise MalformedFrame(f"sender key longer than {_MAX_KEY} characters")
+    (count,) = _COUNT.unpack_from(body, at)
+    at += _COUNT.size
+    if not 0 < count <= MAX_BATCH:
+        raise MalformedFrame(f"batch of {count} messages (1..{MAX_BATCH})")
+    record = {Metadata: _META, Status: _STATUS, AbortAck: _ACK}[cls]
+    end = at + count * record.size
+    if len(body) < end:
+        raise MalformedFrame("batch records truncated")
+    records = list(record.iter_unpack(body[at:end]))
+    rest = memoryview(body)[end:]
+    if cls is Metadata:
+        return _metadata_batch(key, records, rest)
+    if cls is Status:
+        return _status_batch(key, records, rest)
+    if len(rest):
+        raise MalformedFrame("bytes after the last AbortAck")
+    out: list[Message] = []
+    for (room,) in records:
+        if room < 1:
+            raise MalformedFrame("room must be an integer >= 1")
+        out.append(AbortAck(room, key))
+    return out
+
+
+def _metadata_batch(key: str, records: list[tuple[int, ...]], rest: memoryview) -> list[Message]:
+    total = sum(r[7] for r in records)
+    if len(rest) != 8 * total:
+        raise MalformedFrame("page payload does not match the page counts")
+    pages = np.frombuffer(rest, dtype="<i8").astype(np.int64)
+    if total and pages.min() < 0:
+        raise MalformedFrame("negative page index")
+    out: list[Message] = []
+    at = 0
+    for room, aux_slot, expected, has_route, src, dst, length, count in records:
+        if room < 1 or aux_slot > 2**31 or not 1 <= expected <= 4096 or has_route > 1:
+            raise MalformedFrame(f"metadata record out of range (room {room})")
+        route = (src, dst, length) if has_route else None
+        out.append(Metadata(room, key, pages[at : at + count], aux_slot, expected, route))
+        at += count
+    return out
+
+
+def _status_batch(key: str, records: list[tuple[int, ...]], rest: memoryview) -> list[Message]:
+    out: list[Message] = []
+    at = 0
+    for room, flags, checksum, reason_len in records:
+        if room < 1 or flags > _OK | _ROOT | _HAS_CHECKSUM:
+            raise MalformedFrame(f"status record out of range (room {room})")
+        reason = None
+        if reason_len != _NO_REASON:
+            if reason_len > 64 << 10 or at + reason_len > len(rest):
+                raise MalformedFrame("status reason too long or truncated")
+            try:
+                reason = clean_text(bytes(rest[at : at + reason_len]).decode())
+            except UnicodeDecodeError:
+                raise MalformedFrame("status reason is not UTF-8") from None
+            at += reason_len
+        out.append(
+            Status(
+                room,
+                key,
+                bool(flags & _OK),
+                reason,
+                checksum if flags & _HAS_CHECKSUM else None,
+                bool(flags & _ROOT),
+            )
+        )
+    if at != len(rest):
+        raise MalformedFrame("bytes after the last status reason")
+    return out

@@ -28,6 +28,13 @@ from kvbridge.protocol.outcomes import FROM_OTHER_RANK, Aborted, PrefillStep
 
 BOOTSTRAP = np.uint8(0)
 INFLIGHT = np.uint8(1)
+#: ``stage * 8 + reduced`` of the rooms that ask :meth:`PrefillQueue.apply` for a decision:
+#: any failure, bootstrap rooms every rank has metadata for (ready), and finished rooms.
+#: Rooms still waiting for metadata or being sent have none, which one look-up tells.
+_ACTS = np.zeros(256, dtype=bool)
+_ACTS[[int(FAILED), int(WAITING), int(TRANSFERRING), int(SUCCESS), 8 + int(FAILED)]] = True
+_ACTS[8 + int(SUCCESS)] = True
+_NOTHING = PrefillStep()
 
 
 @attrs.frozen
@@ -143,6 +150,8 @@ class PrefillQueue:
         cols = self.cols
         if len(reduced) != len(cols):
             raise ValueError(f"reduced vector has {len(reduced)} entries for {len(cols)} rooms")
+        if not _ACTS[(cols.stage << 3) | reduced].any():
+            return _NOTHING
         remove = reduced == FAILED
         aborted = []
         for i in np.flatnonzero(remove).tolist():

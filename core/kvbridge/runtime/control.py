@@ -2,7 +2,10 @@
 
 The receive loop runs on its own thread and hands decoded messages to a callback (the
 sessions queue them for the scheduler thread). Sends happen on the caller's thread through
-non-blocking PUSH sockets; ZMQ connects lazily, so sending never waits for a peer.
+non-blocking PUSH sockets; ZMQ connects lazily, so sending never waits for a peer. A node puts
+what a step sends into an :class:`Outbox`, which sends it at the end of the step: one frame per
+peer for each run of batchable messages (every ``Metadata``, ``Status`` or ``AbortAck`` of the
+step to that peer), in the order they were put.
 """
 
 from __future__ import annotations
@@ -17,12 +20,25 @@ import zmq
 
 from kvbridge.config import TransferConfig
 from kvbridge.protocol.auth import AuthError, Sealer, Verifier
-from kvbridge.protocol.messages import MalformedFrame, Message, decode, encode
+from kvbridge.protocol.messages import (
+    MAX_BATCH,
+    MalformedFrame,
+    Message,
+    batchable,
+    decode_all,
+    encode,
+    encode_batch,
+    sender_of,
+)
 from kvbridge.ratelimit import ThrottledWarning
 
 log = logging.getLogger("kvbridge.control")
 _POLL_MS = 100
 _MAX_FRAME = 64 << 20
+#: A batch frame is closed past this many bytes (well inside what a receiver accepts), ...
+_BATCH_BYTES = 8 << 20
+#: ... counting each message as this much plus its pages and reason.
+_WIRE_BYTES = 64
 
 
 def _now_ms() -> int:
@@ -53,7 +69,9 @@ class ControlReceiver:
         self.address = f"tcp://{advertise or host}:{port}"
         self.on_message = on_message
         self._verifier = Verifier(key, self.address) if key is not None else None
+        #: Messages and frames taken (a batch frame carries several messages).
         self.received = 0
+        self.frames = 0
         #: Frames that did not parse (malformed, wrong version, oversized).
         self.dropped = 0
         #: Frames that failed authentication (no seal, bad MAC, replayed, stale).
@@ -70,24 +88,29 @@ class ControlReceiver:
         self._thread.start()
 
     def _loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
+        sock = self._socket
+        sock.setsockopt(zmq.RCVTIMEO, _POLL_MS)
         while not self._stop.is_set():
-            if not poller.poll(_POLL_MS):
+            try:
+                frames = sock.recv_multipart()  # waits up to _POLL_MS, the GIL released
+            except zmq.Again:
                 now = time.monotonic()  # quiet: a summary of what was suppressed may be due
                 self._warn_rejected.flush(now)
                 self._warn_dropped.flush(now)
                 continue
-            try:
-                frames = self._socket.recv_multipart(zmq.NOBLOCK)
             except zmq.ZMQError:
                 continue
-            try:
-                self._handle(frames)
-            except Exception:  # the receive thread must never die, whatever a peer sends
-                self.handler_errors += 1
-                log.exception("control frame handling failed on %s", self.address)
-        self._socket.close(linger=0)
+            while frames is not None:  # then whatever else is queued, without waiting
+                try:
+                    self._handle(frames)
+                except Exception:  # the receive thread must never die, whatever a peer sends
+                    self.handler_errors += 1
+                    log.exception("control frame handling failed on %s", self.address)
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    frames = None
+        sock.close(linger=0)
 
     def _handle(self, frames: list[bytes]) -> None:
         if self._verifier is not None:
@@ -100,15 +123,17 @@ class ControlReceiver:
                 )
                 return
         try:
-            message = decode(frames)
+            messages = decode_all(frames)
         except MalformedFrame as exc:
             self.dropped += 1
             self._warn_dropped(
                 time.monotonic(), "dropped malformed control frame on %s: %s", self.address, exc
             )
             return
-        self.received += 1
-        self.on_message(message)
+        self.frames += 1
+        self.received += len(messages)
+        for message in messages:
+            self.on_message(message)
 
     def close(self) -> None:
         self._stop.set()
@@ -126,6 +151,10 @@ class ControlSender:
         self.failed = 0
 
     def send(self, address: str, message: Message) -> bool:
+        return self.send_frames(address, encode(message))
+
+    def send_frames(self, address: str, parts: list[bytes]) -> bool:
+        """Send one encoded frame (sealed here when a secret is configured)."""
         sock = self._sockets.get(address)
         if sock is None:
             sock = self._context.socket(zmq.PUSH)
@@ -133,7 +162,6 @@ class ControlSender:
             sock.setsockopt(zmq.SNDHWM, 100_000)
             sock.connect(address)
             self._sockets[address] = sock
-        parts = encode(message)
         if self._sealer is not None:
             parts.append(self._sealer.seal(address, parts, _now_ms()))
         try:
@@ -155,6 +183,50 @@ class ControlSender:
         for sock in self._sockets.values():
             sock.close()
         self._sockets.clear()
+
+
+class Outbox:
+    """What one step sends, sent at its end; scheduler thread only.
+
+    Per peer the messages go in the order they were put; each run of batchable messages of
+    one kind and sender (:func:`~kvbridge.protocol.messages.batchable`) becomes one frame.
+    """
+
+    def __init__(self, sender: ControlSender) -> None:
+        self.sender = sender
+        self._queued: dict[str, list[Message]] = {}
+
+    def put(self, address: str, message: Message) -> None:
+        queued = self._queued.get(address)
+        if queued is None:
+            self._queued[address] = [message]
+        else:
+            queued.append(message)
+
+    def flush(self) -> None:
+        if not self._queued:
+            return
+        queued, self._queued = self._queued, {}
+        for address, messages in queued.items():
+            run: list[Message] = []
+            size = 0
+            for message in messages:
+                if run and (
+                    type(message) is not type(run[0])
+                    or sender_of(message) != sender_of(run[0])
+                    or len(run) == MAX_BATCH
+                    or size > _BATCH_BYTES
+                ):
+                    self.sender.send_frames(address, encode_batch(run))
+                    run, size = [], 0
+                if batchable(message):
+                    run.append(message)
+                    size += _WIRE_BYTES + 8 * len(getattr(message, "pages", ()))
+                    size += len(getattr(message, "reason", None) or "")
+                else:
+                    self.sender.send(address, message)
+            if run:
+                self.sender.send_frames(address, encode_batch(run))
 
 
 def control_key(config: TransferConfig) -> bytes | None:

@@ -31,7 +31,7 @@ from kvbridge.protocol.messages import (
 from kvbridge.protocol.outcomes import DecodeStep
 from kvbridge.protocol.plan import PrefillKey, PrefillTarget, by_control
 from kvbridge.runtime.collective import Reducer
-from kvbridge.runtime.control import ControlSender, control_key, control_receiver
+from kvbridge.runtime.control import ControlSender, Outbox, control_key, control_receiver
 from kvbridge.runtime.decode_session import DecodeSession
 from kvbridge.transport.facade import Transport
 from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
@@ -69,6 +69,8 @@ class DecodeNode:
         self.manager = transport.create_manager(config, rank, self.kv_regions, self.aux_regions)
         key = control_key(config)
         self._out = ControlSender(key)
+        #: What a step sends, sent at its end (one frame per peer for its metadata).
+        self._outbox = Outbox(self._out)
         self._registered: set[str] = set()
         self._last_used: dict[str, float] = {}
         self._next_idle_check = 0.0
@@ -130,7 +132,7 @@ class DecodeNode:
         self._last_used[control] = time.monotonic()
         if control in self._registered:
             return
-        self._out.send(
+        self._outbox.put(
             control,
             Register(
                 self.key,
@@ -146,7 +148,7 @@ class DecodeNode:
         for contact in target.plan:
             self._ensure_registered(contact.control)
             route = contact.route
-            self._out.send(
+            self._outbox.put(
                 contact.control,
                 Metadata(
                     meta.room,
@@ -190,19 +192,19 @@ class DecodeNode:
         message = Abort.of(room, self.key, reason)
         for contact in target.plan:
             self._ensure_registered(contact.control)
-            self._out.send(contact.control, message)
+            self._outbox.put(contact.control, message)
 
     def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str | None) -> None:
         """Decode gave up before it knew the room's DP rank: tell every prefill rank there."""
         message = Abort.of(room, self.key, reason)
         for control in self.directory.controls_of(bootstrap_addr):
             self._ensure_registered(control)
-            self._out.send(control, message)
+            self._outbox.put(control, message)
 
     def _send_waiting(self, waiting: Sequence[tuple[int, PrefillTarget]]) -> None:
         for control, rooms in by_control(waiting).items():
             self._ensure_registered(control)
-            self._out.send(control, Waiting(self.key, np.array(rooms, dtype=np.uint64)))
+            self._outbox.put(control, Waiting(self.key, np.array(rooms, dtype=np.uint64)))
 
     def _release_replaced_writers(self) -> None:
         """A dead writer whose rank re-registered with another control address is a new
@@ -249,6 +251,7 @@ class DecodeNode:
             self._forget_idle_peers(now)
             self._release_replaced_writers()
         result = self.session.step()
+        self._outbox.flush()
         for done in result.committed:
             self.directory.forget_room(done.room)
         return result

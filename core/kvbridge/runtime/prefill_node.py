@@ -22,7 +22,7 @@ from kvbridge.protocol.outcomes import PrefillStep
 from kvbridge.protocol.plan import DecodePeer, PrefillKey
 from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.runtime.collective import Reducer
-from kvbridge.runtime.control import ControlSender, control_key, control_receiver
+from kvbridge.runtime.control import ControlSender, Outbox, control_key, control_receiver
 from kvbridge.runtime.prefill_session import PrefillSession
 from kvbridge.transport.facade import Transport
 from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
@@ -74,6 +74,8 @@ class PrefillNode:
         )
         key = control_key(config)
         self._out = ControlSender(key)  # scheduler thread only
+        #: What a call sends, sent at its end (one frame per decode rank for its statuses).
+        self._outbox = Outbox(self._out)
         self._acks = ControlSender(key)  # control thread only (ZMQ sockets are single-threaded)
         self.control = control_receiver(self._on_message, config, host, key)
         self._next_heartbeat = 0.0
@@ -119,17 +121,18 @@ class PrefillNode:
     def _notify(self, room: int, peers: Sequence[DecodePeer], ok: bool, reason: str | None) -> None:
         message = Status(room, self.key, True) if ok else Status.failed(room, self.key, reason)
         for peer in peers:
-            self._out.send(peer.control, message)
+            self._outbox.put(peer.control, message)
 
     def _notify_checksum(self, room: int, peer: DecodePeer, checksum: int) -> None:
-        self._out.send(peer.control, Status(room, self.key, True, None, checksum))
+        self._outbox.put(peer.control, Status(room, self.key, True, None, checksum))
 
     def _acknowledge(self, room: int, peers: Sequence[DecodePeer]) -> None:
         for peer in peers:
-            self._out.send(peer.control, AbortAck(room, self.key))
+            self._outbox.put(peer.control, AbortAck(room, self.key))
 
     def add(self, requests: Sequence[PrefillRequest]) -> None:
         self.session.add(requests)
+        self._outbox.flush()  # answers to decode messages that came before the room
 
     def publish_dp_ranks(self, dp_ranks: Mapping[int, int]) -> None:
         """Tell bootstrap which DP replica serves which rooms (the router's choice).
@@ -140,6 +143,7 @@ class PrefillNode:
     def abort(self, room: int, reason: str) -> None:
         """Give up on ``room`` from the engine's side (see ``DecodeNode.abort``)."""
         self.session.abort(room, reason)
+        self._outbox.flush()
 
     def requested_pages(self, room: int) -> int | None:
         """Pages decode allocated for a ready room (its prefix-cache hits excluded)."""
@@ -153,7 +157,9 @@ class PrefillNode:
             self._next_heartbeat = now + self.config.heartbeat_interval
             for control in self.session.live_decode_controls():
                 self._out.send(control, Heartbeat(self.key))
-        return self.session.step()
+        result = self.session.step()
+        self._outbox.flush()
+        return result
 
     def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
         self.session.send(room, pages, is_last=is_last, aux_slot=aux_slot)
