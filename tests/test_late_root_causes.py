@@ -13,13 +13,20 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_prefill_session import make_session
 
 from kvbridge import AuxLayout, AuxSlotPool, PagePool, TransferConfig, Transport, hookimpl
 from kvbridge.observe import ObserverRelay
-from kvbridge.protocol.decode import FROM_OTHER_RANK, MAX_FOLLOWED, DecodeQueue, DecodeRequest
+from kvbridge.protocol.decode import (
+    FROM_OTHER_RANK,
+    MAX_FOLLOWED,
+    AbortNotice,
+    DecodeQueue,
+    DecodeRequest,
+)
 from kvbridge.protocol.outcomes import LateCause
 from kvbridge.protocol.plan import PrefillTarget
 from kvbridge.protocol.prefill import PrefillRequest
@@ -196,6 +203,105 @@ def test_prefill_answers_a_followers_abort_with_its_own_root_cause() -> None:
         session.on_decode_abort(ROOM, None, "d0")
         session.step()
         assert told == [(ROOM, False, "request cancelled in the engine")]
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def _decode_session(notices: list, observers: ObserverRelay | None = None):
+    config = TransferConfig()
+    transport = Transport(TransportRegistry.discover().get("fake"))
+    dbuf, pbuf = RankBuffers.allocate(), RankBuffers.allocate()
+    dmgr = transport.create_manager(
+        config, RankIdentity(Role.DECODE), dbuf.kv_regions, dbuf.aux_regions
+    )
+    pmgr = transport.create_manager(
+        config, RankIdentity(Role.PREFILL), pbuf.kv_regions, pbuf.aux_regions
+    )
+    target = PrefillTarget((pmgr.endpoint,), controls=("p1",))
+    session = DecodeSession(
+        config=config,
+        manager=dmgr,
+        pages=PagePool(8),
+        aux=dbuf.aux,
+        reducer=SingleRankReducer(),
+        directory=_Directory(target),
+        send_metadata=lambda meta, target: None,
+        send_abort=notices.append,
+        observers=observers,
+    )
+    return session, target, (dmgr, pmgr)
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_decode_an_engine_abort_that_follows_another_rank_never_passes_for_a_root_cause(
+    follows: bool,
+) -> None:
+    """kvbridge-sglang's case: SGLang's MIN failed a request on every TP rank; on a rank whose
+    own room had not failed, the engine's abort only follows (``DecodeNode.abort(follows=)``)."""
+    notices: list[AbortNotice] = []
+    session, target, managers = _decode_session(notices)
+    said = "failed on another decode TP rank"
+    try:
+        session.add([DecodeRequest(ROOM, 2)])
+        session.step()  # resolved, metadata out
+        session.abort(ROOM, said, follows=follows)
+        (aborted,) = session.step().aborted
+        if follows:
+            assert (aborted.reason, aborted.from_other_rank) == (FROM_OTHER_RANK, True)
+            assert notices == [AbortNotice(ROOM, None, target)]
+            session.notify_done(ROOM, "p1", False, ROOT)  # the prefill names the root cause
+            assert session.step().late_causes == (LateCause(ROOM, ROOT),)
+        else:
+            assert (aborted.reason, aborted.from_other_rank) == (said, False)
+            assert notices == [AbortNotice(ROOM, said, target)]
+    finally:
+        for manager in managers:
+            manager.close()
+
+
+def test_decode_an_unresolved_rooms_abort_goes_to_every_prefill_rank_at_its_address() -> None:
+    notices: list[AbortNotice] = []
+    session, _, managers = _decode_session(notices)
+    session.directory = _Unresolved()
+    try:
+        session.add([DecodeRequest(ROOM, 2, bootstrap_addr="10.0.0.9:8998")])
+        session.step()
+        session.abort(ROOM, "client gone")
+        session.step()
+        assert notices == [AbortNotice(ROOM, "client gone", None, "10.0.0.9:8998")]
+    finally:
+        for manager in managers:
+            manager.close()
+
+
+class _Unresolved:
+    def resolve(self, requests):
+        return {}
+
+
+@pytest.mark.parametrize("added", [True, False])
+def test_prefill_an_engine_abort_that_follows_another_rank_keeps_the_root_cause_open(
+    added: bool,
+) -> None:
+    told: list[tuple[int, bool, str | None]] = []
+    session, sender, receiver = make_session(TransferConfig())
+    session.notify_decode = lambda room, peers, ok, reason: told.append((room, ok, reason))
+    try:
+        if added:
+            session.add([PrefillRequest(ROOM)])
+            session.abort(ROOM, "failed on another prefill TP rank", follows=True)
+            (aborted,) = session.step().aborted
+            assert (aborted.reason, aborted.from_other_rank) == (FROM_OTHER_RANK, True)
+            session.on_decode_abort(ROOM, "decode d0: client disconnected", "d0")
+            assert session.step().late_causes == (
+                LateCause(ROOM, "decode aborted: decode d0: client disconnected"),
+            )
+        else:  # never added: a decode rank asking later hears "followed", not the text
+            session.abort(ROOM, "failed on another prefill TP rank", follows=True)
+            session.on_decode_abort(ROOM, None, "d0")
+            session.step()
+            assert told == []
     finally:
         sender.close()
         receiver.close()

@@ -32,6 +32,7 @@ from kvbridge.protocol.columns import (
 )
 from kvbridge.protocol.messages import AbortAck, Message, Status
 from kvbridge.protocol.outcomes import FROM_OTHER_RANK, Aborted, Committed, DecodeStep, LateCause
+from kvbridge.protocol.plan import PrefillTarget
 
 # Stage values are chosen so that ``key = reduced + stage`` tells every decision apart with one
 # add: 2..4 = pre-allocation and initialised everywhere (ready to allocate), 12 = transfer and
@@ -123,6 +124,34 @@ class DecodeDecisions:
 
 
 _NOTHING = DecodeDecisions()
+
+
+@attrs.frozen
+class AbortNotice:
+    """Decision: tell the prefill that ``room`` aborted on this decode rank (rule 7).
+
+    ``cause`` None: this rank only followed another rank's failure, so nothing it says may
+    pass for the root cause. ``target``: the resolved room's prefill ranks (its plan); None
+    while unresolved, when every prefill rank at ``bootstrap_addr`` hears it instead (the room
+    may already wait there, early)."""
+
+    room: int
+    cause: str | None
+    target: PrefillTarget | None
+    bootstrap_addr: str = ""
+
+
+def abort_notice(
+    failed: Aborted, target: PrefillTarget | None, bootstrap_addr: str
+) -> AbortNotice | None:
+    """Who hears of ``failed`` and with what cause; None: nobody can be waiting on it (never
+    resolved and no bootstrap address known)."""
+    cause = None if failed.from_other_rank else failed.reason
+    if target is not None:
+        return AbortNotice(failed.room, cause, target)
+    if bootstrap_addr:
+        return AbortNotice(failed.room, cause, None, bootstrap_addr)
+    return None
 
 
 class DecodeQueue:
@@ -258,6 +287,13 @@ class DecodeQueue:
         self.cols.local[i] = FAILED
         self.reasons[room] = reason
 
+    def follow(self, room: int) -> None:
+        """Fail ``room`` only because another rank failed it: no cause of this rank's own, so
+        it ends here as "failed on another rank" and a root cause may still come (rule 7)."""
+        i = self.cols.index_of(room)
+        if i is not None and self.cols.stage[i] != FENCED:
+            self.cols.local[i] = FAILED
+
     def _trusted(self, room: int, sender: object) -> bool:
         writers = self.writers.get(room, frozenset())
         if writers is None or sender in writers:
@@ -328,8 +364,8 @@ class DecodeQueue:
                 self._late_cause(room, sender, reason)
         elif reason is not None:
             self.fail(room, reason)
-        elif self.cols.local[i] != FAILED and self.cols.stage[i] != FENCED:
-            self.cols.local[i] = FAILED
+        else:
+            self.follow(room)
         return True
 
     def _late_cause(self, room: int, sender: object, reason: str) -> bool:

@@ -173,19 +173,25 @@ class PrefillRooms:
                     out += self._event(kind, payload, now)
         return out
 
-    def engine_abort(self, room: int, reason: str, now: float) -> list[Decision]:
-        """The engine gives up on ``room``.
+    def engine_abort(
+        self, room: int, reason: str, now: float, *, follows: bool = False
+    ) -> list[Decision]:
+        """The engine gives up on ``room``; ``follows``: only because another rank of this
+        group failed it (the engine's own consensus), so ``reason`` is no root cause here.
 
         A room never added here (the engine ended the request before its KV was ready: a
         client gone while a router's decode leg already waits) ends here at once: decode ranks
         whose metadata came early are told ``reason`` now, later ones when they ask, as for
         any room that failed here, so decode does not wait out ``bootstrap_timeout``."""
         if self.queue.cols.index_of(room) is not None:
-            self.queue.fail(room, reason)
+            if follows:
+                self.queue.follow(room)
+            else:
+                self.queue.fail(room, reason)
             return []
         if room in self._ended:
             return []
-        self._ended[room] = (now, reason)
+        self._ended[room] = (now, None if follows else reason)
         out: list[Decision] = []
         for kind, payload in self.early.pop(room):
             if kind == "meta":

@@ -18,7 +18,7 @@ from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
-from kvbridge.protocol.decode import DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.protocol.decode import AbortNotice, DecodeRequest, MetadataToSend, PageAllocator
 from kvbridge.protocol.messages import (
     Abort,
     Message,
@@ -100,7 +100,6 @@ class DecodeNode:
             directory=self.directory,
             send_metadata=self._send_metadata,
             send_abort=self._send_abort,
-            send_early_abort=self._send_early_abort,
             on_writer_dead=lambda key: self.directory.writer_dead(PrefillKey.parse(str(key)).addr),
             send_waiting=self._send_waiting,
             verify=self._verify if config.verify_checksums else None,
@@ -185,19 +184,13 @@ class DecodeNode:
                 )
         return None
 
-    def _send_abort(self, room: int, target: PrefillTarget | None, reason: str | None) -> None:
-        self.directory.forget_room(room)
-        if target is None:
-            return
-        message = Abort.of(room, self.key, reason)
-        for contact in target.plan:
-            self._ensure_registered(contact.control)
-            self._outbox.put(contact.control, message)
-
-    def _send_early_abort(self, room: int, bootstrap_addr: str, reason: str | None) -> None:
-        """Decode gave up before it knew the room's DP rank: tell every prefill rank there."""
-        message = Abort.of(room, self.key, reason)
-        for control in self.directory.controls_of(bootstrap_addr):
+    def _send_abort(self, notice: AbortNotice) -> None:
+        message = Abort.of(notice.room, self.key, notice.cause)
+        if notice.target is not None:
+            controls = [contact.control for contact in notice.target.plan]
+        else:  # decode gave up before it knew the room's DP rank: every prefill rank there
+            controls = self.directory.controls_of(notice.bootstrap_addr)
+        for control in controls:
             self._ensure_registered(control)
             self._outbox.put(control, message)
 
@@ -237,11 +230,18 @@ class DecodeNode:
     def add(self, requests: Sequence[DecodeRequest]) -> None:
         self.session.add(requests)
 
-    def abort(self, room: int, reason: str) -> None:
+    def abort(self, room: int, reason: str, *, follows: bool = False) -> None:
         """Give up on ``room`` (client disconnected, request cancelled): it aborts on every
         rank at the next step, the prefill is told, and its pages are released through the
-        fence (``DecodeStep.released``)."""
-        self.session.abort(room, reason)
+        fence (``DecodeStep.released``).
+
+        ``follows=True``: the engine ends ``room`` on this rank only because another rank of
+        its group failed it (its own consensus said so, as SGLang's MIN over ``poll()`` does).
+        The room then ends here as "failed on another rank" and the prefill is told this rank
+        only followed, so ``reason`` (logged at DEBUG) never passes for a root cause, and a
+        root cause that arrives later is reported as a late cause (rule 7).
+        """
+        self.session.abort(room, reason, follows=follows)
 
     def step(self) -> DecodeStep:
         self._losses.check()
@@ -252,8 +252,10 @@ class DecodeNode:
             self._release_replaced_writers()
         result = self.session.step()
         self._outbox.flush()
-        for done in result.committed:
-            self.directory.forget_room(done.room)
+        for ended in result.committed:
+            self.directory.forget_room(ended.room)
+        for failed in result.aborted:
+            self.directory.forget_room(failed.room)
         return result
 
     def close(self) -> None:

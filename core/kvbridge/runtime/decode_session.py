@@ -20,7 +20,13 @@ from kvbridge.config import TransferConfig
 from kvbridge.memory import AuxSlotPool
 from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
-from kvbridge.protocol.decode import FENCED, DecodeQueue, DecodeRequest, PageAllocator
+from kvbridge.protocol.decode import (
+    FENCED,
+    DecodeQueue,
+    DecodeRequest,
+    PageAllocator,
+    abort_notice,
+)
 from kvbridge.protocol.liveness import WriterLiveness
 from kvbridge.protocol.messages import AbortAck, Heartbeat, Message, Status, sender_of
 from kvbridge.protocol.outcomes import DecodeStep, LateCause
@@ -57,7 +63,6 @@ class DecodeSession:
         directory: PrefillDirectory,
         send_metadata: MetadataSink,
         send_abort: AbortSink | None = None,
-        send_early_abort: Callable[[int, str, str | None], None] | None = None,
         on_writer_dead: Callable[[object], None] | None = None,
         send_waiting: Callable[[Sequence[tuple[int, PrefillTarget]]], None] | None = None,
         verify: Verifier | None = None,
@@ -98,7 +103,6 @@ class DecodeSession:
         self.liveness = WriterLiveness(config.heartbeat_interval, config.heartbeat_max_misses)
         self._fence_plans: dict[int, PrefillTarget] = {}
         self.verify = verify
-        self.send_early_abort = send_early_abort
         self.on_writer_dead = on_writer_dead
         self.send_waiting = send_waiting
         self._lease_every = config.heartbeat_interval
@@ -149,14 +153,18 @@ class DecodeSession:
         """
         self.receive(Status(room, sender, ok, reason, checksum, root))
 
-    def abort(self, room: int, reason: str) -> None:
+    def abort(self, room: int, reason: str, *, follows: bool = False) -> None:
         """The engine gives up on ``room`` (client gone, request cancelled). Scheduler thread.
 
         A local observation like any other (rule 2): the room aborts on every rank at the next
         reduction, the prefill is told (also before resolution), and its pages follow the fence.
-        An unknown or already ended room is ignored.
+        An unknown or already ended room is ignored. ``follows``: see ``DecodeNode.abort``.
         """
-        self.queue.fail(room, reason)
+        if follows:
+            log.debug("decode room %d: the engine follows another rank: %s", room, reason)
+            self.queue.follow(room)
+        else:
+            self.queue.fail(room, reason)
 
     def notify_heartbeat(self, sender: str) -> None:
         """A prefill rank said it is alive. Thread-safe."""
@@ -357,17 +365,13 @@ class DecodeSession:
         for failed in step.aborted:
             self.manager.receiver_abort(failed.room, failed.reason)
             self.manager.receiver_clear(failed.room)
-            own = None if failed.from_other_rank else failed.reason
             lost: PrefillTarget | None = self._targets.pop(failed.room, None)
             if lost is not None and failed.room in self.queue.fenced:
                 self._fence_plans[failed.room] = lost
-            addr = self._addr_of.pop(failed.room, "")
-            if lost is None and addr and self.send_early_abort is not None:
-                self.send_early_abort(failed.room, addr, own)
+            notice = abort_notice(failed, lost, self._addr_of.pop(failed.room, ""))
             self._verified.discard(failed.room)
-            if self.send_abort is not None:
-                # A follower says so: its reason must not become the prefill's root cause.
-                self.send_abort(failed.room, lost, own)
+            if self.send_abort is not None and notice is not None:
+                self.send_abort(notice)
             self._unresolved = [r for r in self._unresolved if r.room != failed.room]
             log_abort("decode", failed)
             self._since.pop(failed.room, None)

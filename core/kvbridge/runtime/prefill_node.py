@@ -140,9 +140,10 @@ class PrefillNode:
         Non-blocking: sent (and retried) by the registration's background thread."""
         self.registration.publish_rooms(self.bootstrap_addr, dp_ranks)
 
-    def abort(self, room: int, reason: str) -> None:
-        """Give up on ``room`` from the engine's side (see ``DecodeNode.abort``)."""
-        self.session.abort(room, reason)
+    def abort(self, room: int, reason: str, *, follows: bool = False) -> None:
+        """Give up on ``room`` from the engine's side (see ``DecodeNode.abort``, also for
+        ``follows``)."""
+        self.session.abort(room, reason, follows=follows)
         self._outbox.flush()
 
     def requested_pages(self, room: int) -> int | None:

@@ -152,10 +152,12 @@ class PrefillSession:
         """
         self._events.append(("abort", (room, reason, sender)))
 
-    def abort(self, room: int, reason: str) -> None:
-        """The engine gives up on ``room``. Scheduler thread; see ``DecodeSession.abort`` and
+    def abort(self, room: int, reason: str, *, follows: bool = False) -> None:
+        """The engine gives up on ``room``. Scheduler thread; see ``DecodeNode.abort`` and
         ``PrefillRooms.engine_abort`` (a room never added here ends at once)."""
-        self._perform(self.rooms.engine_abort(room, reason, self.clock()))
+        if follows:
+            log.debug("prefill room %d: the engine follows another rank: %s", room, reason)
+        self._perform(self.rooms.engine_abort(room, reason, self.clock(), follows=follows))
 
     def requested_pages(self, room: int) -> int | None:
         """How many pages decode allocated for ``room`` (None before its metadata arrived).

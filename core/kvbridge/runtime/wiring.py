@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from kvbridge.protocol.decode import DecodeRequest, MetadataToSend
+from kvbridge.protocol.decode import AbortNotice, DecodeRequest, MetadataToSend
 from kvbridge.protocol.outcomes import Aborted, LateCause
 from kvbridge.protocol.plan import DecodeMetadata, DecodePeer, PrefillTarget
 
@@ -55,8 +55,8 @@ def report_late_causes(
 MetadataSink = Callable[[MetadataToSend, PrefillTarget], None]
 #: ``(room, target, pages, aux_slot, checksums by writer) -> failure reason or None``.
 Verifier = Callable[[int, PrefillTarget, np.ndarray, int, Mapping[object, int]], str | None]
-#: ``(room, target, reason)``; reason None: this rank only followed another rank's failure.
-AbortSink = Callable[[int, PrefillTarget | None, str | None], None]
+#: Performs an :class:`~kvbridge.protocol.decode.AbortNotice` (who hears a decode abort).
+AbortSink = Callable[[AbortNotice], None]
 CompletionSink = Callable[[int, tuple[DecodePeer, ...], bool, str | None], None]
 AckSink = Callable[[int, tuple[DecodePeer, ...]], None]
 ChecksumSink = Callable[[int, DecodePeer, int], None]
