@@ -131,3 +131,26 @@ def test_a_decode_rank_yet_to_send_its_metadata_may_abort_until_the_room_is_boun
     assert isinstance(rooms.on_message(two(8, "d1"), 0.1)[0], StartSending)
     (refused,) = rooms.on_message(Abort.of(8, "d2", "forged"), 0.4)
     assert isinstance(refused, Refused) and "not its decode rank" in refused.what
+
+
+def test_a_registration_flood_without_a_secret_cannot_grow_the_table() -> None:
+    """Issue 22, defect 4 (registrations): every new key used to stay for good."""
+    rooms = PrefillRooms(
+        authoritative=True, bootstrap_timeout=5.0, waiting_timeout=5.0, max_decode_peers=8
+    )
+    register(rooms, "d0")
+    rooms.add([PrefillRequest(7)], 0.0)
+    rooms.on_message(metadata(7, "d0"), 0.0)  # d0 has a room in flight: never swept
+    refused = 0
+    for t, n in enumerate(range(1000)):
+        out = rooms.on_message(
+            Register(f"forged{n}", {"id": n}, KV, AUX, "tcp://x:1"), 0.01 * t
+        )
+        refused += sum(isinstance(d, Refused) for d in out)
+        assert len(rooms.decode_peers) <= 8
+    # 10 s of flood: the table filled once and was swept twice (every bootstrap_timeout).
+    assert refused >= 1000 - 3 * 7 and rooms.untrusted == refused
+    # Silent registrations nothing refers to are swept after bootstrap_timeout; d0 stays.
+    assert rooms.on_message(Register("d1", {"id": "d1"}, KV, AUX, "tcp://d1:1"), 20.0) == []
+    assert {"d0", "d1"} <= set(rooms.decode_peers)
+    assert rooms.targets(7) is not None

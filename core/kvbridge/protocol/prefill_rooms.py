@@ -34,6 +34,10 @@ from kvbridge.types import Endpoint, MemoryRegion
 MAX_ENDED = 100_000
 #: Rooms aborted "from another rank" remembered for a decode root cause arriving late.
 MAX_FOLLOWED = 4096
+#: Decode ranks registered at most (decode instances x their TP ranks, with room to spare).
+#: Without a secret anyone can register: past this, idle registrations are swept and, while
+#: the table is still full, new ones are refused, so a flood cannot grow this rank's memory.
+MAX_DECODE_PEERS = 1024
 _NOT_ITS_DECODE = "an abort of room %d from %r: not its decode rank"
 
 
@@ -121,6 +125,7 @@ class PrefillRooms:
         waiting_timeout: float,
         kv_regions: Sequence[MemoryRegion] = (),
         aux_regions: Sequence[MemoryRegion] = (),
+        max_decode_peers: int = MAX_DECODE_PEERS,
     ) -> None:
         self.queue = PrefillQueue(
             authoritative=authoritative,
@@ -130,6 +135,11 @@ class PrefillRooms:
         self.kv_regions = tuple(kv_regions)
         self.aux_regions = tuple(aux_regions)
         self.decode_peers: dict[Any, DecodePeer] = {}
+        self.max_decode_peers = max_decode_peers
+        #: When each registered decode rank last said anything (for the sweep of idle ones).
+        self._peer_seen: dict[Any, float] = {}
+        self._bootstrap_timeout = bootstrap_timeout
+        self._next_sweep = 0.0
         #: Metadata received per live room, by decode rank.
         self._metadata: dict[int, dict[Any, DecodeMetadata]] = {}
         #: Rooms bound to their decode ranks (the first complete set of metadata).
@@ -211,7 +221,7 @@ class PrefillRooms:
                 _regions(message.aux_regions),
                 message.control,
             )
-            return self.register(message.decode_key, peer)
+            return self.register(message.decode_key, peer, now)
         if isinstance(message, Metadata):
             meta = DecodeMetadata(
                 message.room,
@@ -229,9 +239,10 @@ class PrefillRooms:
             return self.decode_abort(message.room, message.cause, message.sender_key, now)
         return self._refuse("a %s control message on a prefill rank", type(message).__name__)
 
-    def register(self, key: Any, peer: DecodePeer) -> list[Decision]:
-        """Decode rank ``key`` says where its memory is; its first registration binds."""
-        return self._event("peer", (key, peer), 0.0)
+    def register(self, key: Any, peer: DecodePeer, now: float = 0.0) -> list[Decision]:
+        """Decode rank ``key`` says where its memory is; its first registration binds. At most
+        ``max_decode_peers`` are kept (see :data:`MAX_DECODE_PEERS`)."""
+        return self._event("peer", (key, peer), now)
 
     def metadata(self, meta: DecodeMetadata, now: float) -> list[Decision]:
         return self._event("meta", meta, now)
@@ -247,6 +258,31 @@ class PrefillRooms:
         it only followed another decode rank's failure."""
         return self._event("abort", (room, reason, sender), now)
 
+    def _sweep_idle_peers(self, now: float) -> None:
+        """Forget registrations silent for ``bootstrap_timeout`` that nothing here refers to
+        (at most once per ``bootstrap_timeout``: under a flood each sweep is a full scan).
+        A decode rank forgotten here registers again after its own idle timeout."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._bootstrap_timeout
+        in_use: set[Any] = set()
+        for senders in self._metadata.values():
+            in_use.update(senders)
+        for aborters in self._abort_senders.values():
+            in_use.update(aborters)
+        for peers in self._draining.values():
+            in_use.update(peers)
+        for keys in self._followed.values():
+            in_use.update(keys or ())
+        for kind, payload in self.early.messages():
+            in_use.add(payload[2] if kind == "abort" else payload.decode_rank)
+        idle_since = now - self._bootstrap_timeout
+        for key in [
+            k for k, t in self._peer_seen.items() if t < idle_since and k not in in_use
+        ]:
+            del self.decode_peers[key]
+            del self._peer_seen[key]
+
     def _refuse(self, what: str, *args: Any) -> list[Decision]:
         self.untrusted += 1
         return [Refused(what, args)]
@@ -259,12 +295,22 @@ class PrefillRooms:
                 return self._refuse(
                     "a second registration of decode rank %r with other memory", key
                 )
+            if known is None and len(self.decode_peers) >= self.max_decode_peers:
+                self._sweep_idle_peers(now)
+                if len(self.decode_peers) >= self.max_decode_peers:
+                    return self._refuse(
+                        "a registration of decode rank %r: %d are registered (the most kept)",
+                        key,
+                        len(self.decode_peers),
+                    )
             self.decode_peers[key] = peer
+            self._peer_seen[key] = now
             return []
         if kind == "waiting":
             sender, rooms = payload
             if sender not in self.decode_peers:
                 return self._refuse("a memory lease from unregistered decode rank %r", sender)
+            self._peer_seen[sender] = now
             self.queue.renew(rooms, now)
             out: list[Decision] = []
             for room in rooms.tolist():
@@ -272,8 +318,10 @@ class PrefillRooms:
                     out += self._answer_ended(room, sender)
             return out
         room = payload.room if kind == "meta" else payload[0]
+        sender = payload[2] if kind == "abort" else payload.decode_rank
+        if sender in self._peer_seen:
+            self._peer_seen[sender] = now
         if self.queue.cols.index_of(room) is None:
-            sender = payload[2] if kind == "abort" else payload.decode_rank
             if sender is not None and sender not in self.decode_peers:
                 # Nothing from it could count once the room arrives: drop it now, not then.
                 return self._refuse(

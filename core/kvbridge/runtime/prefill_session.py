@@ -214,7 +214,7 @@ class PrefillSession:
             return [Refused("a %s control message on a prefill rank", (type(payload).__name__,))]
         if kind == "peer":
             key, peer = payload
-            return rooms.register(key, peer)
+            return rooms.register(key, peer, now)
         if kind == "meta":
             return rooms.metadata(payload, now)
         if kind == "waiting":
