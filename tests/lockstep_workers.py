@@ -229,13 +229,20 @@ def cp_prefill_worker(rank: int, world: int, port: int, scenario: dict, results:
             prefill = rig.prefill
         else:
             rig = None
-            prefill = PrefillSession(config=config, manager=None, reducer=prefill_reducer)
+            label = RankIdentity(Role.PREFILL, cp_rank=cp, cp_size=2, tp_rank=tp, tp_size=2)
+            prefill = PrefillSession(
+                config=config, manager=None, reducer=prefill_reducer, origin=label.label
+            )
+        engine_aborts = scenario.get("engine_aborts", {}).get(str(rank), [])
         for step in range(scenario.get("max_steps", 3000)):
             if step < len(adds):
                 if rig is not None:
                     rig.decode.add([DecodeRequest(room, n) for room, n in adds[step]])
                     rig.num_pages.update(dict(adds[step]))
                 prefill.add([PrefillRequest(room) for room, _ in adds[step]])
+            for at, room, reason in engine_aborts:
+                if at == step:  # this rank's engine alone gives up on the room
+                    prefill.abort(room, reason)
             result = prefill.step()
             for room in result.ready:
                 out["events"].append(("ready", step, room))
@@ -256,7 +263,13 @@ def cp_prefill_worker(rank: int, world: int, port: int, scenario: dict, results:
                         out["errors"].append(f"room {c.room}: {bad[:3]}")
                     rig.pages.free(c.pages)
                 for a in d.aborted:
-                    out["errors"].append(f"decode aborted {a.room}: {a.reason}")
+                    if scenario.get("engine_aborts"):
+                        out.setdefault("decode_aborted", []).append(
+                            (a.room, a.reason, a.from_other_rank)
+                        )
+                    else:
+                        out["errors"].append(f"decode aborted {a.room}: {a.reason}")
+                    rig.pages.free(rig.decode.queue.allocated.get(a.room, np.zeros(0, int)))
             decode_busy = rig is not None and len(rig.decode) > 0
             flag = np.array([len(prefill) > 0 or decode_busy or step < len(adds)], dtype=np.uint8)
             import torch

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from kvbridge.protocol.outcomes import FROM_OTHER_RANK
 from lockstep_workers import cp_prefill_worker, decode_worker
 
 pytestmark = pytest.mark.multiprocess
@@ -118,6 +119,27 @@ def test_cp2_tp2_prefill_with_noop_ranks_and_zero_page_chunks() -> None:
     for o in outs[:2]:  # the authoritative ranks host the decode TP group
         assert sorted(o["committed"]) == [1, 2, 3, 4]
         assert o["pages_free"] == 64
+
+
+def test_a_root_cause_seen_only_on_a_noop_cp_rank_reaches_decode() -> None:
+    """Issue 22, defect 1 way (c): the engine of prefill rank 3 (cp 1, tp 1: it tells decode
+    nothing) gives up on room 3. Every prefill rank aborts it in the same step, and decode is
+    told the root cause and where it was seen, not only "failed on another rank"."""
+    cause = "engine: out of memory on this rank"
+    adds = [[(1, 2)], [(2, 1)], [(3, 4)], [(4, 1)]]
+    outs = run_world(cp_prefill_worker, 4, {"adds": adds, "engine_aborts": {"3": [(2, 3, cause)]}})
+    base = [e[:3] for e in outs[0]["events"]]  # the same decisions; reasons differ by rank
+    for o in outs[1:]:
+        assert [e[:3] for e in o["events"]] == base, f"prefill rank {o['rank']} diverged"
+    for o in outs:
+        (abort,) = [e for e in o["events"] if e[0] == "abort"]
+        assert abort[2] == 3 and abort[3] == (cause if o["rank"] == 3 else FROM_OTHER_RANK)
+    aborted = [e for o in outs[:2] for e in o["decode_aborted"]]
+    assert len(aborted) == 2 and {room for room, _, _ in aborted} == {3}
+    for _, reason, _ in aborted:
+        assert cause in reason and "cp1" in reason, reason
+    for o in outs[:2]:
+        assert sorted(o["committed"]) == [1, 2, 4]
 
 
 def test_debug_mode_names_the_first_differing_room() -> None:

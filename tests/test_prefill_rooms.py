@@ -143,9 +143,7 @@ def test_a_registration_flood_without_a_secret_cannot_grow_the_table() -> None:
     rooms.on_message(metadata(7, "d0"), 0.0)  # d0 has a room in flight: never swept
     refused = 0
     for t, n in enumerate(range(1000)):
-        out = rooms.on_message(
-            Register(f"forged{n}", {"id": n}, KV, AUX, "tcp://x:1"), 0.01 * t
-        )
+        out = rooms.on_message(Register(f"forged{n}", {"id": n}, KV, AUX, "tcp://x:1"), 0.01 * t)
         refused += sum(isinstance(d, Refused) for d in out)
         assert len(rooms.decode_peers) <= 8
     # 10 s of flood: the table filled once and was swept twice (every bootstrap_timeout).

@@ -15,7 +15,7 @@ PrefillSession` to perform; nothing here sends, logs or reads a clock.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -277,9 +277,7 @@ class PrefillRooms:
         for kind, payload in self.early.messages():
             in_use.add(payload[2] if kind == "abort" else payload.decode_rank)
         idle_since = now - self._bootstrap_timeout
-        for key in [
-            k for k, t in self._peer_seen.items() if t < idle_since and k not in in_use
-        ]:
+        for key in [k for k, t in self._peer_seen.items() if t < idle_since and k not in in_use]:
             del self.decode_peers[key]
             del self._peer_seen[key]
 
@@ -488,9 +486,17 @@ class PrefillRooms:
 
     # -- after the reduction -------------------------------------------------------------------
 
-    def finish(self, step: PrefillStep, now: float) -> list[Decision]:
+    def finish(
+        self, step: PrefillStep, now: float, group_causes: Mapping[int, str] | None = None
+    ) -> list[Decision]:
         """Forget finished rooms; for aborted ones decide who hears of it (rule 7) and start
-        the drain that its acknowledgement waits for (rule 8)."""
+        the drain that its acknowledgement waits for (rule 8).
+
+        ``group_causes``: for rooms this rank only followed, the root cause another rank of
+        the group saw, with its origin (the runtime gathers them where the reducer can). This
+        rank's decode peers are told that cause instead of "failed on another rank", so a
+        cause seen only on a rank that tells decode nothing still reaches decode."""
+        group_causes = group_causes or {}
         for room in step.finished:
             self._drop(room)
         out: list[Decision] = []
@@ -507,14 +513,14 @@ class PrefillRooms:
                 if len(self._followed) > MAX_FOLLOWED:
                     del self._followed[next(iter(self._followed))]
             self._drop(room)
-            self._ended[room] = (now, None if failed.from_other_rank else failed.reason)
+            cause = group_causes.get(room) if failed.from_other_rank else failed.reason
+            self._ended[room] = (now, cause)
             if self.authoritative:
                 out.append(StopSending(room, failed.reason))
                 # Cleared, and acknowledged to decode, only once no write can land (rule 8).
                 self._draining[room] = told
                 if targets:
-                    reason = None if failed.from_other_rank else failed.reason
-                    out.append(Tell(room, tuple(p for p, _ in targets), False, reason))
+                    out.append(Tell(room, tuple(p for p, _ in targets), False, cause))
         return out
 
     def take_late_causes(self) -> tuple[LateCause, ...]:

@@ -35,8 +35,23 @@ def init_gloo(
 
 
 class Reducer(Protocol):
+    """What a session calls once per step. A reducer may also have ``gather_causes`` (see
+    :func:`gather_causes`): without it, a root cause seen only on a rank that tells decode
+    nothing (a non-authoritative CP rank) reaches decode as "failed on another rank"."""
+
     def __call__(self, local: np.ndarray, rooms: np.ndarray) -> np.ndarray:
         """Return the element-wise MIN of ``local`` over the group (may reuse ``local``)."""
+
+
+def gather_causes(reducer: Reducer, mine: dict[int, str]) -> list[dict[int, str]] | None:
+    """Every rank's own root causes (``room -> reason``) for the rooms that aborted in this
+    step, in group rank order; None when ``reducer`` cannot gather.
+
+    A collective: call it on every rank of the group in the same step, which holds when the
+    call depends only on the step's outcome (every rank aborts the same rooms in a step).
+    """
+    gather = getattr(reducer, "gather_causes", None)
+    return None if gather is None else list(gather(mine))
 
 
 class SingleRankReducer:
@@ -44,6 +59,9 @@ class SingleRankReducer:
 
     def __call__(self, local: np.ndarray, rooms: np.ndarray) -> np.ndarray:
         return local
+
+    def gather_causes(self, mine: dict[int, str]) -> list[dict[int, str]]:
+        return [mine]
 
 
 class TorchMinReducer:
@@ -79,6 +97,16 @@ class TorchMinReducer:
         tensor = self._torch.from_numpy(local)  # shares memory: the result lands in `local`
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MIN, group=self.group)
         return local
+
+    def gather_causes(self, mine: dict[int, str]) -> list[dict[int, str]]:
+        """All-gather of every rank's root causes: only in steps that aborted rooms."""
+        if self._alone is None:
+            self._alone = self._dist.get_world_size(self.group) == 1
+        if self._alone:
+            return [mine]
+        every: list[Any] = [None] * self._dist.get_world_size(self.group)
+        self._dist.all_gather_object(every, mine, group=self.group)
+        return every
 
     def check_lockstep(self, rooms: np.ndarray) -> None:
         dist, torch = self._dist, self._torch

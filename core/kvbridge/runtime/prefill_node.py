@@ -71,6 +71,7 @@ class PrefillNode:
             acknowledge=self._acknowledge,
             notify_checksum=self._notify_checksum,
             observers=observers if observers is not None else ObserverRelay(discover=True),
+            origin=rank.label,
         )
         key = control_key(config)
         self._out = ControlSender(key)  # scheduler thread only

@@ -39,7 +39,7 @@ from kvbridge.protocol.prefill_rooms import (
     Tell,
 )
 from kvbridge.ratelimit import ThrottledWarning
-from kvbridge.runtime.collective import Reducer
+from kvbridge.runtime.collective import Reducer, gather_causes
 from kvbridge.runtime.wiring import (
     AckSink,
     ChecksumSink,
@@ -74,8 +74,11 @@ class PrefillSession:
         notify_checksum: ChecksumSink | None = None,
         clock: Clock = time.monotonic,
         observers: ObserverRelay | None = None,
+        origin: str = "",
     ) -> None:
         self.manager = manager
+        #: This rank as a root cause's origin names it to the rest of its group.
+        self.origin = origin or (manager.rank.label if manager is not None else "prefill")
         self.acknowledge = acknowledge
         self.notify_checksum = notify_checksum if config.verify_checksums else None
         self._sent_pages: dict[int, list[np.ndarray]] = {}
@@ -260,6 +263,24 @@ class PrefillSession:
                     d.room,
                 )
 
+    def _group_causes(self, step: PrefillStep) -> dict[int, str]:
+        """Root causes other ranks of the group saw for rooms this rank only followed (rule
+        7): without them a cause seen only on a rank that tells decode nothing (a
+        non-authoritative CP rank) would reach decode as "failed on another rank"."""
+        mine = {
+            a.room: f"{a.reason} (on {self.origin})" for a in step.aborted if not a.from_other_rank
+        }
+        every = gather_causes(self.reducer, mine)
+        found: dict[int, str] = {}
+        for causes in every or ():
+            if not isinstance(causes, dict):
+                continue
+            for room, reason in causes.items():
+                if isinstance(reason, str):
+                    found.setdefault(room, reason)  # the lowest group rank's, on every rank
+        followed = (a.room for a in step.aborted if a.from_other_rank)
+        return {room: found[room] for room in followed if room in found}
+
     def _send_checksums(self, room: int) -> None:
         assert self.notify_checksum is not None
         pages = np.concatenate(self._sent_pages.get(room, [np.zeros(0, dtype=np.int64)]))
@@ -358,7 +379,8 @@ class PrefillSession:
             self._sent_aux.pop(room, None)
             self._sent.pop(room, None)
             self._offsets.pop(room, None)
-        self._perform(self.rooms.finish(step, self.clock()))
+        causes = self._group_causes(step) if step.aborted else {}
+        self._perform(self.rooms.finish(step, self.clock(), causes))
         for failed in step.aborted:
             log_abort("prefill", failed)
         if self.manager is not None:
