@@ -126,9 +126,7 @@ class _Directory:
         return {r.room: self.target for r in requests}
 
 
-def test_decode_session_hands_a_late_cause_to_the_log_the_observers_and_the_engine(
-    caplog,
-) -> None:
+def _decode_session(notices: list, observers: ObserverRelay | None = None):
     config = TransferConfig()
     transport = Transport(TransportRegistry.discover().get("fake"))
     dbuf, pbuf = RankBuffers.allocate(), RankBuffers.allocate()
@@ -138,17 +136,26 @@ def test_decode_session_hands_a_late_cause_to_the_log_the_observers_and_the_engi
     pmgr = transport.create_manager(
         config, RankIdentity(Role.PREFILL), pbuf.kv_regions, pbuf.aux_regions
     )
-    seen = _Seen()
+    target = PrefillTarget((pmgr.endpoint,), controls=("p1",))
     session = DecodeSession(
         config=config,
         manager=dmgr,
         pages=PagePool(8),
         aux=dbuf.aux,
         reducer=SingleRankReducer(),
-        directory=_Directory(PrefillTarget((pmgr.endpoint,), controls=("p1",))),
+        directory=_Directory(target),
         send_metadata=lambda meta, target: None,
-        observers=ObserverRelay([seen]),
+        send_abort=notices.append,
+        observers=observers,
     )
+    return session, target, (dmgr, pmgr)
+
+
+def test_decode_session_hands_a_late_cause_to_the_log_the_observers_and_the_engine(
+    caplog,
+) -> None:
+    seen = _Seen()
+    session, _, (dmgr, pmgr) = _decode_session([], ObserverRelay([seen]))
     try:
         session.add([DecodeRequest(ROOM, 2)])
         session.step()
@@ -206,31 +213,6 @@ def test_prefill_answers_a_followers_abort_with_its_own_root_cause() -> None:
     finally:
         sender.close()
         receiver.close()
-
-
-def _decode_session(notices: list, observers: ObserverRelay | None = None):
-    config = TransferConfig()
-    transport = Transport(TransportRegistry.discover().get("fake"))
-    dbuf, pbuf = RankBuffers.allocate(), RankBuffers.allocate()
-    dmgr = transport.create_manager(
-        config, RankIdentity(Role.DECODE), dbuf.kv_regions, dbuf.aux_regions
-    )
-    pmgr = transport.create_manager(
-        config, RankIdentity(Role.PREFILL), pbuf.kv_regions, pbuf.aux_regions
-    )
-    target = PrefillTarget((pmgr.endpoint,), controls=("p1",))
-    session = DecodeSession(
-        config=config,
-        manager=dmgr,
-        pages=PagePool(8),
-        aux=dbuf.aux,
-        reducer=SingleRankReducer(),
-        directory=_Directory(target),
-        send_metadata=lambda meta, target: None,
-        send_abort=notices.append,
-        observers=observers,
-    )
-    return session, target, (dmgr, pmgr)
 
 
 @pytest.mark.parametrize("follows", [True, False])
