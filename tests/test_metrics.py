@@ -180,3 +180,21 @@ def test_rejected_and_untrusted_frames_are_counted_by_cause(relay_and_registry):
     assert get(name, {**D, "cause": "malformed"}) == 1
     losses.check()  # nothing new: nothing more counted
     assert get(name, {**D, "cause": "unauthenticated"}) == 3
+
+
+def test_parse_metrics_keys_samples_by_name_and_kept_labels() -> None:
+    from kvbridge.testing import parse_metrics
+
+    text = (
+        "# HELP vllm:prompt_tokens_by_source Prompt tokens.\n"
+        "# TYPE vllm:prompt_tokens_by_source counter\n"
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="local"} 3.0\n'
+        'vllm:prompt_tokens_by_source_total{engine="1",model_name="m",source="local"} 4.0\n'
+        'vllm:prompt_tokens_by_source_total{engine="0",model_name="m",source="remote"} 5.0\n'
+    )
+    kept = parse_metrics(text, ignore_labels=("engine", "model_name"))
+    assert kept == {
+        'vllm:prompt_tokens_by_source_total{source="local"}': 7.0,
+        'vllm:prompt_tokens_by_source_total{source="remote"}': 5.0,
+    }
+    assert parse_metrics(text, labels=False) == {"vllm:prompt_tokens_by_source_total": 12.0}

@@ -9,7 +9,6 @@ decode.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 import urllib.error
@@ -19,6 +18,7 @@ from typing import Any
 
 from kvbridge.testing import processes
 from kvbridge.testing.processes import Server, free_port
+from kvbridge.testing.scrape import scrape
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -123,19 +123,9 @@ def output_ids(answer: dict[str, Any]) -> list[int]:
     return list(answer.get("output_ids") or answer["meta_info"].get("output_ids") or [])
 
 
-_METRIC = re.compile(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
-
-
 def metrics(server: Server) -> dict[str, float]:
     """Prometheus ``name`` -> value summed over labels, from the server's ``/metrics``."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if m:
-            out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
-    return out
+    return scrape(server.url + "/metrics", labels=False)
 
 
 def server_info(server: Server) -> dict[str, Any]:

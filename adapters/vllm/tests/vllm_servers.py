@@ -6,7 +6,6 @@ Process handling (own process group, stop/kill, readiness) is :mod:`kvbridge.tes
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 import urllib.error
@@ -16,6 +15,7 @@ from typing import Any
 
 from kvbridge.testing import processes
 from kvbridge.testing.processes import Server, free_port, kill, post, stop, wait_ready
+from kvbridge.testing.scrape import scrape
 
 ROOT = Path(__file__).resolve().parents[3]
 __all__ = ["Server", "free_port", "kill", "post", "stop", "wait_ready"]
@@ -134,26 +134,9 @@ def wait_routed(router: Server, model: Path, timeout: float = 90.0) -> None:
         time.sleep(1.0)
 
 
-_METRIC = re.compile(r"^([a-zA-Z_:]+)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN)$")
-
-
 def metrics(server: Server) -> dict[str, float]:
     """``name{labels}`` -> value from vLLM's Prometheus endpoint (engine/model labels dropped)."""
-    with urllib.request.urlopen(server.url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        m = _METRIC.match(line)
-        if not m:
-            continue
-        labels = ",".join(
-            p
-            for p in (m.group(2) or "").strip("{}").split(",")
-            if p and not p.startswith(("engine=", "model_name="))
-        )
-        key = m.group(1) + (f"{{{labels}}}" if labels else "")
-        out[key] = out.get(key, 0.0) + float(m.group(3))
-    return out
+    return scrape(server.url + "/metrics", ignore_labels=("engine", "model_name"))
 
 
 def idle(server: Server) -> dict[str, float]:

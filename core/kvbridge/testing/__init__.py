@@ -4,8 +4,9 @@ Two kinds of module live here:
 
 - pytest-free helpers, safe on an install without the test extras (the demo and the
   benchmarks use them): :mod:`~kvbridge.testing.buffers` (``RankBuffers``, ``page_pattern``),
-  :mod:`~kvbridge.testing.rig` (``TransferRig``, ``wait_until_terminal``) and
-  :mod:`~kvbridge.testing.remote` (``RemoteReceiver``);
+  :mod:`~kvbridge.testing.rig` (``TransferRig``, ``wait_until_terminal``),
+  :mod:`~kvbridge.testing.remote` (``RemoteReceiver``) and :mod:`~kvbridge.testing.scrape`
+  (``scrape``: a Prometheus endpoint as a dict; needs the ``metrics`` extra);
 - the conformance kit, :mod:`~kvbridge.testing.conformance` (``TransportConformance``), which
   needs pytest (``pip install "kvbridge[test]"``).
 
@@ -26,7 +27,9 @@ _EXPORTS = {
     "TransportConformance": "kvbridge.testing.conformance",
     "TransportHang": "kvbridge.testing.rig",
     "page_pattern": "kvbridge.testing.buffers",
+    "parse_metrics": "kvbridge.testing.scrape",
     "require_transport": "kvbridge.testing.rig",
+    "scrape": "kvbridge.testing.scrape",
     "wait_until_terminal": "kvbridge.testing.rig",
 }
 
@@ -38,7 +41,9 @@ __all__ = [
     "TransportConformance",
     "TransportHang",
     "page_pattern",
+    "parse_metrics",
     "require_transport",
+    "scrape",
     "wait_until_terminal",
 ]
 
@@ -53,6 +58,7 @@ if TYPE_CHECKING:
         require_transport,
         wait_until_terminal,
     )
+    from kvbridge.testing.scrape import parse_metrics, scrape
 
 
 def __getattr__(name: str) -> Any:
