@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import multiprocessing
 import os
 import socket
@@ -57,21 +56,20 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import thread_cpu
+from results_file import notes_mark, write_results
 
 from kvbridge.runtime.collective import init_gloo
 
-RESULTS = Path(__file__).parent / "results"
 PAGE = 64 << 10
 POOL_BYTES = 256 << 20  # decode pool per rank
 MAX_INFLIGHT = 32
 SLOTS = 64
 #: The results file keeps everything from this line on when the tables are rewritten.
-NOTES_MARK = "<!-- notes: written by hand, kept by benchmarks/handoff.py -->"
+NOTES_MARK = notes_mark("handoff.py")
 
 
 def _free_port() -> int:
@@ -852,13 +850,7 @@ def main() -> int:
     text = render(rows, command.strip())
     print(text)
     if not args.no_write:
-        RESULTS.mkdir(exist_ok=True)
-        md = RESULTS / f"{args.out}.md"
-        old = md.read_text() if md.exists() else ""
-        if NOTES_MARK in old:
-            text += "\n" + old[old.index(NOTES_MARK) :]
-        md.write_text(text)
-        (RESULTS / f"{args.out}.json").write_text(json.dumps(rows, indent=2) + "\n")
+        write_results(args.out, text, rows, NOTES_MARK)
     return 0
 
 

@@ -57,7 +57,6 @@ import numpy as np
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "results"
 # vllm_servers lives with the adapter's tests; handoff.py (the raw paths) next to this file.
 # Spawned children re-run this module's top level, so they find both too.
 for _path in (ROOT / "adapters" / "vllm" / "tests", BENCH):
@@ -73,10 +72,11 @@ from handoff import (  # noqa: E402
     hand_in,
     run_processes,
 )
+from results_file import notes_mark, write_results  # noqa: E402
 
 log = logging.getLogger("vllm_handoff")
 #: The results file keeps everything from this line on when the tables are rewritten.
-NOTES_MARK = "<!-- notes: written by hand, kept by benchmarks/vllm_handoff.py -->"
+NOTES_MARK = notes_mark("vllm_handoff.py")
 MAX_MODEL_LEN = 512  # what vllm_servers.start_vllm passes
 SLOTS = 8  # aux rows of the raw processes
 POLL = 0.001  # the adapter's default poll_interval: its driver thread's step loop
@@ -626,16 +626,6 @@ def render(rows: list[dict[str, Any]], command: str, failed: dict[str, str]) -> 
     return "\n".join(lines) + "\n"
 
 
-def write(text: str, rows: list[dict[str, Any]], stem: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    md = RESULTS / f"{stem}.md"
-    old = md.read_text() if md.exists() else ""
-    if NOTES_MARK in old:
-        text += "\n" + old[old.index(NOTES_MARK) :]
-    md.write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=2) + "\n")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -713,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, command.strip(), failed)
     print(text)
     if not args.no_write and rows:
-        write(text, rows, args.out)
+        write_results(args.out, text, rows, NOTES_MARK)
     return 1 if failed else 0
 
 

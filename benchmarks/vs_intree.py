@@ -93,19 +93,19 @@ from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-RESULTS = BENCH / "results"
 for _path in (ROOT / "adapters" / "vllm" / "tests", BENCH):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
 import vllm_servers as vs  # noqa: E402
+from results_file import notes_mark, write_results  # noqa: E402
 from vllm_handoff import Reply, stop_all, stream  # noqa: E402
 
 from kvbridge.testing import processes  # noqa: E402
 
 log = logging.getLogger("vs_intree")
 #: The results file keeps everything from this line on when the tables are rewritten.
-NOTES_MARK = "<!-- notes: written by hand, kept by benchmarks/vs_intree.py -->"
+NOTES_MARK = notes_mark("vs_intree.py")
 MAX_MODEL_LEN = 1024
 MODEL_SEED = 4321
 MODEL_SIZES = {
@@ -1015,16 +1015,6 @@ READING = [
 ]
 
 
-def write(text: str, report: dict[str, Any], stem: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    md = RESULTS / f"{stem}.md"
-    old = md.read_text() if md.exists() else ""
-    if NOTES_MARK in old:
-        text += "\n" + old[old.index(NOTES_MARK) :]
-    md.write_text(text)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
-
-
 # -- driver -------------------------------------------------------------------------------------
 
 
@@ -1148,7 +1138,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(report)
     print(text)
     if not args.no_write and rows:
-        write(text, report, args.out)
+        write_results(args.out, text, report, NOTES_MARK, indent=1)
     return 1 if failed or not same else 0
 
 
