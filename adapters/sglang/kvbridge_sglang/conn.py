@@ -192,6 +192,9 @@ class KvbridgeKVSender(BaseKVSender):
         return self.poll()
 
     def failure_exception(self) -> None:
+        # SGLang asks only when the MIN over its TP ranks said Failed: if this rank's room had
+        # not failed, another rank's had, and this rank ends its room too, as a follower.
+        self._endpoint.follow_failure(self._state)
         raise self._state.exception()
 
     def get_transfer_metric(self) -> KVTransferMetric:

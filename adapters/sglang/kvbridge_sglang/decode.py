@@ -160,7 +160,7 @@ class DecodeEndpoint(DrivenEndpoint):
             return
         state.fail(ENDED_IN_SGLANG)
         if state.room and state.metadata_sent:
-            self._queue("abort", (state.room, ENDED_IN_SGLANG))
+            self._queue("abort", (state.room, ENDED_IN_SGLANG, False))
 
     def follow_failure(self, state: RoomState) -> None:
         """SGLang failed the request on every TP rank (the MIN of their ``poll()`` answers)
@@ -179,8 +179,8 @@ class DecodeEndpoint(DrivenEndpoint):
             state.reason = FAILED_ON_ANOTHER_RANK
             state.from_other_rank = True
             state.committed_row = None
-        if live:
-            self._queue("abort", (state.room, FAILED_ON_ANOTHER_RANK))
+        if live:  # follows: the root cause is another rank's, never this reason (rule 7)
+            self._queue("abort", (state.room, FAILED_ON_ANOTHER_RANK, True))
 
     def release_safe(self, room: int) -> bool:
         """SGLang's deferred release: may the pages of aborted ``room`` be reused now?"""
@@ -208,7 +208,8 @@ class DecodeEndpoint(DrivenEndpoint):
                         self._live.discard(item.room)
                     self._ended(item.room, None, f"refused by kvbridge: {exc}", False)
             else:
-                node.abort(*item)
+                room, reason, follows = item
+                node.abort(room, reason, follows=follows)
         result = node.step()
         if result.committed or result.released:
             with self._lock:

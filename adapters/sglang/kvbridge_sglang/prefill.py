@@ -40,6 +40,9 @@ from kvbridge_sglang.rooms import RoomState, admit
 
 log = logging.getLogger("kvbridge_sglang")
 ENDED_IN_SGLANG = "request aborted in SGLang on prefill (client gone or cancelled)"
+FAILED_ON_ANOTHER_RANK = (
+    "failed on another prefill TP rank (SGLang fails a request on every TP rank when one fails)"
+)
 
 
 class SendState(RoomState):
@@ -125,7 +128,22 @@ class PrefillEndpoint(DrivenEndpoint):
             return
         state.fail(reason)
         if state.room:
-            self._queue("abort", (state.room, reason))
+            self._queue("abort", (state.room, reason, False))
+
+    def follow_failure(self, state: SendState) -> None:
+        """SGLang failed the request on every prefill TP rank (the MIN of their ``poll()``
+        answers) while this rank's own sender had not failed: another rank's had.
+
+        This rank ends the room in kvbridge too, as a follower: its decode peers hear "failed
+        on another rank" from it (not a reason of its own passing for the root cause), and
+        they stop waiting for its writes now instead of at ``waiting_timeout``.
+        """
+        with self._lock:  # the driver thread may be publishing this room's end right now
+            if state.status in (KVPoll.Success, KVPoll.Failed):
+                return
+            state.fail(FAILED_ON_ANOTHER_RANK, from_other_rank=True)
+        if state.room:
+            self._queue("abort", (state.room, FAILED_ON_ANOTHER_RANK, True))
 
     def clear(self, state: SendState) -> None:
         if not state.room:
@@ -144,7 +162,8 @@ class PrefillEndpoint(DrivenEndpoint):
             if kind == "add":
                 node.add([PrefillRequest(item)])
             elif kind == "abort":
-                node.abort(*item)
+                room, reason, follows = item
+                node.abort(room, reason, follows=follows)
             else:
                 self._send(*item)
         result = node.step()

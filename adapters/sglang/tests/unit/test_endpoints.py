@@ -252,3 +252,34 @@ def test_client_chosen_bootstrap_addresses_are_bounded(monkeypatch: pytest.Monke
         assert "<no bootstrap_host>:0" in endpoint.prefill_info_table
     finally:
         endpoint.close()
+
+
+@pytest.mark.parametrize("follower", ["decode", "prefill"])
+def test_a_rank_that_only_follows_sglangs_consensus_tells_the_other_side_so(
+    pair, follower: str
+) -> None:
+    """SGLang fails a request on every TP rank once one rank's poll() said Failed, then asks
+    each rank for failure_exception(). On a rank whose own room had not failed, that ends the
+    room as a follower: the other side hears "followed", and the engine's text never passes
+    for a root cause (decode's and prefill's ``follow_failure``)."""
+    prefill, decode, _p, _d, addr = pair
+    room = 41
+    sender = prefill.open_room(room, addr)
+    receiver = decode.open_room(room, addr)
+    receiver.status = KVPoll.WaitingForInput
+    decode.send_metadata(receiver, np.arange(4), aux_index=1)
+    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    if follower == "decode":
+        decode.follow_failure(receiver)
+        mine, theirs, other = receiver, sender, prefill
+    else:
+        prefill.follow_failure(sender)
+        mine, theirs, other = sender, receiver, decode
+    assert mine.from_other_rank and "another" in str(mine.exception())
+    _until("the other side told", lambda: other.poll(theirs) == KVPoll.Failed)
+    # It only followed: the other side says "failed on another rank", not our text.
+    assert theirs.from_other_rank, theirs.reason
+    assert "failed on another rank" in str(theirs.exception())
+    _until("released", lambda: decode.release_safe(room))
+    decode.clear(receiver)
+    prefill.clear(sender)
