@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from kvbridge.protocol.plan import PrefillKey, PrefillTarget, by_control, plan_for
+from kvbridge.protocol.plan import (
+    PrefillKey,
+    PrefillTarget,
+    by_control,
+    pages_decode_needs,
+    plan_for,
+)
 
 
 def info(tp: int, dp: int = 1, page_bytes: int = 4096, missing: tuple[int, ...] = ()) -> Any:
@@ -65,3 +75,30 @@ def test_a_dp_rank_out_of_range_and_unmatched_pages_are_reasons() -> None:
     assert out == "prefill DP rank 2 out of range for p:1 (dp_size 1)"
     out = plan_for("p:1", info(tp=1), 0, decode_rank=0, decode_tp=1, decode_page_bytes=2048)
     assert isinstance(out, str) and "cannot feed this decode" in out
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    total=st.integers(0, 40),
+    data=st.data(),
+)
+def test_pages_decode_needs_sends_exactly_the_last_requested_pages_over_any_chunking(
+    total: int, data
+) -> None:
+    """Chunked prefill sends the prompt in chunks; decode may hold a prefix of its own."""
+    requested = data.draw(st.one_of(st.none(), st.integers(0, total)))
+    prompt = np.arange(100, 100 + total)
+    cuts = sorted(data.draw(st.lists(st.integers(0, total), max_size=5)))
+    bounds = [0, *cuts, total]
+    sent = []
+    for start, end in itertools.pairwise(bounds):
+        keep = pages_decode_needs(prompt[start:end], start, total, requested)
+        assert not isinstance(keep, str)
+        sent += keep.tolist()
+    want = prompt if requested is None else prompt[total - requested :]
+    assert sent == want.tolist()
+
+
+def test_pages_decode_needs_refuses_more_pages_than_the_prompt_has() -> None:
+    why = pages_decode_needs(np.arange(4), 0, 4, 5)
+    assert why == "decode allocated 5 pages, this prefill holds 4 for the prompt"

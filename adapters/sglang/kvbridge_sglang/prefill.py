@@ -73,8 +73,6 @@ class PrefillEndpoint(DrivenEndpoint):
             **layout.node_args(Role.PREFILL),  # type: ignore[arg-type]
         )
         self._rooms: dict[int, SendState] = {}
-        #: Driver-thread only: pages of each room still to skip (decode's own prefix hit).
-        self._skip: dict[int, int] = {}
         self.transfers = self.failures = 0
         super().__init__("kvbridge-sglang-prefill", config.poll_interval)
 
@@ -170,9 +168,7 @@ class PrefillEndpoint(DrivenEndpoint):
         for room in result.ready:
             with self._lock:
                 state = self._rooms.get(room)
-            want = node.requested_pages(room)
             if state is not None and state.status == KVPoll.Bootstrapping:
-                self._skip[room] = -1 if want is None else want  # resolved at the first send
                 state.status = KVPoll.WaitingForInput
         for room in result.finished:
             self._ended(room, None)
@@ -186,23 +182,15 @@ class PrefillEndpoint(DrivenEndpoint):
     def _send(
         self, room: int, start: int, pages: np.ndarray, is_last: bool, slot: int, state: SendState
     ) -> None:
-        total = state.total_pages or 0
-        want = self._skip.get(room, -1)
-        if want < 0:
-            want = total
-        if want > total:
-            self.node.abort(
-                room, f"decode allocated {want} pages, this prefill holds {total} for the prompt"
-            )
-            return
-        skip = total - want  # decode holds the first ``skip`` pages already
-        keep = pages[max(0, skip - start) :] if start < skip else pages
-        if len(keep) or is_last:
-            self.node.send(room, keep, is_last=is_last, aux_slot=slot)
-            state.bytes += len(keep) * self.page_bytes
+        # Decode may ask for the last pages only (its own prefix-cache hit): kvbridge skips
+        # the ones it holds, chunk by chunk.
+        sent = self.node.send_prompt(
+            room, pages, total=state.total_pages or 0, start=start, is_last=is_last, aux_slot=slot
+        )
+        if sent > 0:
+            state.bytes += sent * self.page_bytes
 
     def _ended(self, room: int, reason: str | None, other: bool = False) -> None:
-        self._skip.pop(room, None)
         with self._lock:
             state = self._rooms.get(room)
             if state is None:

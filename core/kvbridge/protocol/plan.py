@@ -168,3 +168,22 @@ def by_control(rooms: Iterable[tuple[int, PrefillTarget]]) -> dict[str, list[int
         for contact in target.plan:
             out.setdefault(contact.control, []).append(room)
     return out
+
+
+def pages_decode_needs(
+    pages: np.ndarray, start: int, total: int, requested: int | None
+) -> np.ndarray | str:
+    """Which of a prompt chunk's pages to send: ``pages`` are the prompt's pages
+    ``[start, start + len(pages))`` of ``total``, ``requested`` how many pages decode
+    allocated (None: not known, so all of them).
+
+    Decode asks for fewer when its own prefix cache holds the prompt's first pages: then only
+    the last ``requested`` pages of the prompt go, and a chunk wholly inside decode's prefix
+    sends nothing. More than the prompt has is no plan at all: the reason comes back instead
+    (the caller aborts the room with it)."""
+    if requested is None:
+        return pages
+    if requested > total:
+        return f"decode allocated {requested} pages, this prefill holds {total} for the prompt"
+    skip = total - requested  # decode holds the first ``skip`` pages already
+    return pages[skip - start :] if start < skip else pages

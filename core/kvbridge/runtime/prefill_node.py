@@ -19,7 +19,7 @@ from kvbridge.observe import ControlLosses, ObserverRelay
 from kvbridge.protocol.mapping import AUTHORITATIVE_CP_RANK
 from kvbridge.protocol.messages import AbortAck, Heartbeat, Message, Status, refused_by
 from kvbridge.protocol.outcomes import PrefillStep
-from kvbridge.protocol.plan import DecodePeer, PrefillKey
+from kvbridge.protocol.plan import DecodePeer, PrefillKey, pages_decode_needs
 from kvbridge.protocol.prefill import PrefillRequest
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, Outbox, control_key, control_receiver
@@ -165,6 +165,30 @@ class PrefillNode:
 
     def send(self, room: int, pages: np.ndarray, *, is_last: bool, aux_slot: int = -1) -> None:
         self.session.send(room, pages, is_last=is_last, aux_slot=aux_slot)
+
+    def send_prompt(
+        self,
+        room: int,
+        pages: np.ndarray,
+        *,
+        total: int,
+        start: int = 0,
+        is_last: bool,
+        aux_slot: int = -1,
+    ) -> int:
+        """:meth:`send` for an engine that holds the whole prompt: ``pages`` are the prompt's
+        pages ``[start, start + len(pages))`` of ``total``. Pages decode already holds (its
+        own prefix-cache hit: :meth:`requested_pages` fewer than ``total``) are not sent; if
+        decode asked for more pages than the prompt has, the room aborts with the reason.
+        Returns how many pages went (-1: aborted)."""
+        pages = np.asarray(pages, dtype=np.int64)
+        keep = pages_decode_needs(pages, start, total, self.session.requested_pages(room))
+        if isinstance(keep, str):
+            self.abort(room, keep)
+            return -1
+        if len(keep) or is_last:  # a zero-page last chunk still carries the aux row
+            self.send(room, keep, is_last=is_last, aux_slot=aux_slot)
+        return len(keep)
 
     def close(self) -> None:
         self.registration.close()
