@@ -39,7 +39,7 @@ For each size, in one run and in the same processes:
 Usage: python benchmarks/handoff.py [--transports fake mooncake nixl] [--worlds 2 1]
        [--sizes-kib 64 1024 16384 65536] [--repeats 10] [--poll-ms 0.5] [--observers on|off]
        [--modes latency throughput sequential window] [--cpu-sizes-kib 1024]
-       [--cpu-requests 200] [--profile-dir D]
+       [--cpu-requests 200] [--profile-dir D] [--transport-options '{"nixl": {...}}']
 Writes benchmarks/results/handoff.md and handoff.json (``--no-write``: print only).
 """
 
@@ -78,10 +78,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _config(name: str) -> Any:
+def _config(name: str, options: dict[str, Any] | None = None) -> Any:
     from kvbridge import TransferConfig
 
-    return TransferConfig(transport=name, waiting_timeout=120, bootstrap_timeout=120)
+    return TransferConfig(
+        transport=name,
+        waiting_timeout=120,
+        bootstrap_timeout=120,
+        transport_options=(options or {}).get(name, {}),
+    )
 
 
 def _observers(on: bool) -> Any:
@@ -212,11 +217,14 @@ class RawPath:
                 descs = self.manager._descs(src, lengths, -1), self.manager._descs(dst, lengths, -1)
             except TypeError:
                 descs = self.manager._descs(src, lengths), self.manager._descs(dst, lengths)
-            handle = agent.initialize_xfer("WRITE", *descs, self.peer_id)
-            state = agent.transfer(handle)
-            while state == "PROC":
-                state = agent.check_xfer_state(handle)
-            agent.release_xfer_handle(handle)
+            # The plugin serialises agent calls by its lock (NIXL's agent runs without thread
+            # sync), and with progress_thread off its own thread calls into the agent too.
+            with self.manager._lock:
+                handle = agent.initialize_xfer("WRITE", *descs, self.peer_id)
+                state = agent.transfer(handle)
+                while state == "PROC":
+                    state = agent.check_xfer_state(handle)
+                agent.release_xfer_handle(handle)
             if state != "DONE":
                 raise RuntimeError(f"raw nixl transfer ended in {state}")
         else:
@@ -272,7 +280,7 @@ def prefill_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) ->
         aux_regions = (MemoryRegion.of(aux, aux.dtype.itemsize),)
         reducer = thread_cpu.MeteredReducer(TorchMinReducer())
         node = PrefillNode(
-            config=_config(args["transport"]),
+            config=_config(args["transport"], args["transport_options"]),
             rank=RankIdentity(Role.PREFILL, tp_rank=rank, tp_size=world),
             kv_regions=kv_regions,
             aux_regions=aux_regions,
@@ -399,7 +407,7 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
         pool = PagePool(kv.shape[0])
         reducer = thread_cpu.MeteredReducer(TorchMinReducer())
         node = DecodeNode(
-            config=_config(args["transport"]),
+            config=_config(args["transport"], args["transport_options"]),
             rank=RankIdentity(Role.DECODE, tp_rank=rank, tp_size=world),
             kv_regions=(MemoryRegion.of(kv, PAGE),),
             aux=aux,
@@ -561,6 +569,7 @@ def run(transport: str, world: int, args: argparse.Namespace) -> list[dict[str, 
         "cpu_sizes_kib": tuple(args.cpu_sizes_kib),
         "cpu_requests": args.cpu_requests,
         "profile_dir": args.profile_dir,
+        "transport_options": args.transport_options,
     }
     barrier, results = ctx.Barrier(2 * world), ctx.Queue()
     procs = [
@@ -826,6 +835,12 @@ def main() -> int:
         default=None,
         help="write a cProfile (CPU time) of each scheduler thread in the sequential and "
         "window phases here",
+    )
+    parser.add_argument(
+        "--transport-options",
+        type=json.loads,
+        default={},
+        help='JSON, per transport: e.g. \'{"nixl": {"progress_thread": true}}\'',
     )
     parser.add_argument("--timeout", type=float, default=540.0, help="per transport and world")
     parser.add_argument("--no-write", action="store_true")

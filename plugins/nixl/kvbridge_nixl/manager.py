@@ -27,12 +27,27 @@ from typing import Any
 import numpy as np
 
 from kvbridge.config import TransferConfig
-from kvbridge.transport.kit import BookedManager, transport_options
+from kvbridge.transport.kit import BookedManager, RoomBook, transport_options
 from kvbridge.types import HOST, Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.nixl")
-OPTIONS = {"backend": "UCX", "io_timeout": 30.0}
+OPTIONS = {"backend": "UCX", "io_timeout": 30.0, "progress_thread": False}
 
+#: ``progress_thread``: NIXL's own progress thread (``nixl_agent_config(enable_prog_thread)``,
+#: on in NIXL by default). NIXL's Python API starts it with no wait between passes
+#: (``pthrDelay = 0``, which it does not expose), so it spins: most of a core per agent, idle
+#: or not (benchmarks/results/nixl_progress_thread.md), half of a 2-core host per rank. Off,
+#: something else must progress the agent: a sender does in ``check_xfer_state`` (its polling
+#: loop below), but a receiver has no call of its own, and without progress on the receiver
+#: UCX lands the bytes while the sender's transfer never leaves ``PROC`` (measured over
+#: loopback UCX). So with the thread off each agent gets a kvbridge thread that progresses it
+#: (``get_new_notifs``: about 1 us) every ``PROGRESS_PAUSE`` while the manager has rooms, and
+#: every ``IDLE_PAUSE`` while it has none (each pass wakes Python: at 1 kHz that is a few
+#: percent of a core on a loaded host). A room's init wakes it, and a room is initialised
+#: before any byte of it is written, so a write's completion waits at most ``PROGRESS_PAUSE``
+#: for the receiver's next pass.
+PROGRESS_PAUSE = 1e-3
+IDLE_PAUSE = 20e-3
 
 #: Polling a transfer's state backs off from 20 us to 1 ms. A ``sleep(0)`` spin gives up the
 #: GIL and takes it back thousands of times a second: in an engine's worker process that
@@ -84,10 +99,20 @@ class NixlManager(BookedManager):
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
         self.options = transport_options("nixl", config.transport_options, OPTIONS)
+        progress = self.options["progress_thread"]
+        if not isinstance(progress, bool):
+            raise ValueError(
+                f"nixl transport option progress_thread must be true or false, got {progress!r} "
+                "(true: NIXL's progress thread, which spins a core per rank; false: a kvbridge "
+                "thread progresses the agent, every 1 ms while it has rooms)"
+            )
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         agent_cls, config_cls = load_nixl()
         self.name = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
-        self.agent = agent_cls(self.name, config_cls(backends=[self.options["backend"]]))
+        self.agent = agent_cls(
+            self.name,
+            config_cls(backends=[self.options["backend"]], enable_prog_thread=progress),
+        )
         super().__init__(f"{rank.label}@nixl:{self.name}", kv_regions, aux_regions)
         by_type: dict[str, list[tuple[int, int, int, str]]] = {}
         for r in kv_regions + aux_regions:
@@ -108,6 +133,32 @@ class NixlManager(BookedManager):
                 ) from exc
         self._lock = threading.Lock()
         self._remote: set[str] = set()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._progress: threading.Thread | None = None
+        if not progress:
+            self._progress = threading.Thread(
+                target=self._progress_loop, name=f"kvbridge-nixl-progress-{self.name}", daemon=True
+            )
+            self._progress.start()
+
+    def _progress_loop(self) -> None:
+        while not self._stop.is_set():
+            # len() of the books' dicts without their locks: a hint, read again every pass.
+            busy = bool(self.receivers.rooms or self.senders.rooms)
+            self._wake.wait(PROGRESS_PAUSE if busy else IDLE_PAUSE)
+            self._wake.clear()
+            with self._lock:
+                if self.agent is None:
+                    return
+                try:
+                    self.agent.get_new_notifs()
+                except Exception as exc:  # keep progressing: one bad pass must not stop all
+                    log.debug("get_new_notifs: %s", exc)
+
+    def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
+        super().init(book, room, peers)
+        self._wake.set()  # out of an idle wait before the room's first write arrives
 
     @property
     def endpoint(self) -> dict[str, Any]:
@@ -181,6 +232,10 @@ class NixlManager(BookedManager):
                         log.debug("release_xfer_handle: %s", exc)
 
     def release(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._progress is not None:
+            self._progress.join()
         with self._lock:
             for agent in self._remote:
                 try:
