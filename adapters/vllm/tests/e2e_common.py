@@ -68,6 +68,8 @@ class Pair:
         self.tag = tag
         self.settings = kvbridge
         self.boot = vs.free_port()
+        #: Prefill's engine id, asked once per prefill process as the routers do.
+        self._engine: str | None = None
         self.prefill = self.start_prefill()
         self.decode = vs.start_vllm(
             f"decode-{transport}" + (f"-tp{decode_tp}" if decode_tp > 1 else "") + tag,
@@ -90,15 +92,24 @@ class Pair:
 
     def both_legs(self, body: dict[str, Any], **options: Any) -> Coroutine[Any, Any, Any]:
         """Both legs of ``body`` at once, as llm-d and SGLang's gateway send them
-        (:func:`legs.both_legs`; the engine id comes from prefill's ``GET /query`` now)."""
-        engine = legs.engine_id(self.boot)
-        return legs.both_legs(self.prefill.url, self.decode.url, self.boot, engine, body, **options)
+        (:func:`legs.both_legs`; the engine id from prefill's ``GET /query``, asked once per
+        prefill process: a request sent after the prefill died then fails on its legs, as
+        through a router, not in the client's own look-up)."""
+        return legs.both_legs(
+            self.prefill.url, self.decode.url, self.boot, self.engine_id(), body, **options
+        )
+
+    def engine_id(self) -> str:
+        if self._engine is None:
+            self._engine = legs.engine_id(self.boot)
+        return self._engine
 
     @property
     def servers(self) -> list[vs.Server]:
         return [self.prefill, self.decode, *self.routers.values()]
 
     def start_prefill(self, port: int | None = None) -> vs.Server:
+        self._engine = None  # a new process: a new engine id
         return vs.start_vllm(
             f"prefill-{self.transport}{self.tag}",
             self.model,

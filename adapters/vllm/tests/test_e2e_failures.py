@@ -100,6 +100,7 @@ def test_prefill_killed_mid_transfer_is_an_error_or_recomputed(
     def one(i: int) -> None:
         answers[i] = send(pair, body(model, prompts[i]))
 
+    pair.engine_id()  # asked before the kill, as a router asks once
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
