@@ -45,7 +45,8 @@ class ConnectorConfig:
     transfer: TransferConfig
     bootstrap_host: str = "127.0.0.1"
     bootstrap_port: int = DEFAULT_BOOTSTRAP_PORT
-    #: Seconds between protocol steps of a worker's driver thread while rooms are live.
+    #: Longest the node goes unstepped while rooms are live: vLLM's hooks step it every engine
+    #: step, and the driver thread when no hook did for this long.
     poll_interval: float = 0.001
     #: Prefill aux rows (one per room being sent, room stamp last).
     aux_slots: int = 1024
@@ -65,11 +66,14 @@ class ConnectorConfig:
         port = int(extra.get("bootstrap_port", DEFAULT_BOOTSTRAP_PORT))
         if not 0 < port < 65536:
             raise ValueError(f"bootstrap_port must be 1..65535, got {port}")
+        poll_interval = float(extra.get("poll_interval", 0.001))
+        if not 0 < poll_interval <= 3600:  # also refuses NaN
+            raise ValueError(f"poll_interval must be in (0, 3600] seconds, got {poll_interval}")
         return cls(
             transfer=transfer,
             bootstrap_host=str(extra.get("bootstrap_host", transfer.bind_host)),
             bootstrap_port=port,
-            poll_interval=float(extra.get("poll_interval", 0.001)),
+            poll_interval=poll_interval,
             aux_slots=int(extra.get("aux_slots", 1024)),
             metric_names=metric_names_of(extra),
         )

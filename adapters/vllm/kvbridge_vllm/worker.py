@@ -6,10 +6,15 @@ vLLM's KVOutputAggregator is the cross-rank agreement (a request moves only when
 reported it); kvbridge's rank mapping still pairs prefill and decode TP ranks, because each
 node registers its real ``tp_rank``/``tp_size``.
 
-A driver thread owns the node and steps it (every ``poll_interval`` while rooms are live), so
-transfers progress and heartbeats flow between engine steps; the vLLM hooks only queue work
-for it and collect what finished. Pages are vLLM's blocks: kvbridge writes into them and
-reports when they are safe to reuse, never frees them.
+The node is stepped from vLLM's own hooks (``start_load_kv`` and ``get_finished``, on the
+worker's main thread, once per engine step while rooms are live) and by a driver thread
+whenever no hook stepped it for ``poll_interval``: between engine steps and while the engine
+is idle, so transfers progress and heartbeats flow. Why both: a decode engine busy-polls its
+worker while requests wait for their KV, and that main thread holds the GIL most of the
+time; a step left to another thread waited for the GIL at every hand-off (up to the
+interpreter's 5 ms switch interval each), while a step inside the hook costs no hand-off at
+all. One lock keeps the two from stepping at once. Pages are vLLM's blocks: kvbridge writes
+into them and reports when they are safe to reuse, never frees them.
 """
 
 from __future__ import annotations
@@ -75,6 +80,13 @@ class KvbridgeWorker:
         self._stats: dict[str, Any] = {}  # kvbridge_vllm.stats.count's interval data
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: Held by whoever steps the node: the driver thread or a vLLM hook.
+        self._stepping = threading.Lock()
+        self._last_step = 0.0
+        #: Whether the node had rooms after its last step (then the hooks step it too).
+        self._live = False
+        #: Steps taken inside vLLM's hooks and by the driver thread (for the figures).
+        self.hook_steps = self.driver_steps = 0
         # Driver-thread state.
         self._request_of: dict[int, str] = {}
         self._started: dict[int, float] = {}
@@ -159,8 +171,11 @@ class KvbridgeWorker:
         if metadata is not None and (metadata.recv or metadata.send or metadata.abort):
             with self._lock:
                 self._inbox.append(metadata)
+            self._step_in_hook()  # metadata goes out in this engine step, not the driver's
 
     def transfer_results(self) -> tuple[set[str], set[str], set[str]]:
+        if self._live:
+            self._step_in_hook()
         if self.error is not None:
             raise RuntimeError("kvbridge-vllm driver thread failed") from self.error
         with self._lock:
@@ -189,20 +204,45 @@ class KvbridgeWorker:
 
     def _run(self) -> None:
         watch = StallWatch(self.config.transfer.heartbeat_interval)
+        interval = self.config.poll_interval
         try:
-            last = time.monotonic()
+            self._last_step = time.monotonic()
             while not self._stop.is_set():
+                self._stop.wait(interval if self._live else 0.005)
+                if self._live and time.monotonic() - self._last_step < interval:
+                    continue  # a hook stepped the node just now
                 began = time.monotonic()
-                busy = self._step()
-                ended = time.monotonic()
-                watch.step_done(last, began, ended)
-                last = ended
-                self._stop.wait(self.config.poll_interval if busy else 0.005)
+                with self._stepping:
+                    previous = self._last_step  # by either thread: hook steps count too
+                    self._step_locked()
+                    self.driver_steps += 1
+                watch.step_done(previous, began, time.monotonic())
         except BaseException as exc:  # surfaced to vLLM by the next transfer_results
             log.exception("kvbridge-vllm driver thread failed")
             self.error = exc
         finally:
             watch.close()
+
+    def _step_in_hook(self) -> None:
+        """Step the node on vLLM's thread, unless the driver thread is stepping it now (then
+        that step takes the work). An error is kept for ``transfer_results`` to raise, as
+        one in the driver thread is."""
+        if self.error is not None or self.node is None:
+            return
+        if not self._stepping.acquire(blocking=False):
+            return
+        try:
+            self._step_locked()
+            self.hook_steps += 1
+        except Exception as exc:
+            log.exception("kvbridge-vllm step failed")
+            self.error = exc
+        finally:
+            self._stepping.release()
+
+    def _step_locked(self) -> None:
+        self._live = self._step()
+        self._last_step = time.monotonic()
 
     def _count(self, **values: float) -> None:
         with self._lock:
@@ -271,13 +311,6 @@ class KvbridgeWorker:
                 self._failed_recving |= done_failed
         return bool(len(node.session))
 
-    def _expected_pages(self, room: int) -> int | None:
-        """How many pages decode allocated for ``room`` (fewer than prefill holds when decode
-        had a local prefix-cache hit: then prefill sends its last blocks)."""
-        node = self.node
-        assert isinstance(node, PrefillNode)
-        return node.requested_pages(room)
-
     def _step_prefill(self, work: list[KvbridgeMetadata]) -> bool:
         node = self.node
         assert isinstance(node, PrefillNode)
@@ -310,18 +343,14 @@ class KvbridgeWorker:
         now = time.monotonic()
         for room in result.ready:
             pages = self._pages[room]
-            want = self._expected_pages(room)
-            if want is not None and want > len(pages):
-                node.abort(room, f"decode allocated {want} blocks, this prefill holds {len(pages)}")
-                continue
-            if want is not None:
-                pages = pages[len(pages) - want :]
             self._started[room] = now
             posted = time.perf_counter()
-            node.send(room, pages, is_last=True, aux_slot=self._slot[room])
-            self._count(
-                bytes=len(pages) * self.page_bytes, post_seconds=time.perf_counter() - posted
+            # Decode may ask for the last blocks only (its own prefix-cache hit).
+            sent = node.send_prompt(
+                room, pages, total=len(pages), is_last=True, aux_slot=self._slot[room]
             )
+            if sent >= 0:
+                self._count(bytes=sent * self.page_bytes, post_seconds=time.perf_counter() - posted)
         ended: list[tuple[int, str | None]] = [(room, None) for room in result.finished]
         ended += [(a.room, a.reason) for a in result.aborted]
         for room, failure in ended:

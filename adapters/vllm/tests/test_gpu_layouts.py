@@ -295,11 +295,13 @@ def start_workers(
     config: VllmConfig,
     instance: Instance,
     bootstrap_port: int,
+    **settings: float,
 ) -> list[KvbridgeWorker]:
     tp = len(instance.caches)
     extra = {
         "kvbridge": {"transport": "fake", "bind_host": "127.0.0.1"},
         "bootstrap_port": bootstrap_port,
+        **settings,
     }
     out = []
     for rank in range(tp):
@@ -328,6 +330,8 @@ def hand_off(
     deadline = time.monotonic() + DEADLINE
     while len(outcome) < len(decode):
         assert time.monotonic() < deadline, f"decode ranks still waiting: {outcome}"
+        for worker in prefill:
+            worker.transfer_results()  # vLLM calls get_finished every engine step
         for rank, worker in enumerate(decode):
             _, received, failed = worker.transfer_results()
             if "d" in received:
@@ -378,13 +382,14 @@ def run_pair(
     decode_case: Case,
     prefill_tp: int,
     decode_tp: int,
+    **settings: float,
 ) -> tuple[Instance, Instance, set[str]]:
     model = "mla" if prefill_case.mla else "gqa"
     p_config, d_config = configs[model, "kv_producer"], configs[model, "kv_consumer"]
     prefill = allocate(p_config, prefill_case, prefill_tp, seed=1)
     decode = allocate(d_config, decode_case, decode_tp, seed=None)
-    p_workers = start_workers(monkeypatch, made, p_config, prefill, bootstrap.port)
-    d_workers = start_workers(monkeypatch, made, d_config, decode, bootstrap.port)
+    p_workers = start_workers(monkeypatch, made, p_config, prefill, bootstrap.port, **settings)
+    d_workers = start_workers(monkeypatch, made, d_config, decode, bootstrap.port, **settings)
     return prefill, decode, hand_off(p_workers, d_workers, bootstrap)
 
 
@@ -423,6 +428,24 @@ def test_head_major_blocks_land_for_every_tp_pair(
     described = workers[0].describe(prefill.caches[0], prefill.kv_configs[0])
     assert described.kv_layout == f"head_sharded:vllm LBHNC {HEAD_SIZE * 2 * 2}B"
     assert len(described.regions) == LAYERS
+
+
+def test_vllms_hooks_step_the_node_while_the_driver_thread_waits(
+    monkeypatch: pytest.MonkeyPatch,
+    workers: list[KvbridgeWorker],
+    configs: dict[tuple[str, str], VllmConfig],
+    bootstrap: BootstrapServer,
+) -> None:
+    """start_load_kv and get_finished step the node on vLLM's thread (a decode engine busy-
+    polls its worker while requests wait, holding the GIL): with the driver thread's
+    interval at an hour, the handoff still completes, driven by the hooks alone."""
+    case = Case(FlashAttentionBackend)
+    prefill, decode, outcome = run_pair(
+        monkeypatch, workers, configs, bootstrap, case, case, 1, 1, poll_interval=3600.0
+    )
+    assert outcome == {"ok"}
+    assert_landed(prefill, decode, case)
+    assert all(w.hook_steps > 0 for w in workers)
 
 
 def test_flex_attention_gets_token_major_blocks_equal_tp_only(
