@@ -84,6 +84,18 @@ def _until(what: str, done: Callable[[], bool], timeout: float = 20) -> None:
         time.sleep(0.005)
 
 
+def _ready_room(pair, room: int, pages: np.ndarray, aux_index: int) -> tuple:
+    """A room opened on both sides, decode's metadata out, prefill ready for its forward
+    pass (what SGLang's bootstrap and ``init`` calls leave)."""
+    prefill, decode, _p, _d, addr = pair
+    sender = prefill.open_room(room, addr)
+    receiver = decode.open_room(room, addr)
+    receiver.status = KVPoll.WaitingForInput  # what KvbridgeKVReceiver.init does
+    decode.send_metadata(receiver, pages, aux_index=aux_index)
+    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    return sender, receiver
+
+
 def test_a_request_flows_through_in_sglang_call_order(pair) -> None:
     prefill, decode, p, d, addr = pair
     room = 2**62 + 5
@@ -115,13 +127,9 @@ def test_a_request_flows_through_in_sglang_call_order(pair) -> None:
 
 
 def test_decode_prefix_hit_gets_only_the_last_pages(pair) -> None:
-    prefill, decode, p, d, addr = pair
+    prefill, decode, p, d, _addr = pair
     room = 99
-    sender = prefill.open_room(room, addr)
-    receiver = decode.open_room(room, addr)
-    receiver.status = KVPoll.WaitingForInput
-    decode.send_metadata(receiver, np.arange(20, 24), aux_index=0)  # decode holds 6 of 10
-    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    sender, receiver = _ready_room(pair, room, np.arange(20, 24), 0)  # decode holds 6 of 10
     for layer in p.kv:
         layer[np.arange(10)] = np.arange(10)[:, None, None]
     p.meta[2][0, 0] = room
@@ -134,11 +142,7 @@ def test_decode_prefix_hit_gets_only_the_last_pages(pair) -> None:
 def test_an_aborted_room_is_held_until_kvbridge_releases_it(pair) -> None:
     prefill, decode, _p, _d, addr = pair
     room = 1234
-    sender = prefill.open_room(room, addr)
-    receiver = decode.open_room(room, addr)
-    receiver.status = KVPoll.WaitingForInput
-    decode.send_metadata(receiver, np.arange(5), aux_index=3)
-    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    sender, receiver = _ready_room(pair, room, np.arange(5), 3)
     decode.abort(receiver)
     assert decode.poll(receiver) == KVPoll.Failed
     assert "aborted in SGLang" in str(receiver.exception())
@@ -262,13 +266,9 @@ def test_a_rank_that_only_follows_sglangs_consensus_tells_the_other_side_so(
     each rank for failure_exception(). On a rank whose own room had not failed, that ends the
     room as a follower: the other side hears "followed", and the engine's text never passes
     for a root cause (decode's and prefill's ``follow_failure``)."""
-    prefill, decode, _p, _d, addr = pair
+    prefill, decode, _p, _d, _addr = pair
     room = 41
-    sender = prefill.open_room(room, addr)
-    receiver = decode.open_room(room, addr)
-    receiver.status = KVPoll.WaitingForInput
-    decode.send_metadata(receiver, np.arange(4), aux_index=1)
-    _until("prefill ready", lambda: prefill.poll(sender) == KVPoll.WaitingForInput)
+    sender, receiver = _ready_room(pair, room, np.arange(4), 1)
     if follower == "decode":
         decode.follow_failure(receiver)
         mine, theirs, other = receiver, sender, prefill
