@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
 import multiprocessing
 import os
 import socket
