@@ -75,6 +75,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -183,6 +184,8 @@ class Config:
     series: tuple[tuple[str, str], ...] = ()
     bytes_series: tuple[str, str] | None = None
     failure_series: str | None = None
+    #: kvbridge only: its transport's options (``--kvbridge-options``).
+    transport_options: tuple[tuple[str, Any], ...] = ()
 
 
 KVBRIDGE_SERIES = (
@@ -248,6 +251,9 @@ def selected(args: argparse.Namespace) -> list[Config]:
         affinity = "same" if c.same_affinity else "shipped"
         if c.name.startswith("NixlConnector") and affinity not in args.nixl_affinity:
             continue
+        if c.connector == "kvbridge":
+            options = args.kvbridge_options.get(c.transport, {})
+            c = dataclasses.replace(c, transport_options=tuple(sorted(options.items())))
         out.append(c)
     return out
 
@@ -259,7 +265,10 @@ def kv_transfer_config(cfg: Config, role: str, bootstrap_port: int) -> str:
             "kv_connector": "KvbridgeConnector",
             "kv_connector_module_path": "kvbridge_vllm",
         }
-        extra = {"kvbridge": {"transport": cfg.transport}, "bootstrap_port": bootstrap_port}
+        ours: dict[str, Any] = {"transport": cfg.transport}
+        if cfg.transport_options:
+            ours["transport_options"] = dict(cfg.transport_options)
+        extra = {"kvbridge": ours, "bootstrap_port": bootstrap_port}
     elif cfg.transport == "nixl":
         connector, extra = {"kv_connector": "NixlConnector"}, {}
     else:
@@ -1039,6 +1048,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=names(("kvbridge", "intree")),
         default="kvbridge,intree",
         help="kvbridge: KvbridgeConnector; intree: NixlConnector / MooncakeConnector",
+    )
+    parser.add_argument(
+        "--kvbridge-options",
+        type=json.loads,
+        default={},
+        help="kvbridge's transport options per transport, JSON: e.g. "
+        '\'{"nixl": {"progress_thread": true}}\' (the default is each transport\'s own)',
     )
     parser.add_argument(
         "--nixl-affinity",
