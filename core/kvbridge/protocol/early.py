@@ -46,6 +46,10 @@ class EarlyMessages:
     def __contains__(self, room: int) -> bool:
         return room in self._rooms
 
+    def __iter__(self) -> Iterator[int]:
+        """The rooms with messages kept, oldest first."""
+        return iter(self._rooms)
+
     def keep(self, room: int, sender: Hashable, kind: str, payload: Any, now: float) -> int | None:
         """Keep one message; returns the room evicted to make space for it, if any.
 

@@ -21,7 +21,7 @@ from typing import Any
 import attrs
 import numpy as np
 
-from kvbridge.protocol.columns import SUCCESS
+from kvbridge.protocol.columns import FAILED, SUCCESS
 from kvbridge.protocol.early import EarlyMessages
 from kvbridge.protocol.messages import Abort, Message, Metadata, Register, Waiting
 from kvbridge.protocol.messages import regions_from_wire as _regions
@@ -155,6 +155,9 @@ class PrefillRooms:
         self._draining: dict[int, dict[Any, DecodePeer]] = {}
         #: Decode ranks that asked to abort each live room.
         self._abort_senders: dict[int, set[Any]] = {}
+        #: Decode ranks whose metadata failed a live room (out of their registered memory):
+        #: not bound, but they wait on this rank for the room, so they hear why.
+        self._rejected: dict[int, set[Any]] = {}
         #: Rooms that ended here without success (when, and this rank's own cause), so late
         #: metadata is answered, not written.
         self._ended: dict[int, tuple[float, str | None]] = {}
@@ -270,6 +273,8 @@ class PrefillRooms:
             in_use.update(senders)
         for aborters in self._abort_senders.values():
             in_use.update(aborters)
+        for rejected in self._rejected.values():
+            in_use.update(rejected)
         for peers in self._draining.values():
             in_use.update(peers)
         for keys in self._followed.values():
@@ -358,13 +363,14 @@ class PrefillRooms:
         return []
 
     def _take_metadata(self, meta: DecodeMetadata) -> list[Decision]:
-        if not self.authoritative:
-            return []  # a no-op CP rank writes nothing
         peer = self.decode_peers.get(meta.decode_rank)
         if peer is None:
+            # Before the CP shortcut: a forgery counts the same on every rank (rule 9).
             return self._refuse(
                 "metadata for room %d from unregistered %r", meta.room, meta.decode_rank
             )
+        if not self.authoritative:
+            return []  # a no-op CP rank writes nothing
         got = self._metadata.setdefault(meta.room, {})
         if meta.room in self._targets or meta.decode_rank in got:
             # The first complete set binds the room to its decode ranks; never re-point it.
@@ -379,11 +385,17 @@ class PrefillRooms:
         problem = metadata_problem(meta, peer, self.kv_regions, self.aux_regions)
         if problem is not None:
             self.queue.fail(meta.room, f"decode {meta.decode_rank} sent bad metadata: {problem}")
+            self._rejected.setdefault(meta.room, set()).add(meta.decode_rank)
             return []
         got[meta.decode_rank] = meta
         if len(got) == meta.expected and meta.room not in self._targets:
             ordered = tuple((self.decode_peers[k], got[k]) for k in sorted(got, key=repr))
             self._targets[meta.room] = ordered
+            i = self.queue.cols.index_of(meta.room)
+            if i is not None and self.queue.cols.local[i] == FAILED:
+                # Aborted already (this step, or in early messages that came first): bound,
+                # so its decode ranks hear why, but no sender starts for it (rule 8).
+                return []
             self.queue.metadata_complete(meta.room)
             return [StartSending(meta.room, tuple(p.endpoint for p, _ in ordered))]
         return []
@@ -451,6 +463,8 @@ class PrefillRooms:
                 if t >= ended_limit and len(self._ended) <= MAX_ENDED:
                     break
                 del self._ended[room]
+                # A late root cause is looked for only in ended rooms: forget both together.
+                self._followed.pop(room, None)
         return [Expired(room) for room in self.early.expire(now)]
 
     def draining_rooms(self) -> np.ndarray:
@@ -502,9 +516,15 @@ class PrefillRooms:
         out: list[Decision] = []
         for failed in step.aborted:
             room = failed.room
-            targets = self._targets.get(room, ())
+            # Who hears why (rule 7): the decode ranks it is bound to or, not bound yet, those
+            # whose metadata came (bad metadata too); each waits on this rank for the room,
+            # and an AbortAck alone does not end a live room on decode.
+            asked = {*self._metadata.get(room, {}), *self._rejected.get(room, ())}
+            peers = tuple(p for p, _ in self._targets.get(room, ())) or tuple(
+                self.decode_peers[k] for k in sorted(asked, key=repr)
+            )
             # Everyone who may be waiting on this room: its metadata senders and aborters.
-            told = {k: self.decode_peers[k] for k in self._metadata.get(room, {})}
+            told = {k: self.decode_peers[k] for k in sorted(asked, key=repr)}
             for k in self._abort_senders.get(room, ()):
                 told[k] = self.decode_peers[k]
             if failed.from_other_rank:
@@ -519,8 +539,8 @@ class PrefillRooms:
                 out.append(StopSending(room, failed.reason))
                 # Cleared, and acknowledged to decode, only once no write can land (rule 8).
                 self._draining[room] = told
-                if targets:
-                    out.append(Tell(room, tuple(p for p, _ in targets), False, cause))
+                if peers:
+                    out.append(Tell(room, peers, False, cause))
         return out
 
     def take_late_causes(self) -> tuple[LateCause, ...]:
@@ -530,6 +550,7 @@ class PrefillRooms:
 
     def _drop(self, room: int) -> None:
         self._abort_senders.pop(room, None)
+        self._rejected.pop(room, None)
         self._metadata.pop(room, None)
         self._targets.pop(room, None)
         self._announced.discard(room)
@@ -562,6 +583,27 @@ class PrefillRooms:
     @property
     def draining(self) -> int:
         return len(self._draining)
+
+    def rooms_held(self) -> set[int]:
+        """Every room this rank still keeps anything for: queued, early, bound, draining,
+        ended or followed. Empty once every room ended and its memory here expired (read-only;
+        for leak checks)."""
+        held = {int(r) for r in self.queue.rooms.tolist()}
+        held.update(self.early)
+        for table in (
+            self._metadata,
+            self._targets,
+            self._announced,
+            self._draining,
+            self._abort_senders,
+            self._rejected,
+            self._ended,
+            self._followed,
+            self.queue.reasons,
+        ):
+            held.update(table)
+        held.update(c.room for c in self._late)
+        return held
 
 
 def same_metadata(a: DecodeMetadata, b: DecodeMetadata) -> bool:
