@@ -177,7 +177,9 @@ class KvbridgeWorker:
         if self._live:
             self._step_in_hook()
         if self.error is not None:
-            raise RuntimeError("kvbridge-vllm driver thread failed") from self.error
+            raise RuntimeError(
+                "kvbridge-vllm failed stepping its node (driver thread or hook)"
+            ) from self.error
         with self._lock:
             out = self._finished_sending, self._finished_recving, self._failed_recving
             self._finished_sending, self._finished_recving, self._failed_recving = (
