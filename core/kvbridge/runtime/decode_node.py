@@ -115,7 +115,8 @@ class DecodeNode:
         )
 
     def _on_message(self, message: Message) -> None:
-        # Control thread: the session takes it up at its next step.
+        # From the receiver's drain (this node's step; its own thread when no step came for a
+        # while): the session takes it up at its next step.
         if refused_by(Role.DECODE, message):
             self.session.refuse(message)
         else:
@@ -244,6 +245,7 @@ class DecodeNode:
         self.session.abort(room, reason, follows=follows)
 
     def step(self) -> DecodeStep:
+        self.control.drain()  # what peers sent since the last step, on this thread
         self._losses.check()
         now = time.monotonic()
         if now >= self._next_idle_check:

@@ -77,14 +77,13 @@ class PrefillNode:
         self._out = ControlSender(key)  # scheduler thread only
         #: What a call sends, sent at its end (one frame per decode rank for its statuses).
         self._outbox = Outbox(self._out)
-        self._acks = ControlSender(key)  # control thread only (ZMQ sockets are single-threaded)
         self.control = control_receiver(self._on_message, config, host, key)
         self._next_heartbeat = 0.0
         self._losses = ControlLosses(
             self.session.observers,
             rank,
             self.control,
-            (self._out, self._acks),
+            (self._out,),
             untrusted=lambda: self.session.untrusted,
         )
         # Kept: sent again by the registration's upkeep thread if bootstrap restarts.
@@ -113,7 +112,8 @@ class PrefillNode:
         )
 
     def _on_message(self, message: Message) -> None:
-        # Control thread: the session takes it up at its next step.
+        # From the receiver's drain (this node's step; its own thread when no step came for a
+        # while): the session takes it up at its next step.
         if refused_by(Role.PREFILL, message):
             self.session.refuse(message)
         else:
@@ -152,6 +152,7 @@ class PrefillNode:
         return self.session.requested_pages(room)
 
     def step(self) -> PrefillStep:
+        self.control.drain()  # what peers sent since the last step, on this thread
         self._losses.check()
         now = time.monotonic()
         if now >= self._next_heartbeat:
@@ -194,6 +195,5 @@ class PrefillNode:
         self.registration.close()
         self.control.close()
         self._out.close()
-        self._acks.close()
         if self.manager is not None:
             self.manager.close()
