@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvbridge import AuxLayout, AuxSlotPool, MemoryRegion, PagePool
+from kvbridge import AuxLayout, AuxSlotPool, MemoryRegion, PagePool, memory
 from kvbridge.errors import DoubleFreeError, LeakError, MemoryRegistrationError
 from kvbridge.memory import aux_descriptors, kv_descriptors, page_runs
 
@@ -83,14 +83,32 @@ def test_freeing_an_unallocated_or_out_of_range_index_is_refused() -> None:
         pool.free([9])
 
 
-def test_aux_pool_zeroes_the_room_stamp_on_free() -> None:
+@pytest.mark.parametrize("free", ["free", "free_one"])
+def test_aux_pool_zeroes_the_room_stamp_on_free(free: str) -> None:
     layout = AuxLayout()
     aux = layout.allocate(4)
     pool = AuxSlotPool(aux["room"])
     (slot,) = pool.alloc(1)
     aux[slot]["room"] = 77
-    pool.free([slot])
+    getattr(pool, free)([slot] if free == "free" else slot)
     assert aux["room"][slot] == 0
+    assert pool.num_free == 4
+    assert pool.alloc(1).tolist() == [slot]  # a freed slot is reused first
+
+
+def test_freeing_one_index_is_checked_like_freeing_many() -> None:
+    pool = AuxSlotPool(AuxLayout().allocate(4)["room"])
+    with pytest.raises(DoubleFreeError, match="freed but not allocated"):
+        pool.free_one(1)
+    for bad in (-1, 4):
+        with pytest.raises(Exception, match="out of range"):
+            pool.free_one(bad)
+    (slot,) = pool.alloc(1)
+    pool.free_one(slot)
+    with pytest.raises(DoubleFreeError):
+        pool.free_one(slot)
+    assert pool.num_free == 4
+    pool.check_no_leaks()
 
 
 def test_aux_layout_puts_the_room_stamp_last() -> None:
@@ -123,14 +141,28 @@ def test_page_runs_match_the_naive_merge(data: st.DataObject) -> None:
     assert list(zip(s.tolist(), d.tolist(), n.tolist())) == naive_runs(src, dst)
 
 
+def _chunk(data: st.DataObject, most: int) -> tuple[list[int], list[int]]:
+    """Source and destination pages of one chunk: runs of consecutive pages, shuffled."""
+    n = data.draw(st.integers(0, most))
+    pool = most + 8
+    src = data.draw(st.sampled_from(["runs", "shuffled"]))
+    if src == "runs":
+        start_s, start_d = data.draw(st.integers(0, 8)), data.draw(st.integers(0, 8))
+        cut = data.draw(st.integers(0, n))
+        return list(range(start_s, start_s + n)), [
+            *range(start_d, start_d + cut),
+            *range(start_d + cut + 1, start_d + n + 1),
+        ]
+    return data.draw(st.permutations(range(pool)))[:n], data.draw(st.permutations(range(pool)))[:n]
+
+
 @given(st.data())
 def test_kv_descriptors_cover_exactly_the_pages(data: st.DataObject) -> None:
-    n = data.draw(st.integers(0, 20))
-    src = data.draw(st.permutations(range(24)))[:n]
-    dst = data.draw(st.permutations(range(24)))[:n]
+    """Both ways of building them (plain Python up to a few dozen pages, numpy beyond)."""
+    src, dst = _chunk(data, 150)
     page = 64
-    src_regions = [MemoryRegion(0x10000 * (r + 1), 24 * page, page) for r in range(3)]
-    dst_regions = [MemoryRegion(0x900000 + 0x10000 * r, 24 * page, page) for r in range(3)]
+    src_regions = [MemoryRegion(0x100000 * (r + 1), 160 * page, page) for r in range(3)]
+    dst_regions = [MemoryRegion(0x9000000 + 0x100000 * r, 160 * page, page) for r in range(3)]
     d = kv_descriptors(src_regions, dst_regions, np.array(src), np.array(dst))
     expanded = set()
     for s_addr, d_addr, length in zip(d.src.tolist(), d.dst.tolist(), d.lengths.tolist()):
@@ -144,6 +176,36 @@ def test_kv_descriptors_cover_exactly_the_pages(data: st.DataObject) -> None:
     }
     assert expanded == reference
     assert len(d) == 3 * len(naive_runs(list(src), list(dst)))
+
+
+@given(st.data())
+def test_few_pages_build_the_same_descriptors_as_many(data: st.DataObject) -> None:
+    src, dst = _chunk(data, 60)
+    regions = [
+        MemoryRegion(0x100000 * (r + 1), 80 * 64, 64, "cuda:1" if r else "cpu") for r in range(2)
+    ]
+    peer = [MemoryRegion(0x9000000 + 0x100000 * r, 80 * 64, 64, f"cuda:{r}") for r in range(2)]
+    few = kv_descriptors(
+        regions, peer, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory, "_FEW_PAGES", -1)  # the numpy path, as many pages take
+        slow = kv_descriptors(
+            regions, peer, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+        )
+    for name in ("src", "dst", "lengths", "src_device", "dst_device"):
+        a, b = getattr(few, name), getattr(slow, name)
+        assert a.dtype == b.dtype and a.tolist() == b.tolist(), name
+
+
+def test_descriptors_refuse_regions_whose_page_sizes_differ() -> None:
+    with pytest.raises(ValueError, match="page sizes differ"):
+        kv_descriptors(
+            [MemoryRegion(0x1000, 4 * 64, 64)],
+            [MemoryRegion(0x9000, 4 * 32, 32)],
+            np.arange(2),
+            np.arange(2),
+        )
 
 
 def test_aux_descriptors_copy_whole_rows() -> None:

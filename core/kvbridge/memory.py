@@ -6,6 +6,7 @@ rank, which is what lets all TP ranks allocate identically without talking to ea
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import attrs
@@ -66,6 +67,17 @@ class IndexPool:
         self._in_use[idx] = False
         self._stack[self._top : self._top + idx.size] = idx[::-1]
         self._top += idx.size
+
+    def free_one(self, index: int) -> None:
+        """:meth:`free` of a single index, without building an array for it."""
+        index = int(index)
+        if not 0 <= index < self.capacity:
+            raise PoolError(f"{self.kind} index out of range 0..{self.capacity - 1}: {index}")
+        if not self._in_use[index]:
+            raise DoubleFreeError(f"{self.kind}(s) [{index}] freed but not allocated")
+        self._in_use[index] = False
+        self._stack[self._top] = index
+        self._top += 1
 
     def in_use(self) -> np.ndarray:
         return np.flatnonzero(self._in_use)
@@ -134,10 +146,54 @@ class AuxSlotPool(IndexPool):
         super().free(indices)
         self.stamps[np.asarray(indices, dtype=np.int64)] = 0
 
+    def free_one(self, index: int) -> None:
+        super().free_one(index)
+        self.stamps[int(index)] = 0
+
 
 def _devices(regions: Sequence[MemoryRegion]) -> np.ndarray:
     """Each region's device code (-1 host, N for ``cuda:N``), as :class:`Descriptors` holds."""
     return np.array([r.device_index for r in regions], dtype=np.int32)
+
+
+#: Up to this many pages a chunk's runs are found and its descriptors built in plain Python:
+#: for a few pages numpy's per-call overhead (about 1 us a call, ~30 calls) is most of the cost.
+_FEW_PAGES = 64
+
+
+@attrs.frozen
+class _RegionPair:
+    """What descriptor building reads of a (source, destination) region list pair, computed
+    once per pair: a rank writes to the same peer regions request after request."""
+
+    src_addr: list[int]
+    dst_addr: list[int]
+    item: list[int]
+    src_device: list[int]
+    dst_device: list[int]
+    src_base: np.ndarray  # (regions, 1) columns for the numpy path
+    dst_base: np.ndarray
+    item_column: np.ndarray
+
+
+@functools.lru_cache(maxsize=1024)
+def _region_pair(
+    src_regions: tuple[MemoryRegion, ...], dst_regions: tuple[MemoryRegion, ...]
+) -> _RegionPair:
+    item = [r.item_bytes for r in src_regions]
+    if item != [r.item_bytes for r in dst_regions]:
+        raise ValueError("source and destination page sizes differ per region")
+    src_addr, dst_addr = [r.addr for r in src_regions], [r.addr for r in dst_regions]
+    return _RegionPair(
+        src_addr,
+        dst_addr,
+        item,
+        [r.device_index for r in src_regions],
+        [r.device_index for r in dst_regions],
+        np.array(src_addr, dtype=np.int64)[:, None],
+        np.array(dst_addr, dtype=np.int64)[:, None],
+        np.array(item, dtype=np.int64)[:, None],
+    )
 
 
 def page_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -156,6 +212,19 @@ def page_runs(src_pages: np.ndarray, dst_pages: np.ndarray) -> tuple[np.ndarray,
     starts = np.concatenate(([0], breaks))
     lengths = np.diff(np.concatenate((starts, [src.size])))
     return src[starts], dst[starts], lengths
+
+
+def _few_page_runs(src: list[int], dst: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """:func:`page_runs` on plain lists (non-empty, equal lengths)."""
+    src_start, dst_start, run = [src[0]], [dst[0]], [1]
+    for k in range(1, len(src)):
+        if src[k] == src[k - 1] + 1 and dst[k] == dst[k - 1] + 1:
+            run[-1] += 1
+        else:
+            src_start.append(src[k])
+            dst_start.append(dst[k])
+            run.append(1)
+    return src_start, dst_start, run
 
 
 def kv_descriptors(
@@ -187,21 +256,45 @@ def kv_descriptors(
         return _sliced_descriptors(
             src_regions, dst_regions, src_pages, dst_pages, src_offset, dst_offset, int(length or 0)
         )
+    pair = _region_pair(tuple(src_regions), tuple(dst_regions))
+    if len(src_pages) <= _FEW_PAGES and len(src_pages) == len(dst_pages):
+        return _few_page_descriptors(pair, src_pages, dst_pages)
     s_start, d_start, run = page_runs(src_pages, dst_pages)
     if run.size == 0:
         return Descriptors.empty()
-    src_base = np.array([r.addr for r in src_regions], dtype=np.int64)[:, None]
-    dst_base = np.array([r.addr for r in dst_regions], dtype=np.int64)[:, None]
-    src_item = np.array([r.item_bytes for r in src_regions], dtype=np.int64)[:, None]
-    dst_item = np.array([r.item_bytes for r in dst_regions], dtype=np.int64)[:, None]
-    if not np.array_equal(src_item, dst_item):
-        raise ValueError("source and destination page sizes differ per region")
     return Descriptors(
-        src=(src_base + s_start * src_item).reshape(-1),
-        dst=(dst_base + d_start * dst_item).reshape(-1),
-        lengths=np.broadcast_to(run * src_item, (len(src_regions), run.size)).reshape(-1).copy(),
-        src_device=np.repeat(_devices(src_regions), run.size),
-        dst_device=np.repeat(_devices(dst_regions), run.size),
+        src=(pair.src_base + s_start * pair.item_column).reshape(-1),
+        dst=(pair.dst_base + d_start * pair.item_column).reshape(-1),
+        lengths=np.broadcast_to(run * pair.item_column, (len(pair.item), run.size))
+        .reshape(-1)
+        .copy(),
+        src_device=np.repeat(np.array(pair.src_device, dtype=np.int32), run.size),
+        dst_device=np.repeat(np.array(pair.dst_device, dtype=np.int32), run.size),
+    )
+
+
+def _few_page_descriptors(
+    pair: _RegionPair, src_pages: np.ndarray, dst_pages: np.ndarray
+) -> Descriptors:
+    src = np.asarray(src_pages, dtype=np.int64).tolist()
+    dst = np.asarray(dst_pages, dtype=np.int64).tolist()
+    if not src:
+        return Descriptors.empty()
+    src_start, dst_start, run = _few_page_runs(src, dst)
+    runs = len(run)
+    items = pair.item
+    return Descriptors(
+        np.array(
+            [base + p * item for base, item in zip(pair.src_addr, items) for p in src_start],
+            dtype=np.int64,
+        ),
+        np.array(
+            [base + p * item for base, item in zip(pair.dst_addr, items) for p in dst_start],
+            dtype=np.int64,
+        ),
+        np.array([n * item for item in items for n in run], dtype=np.int64),
+        src_device=np.array([d for d in pair.src_device for _ in range(runs)], dtype=np.int32),
+        dst_device=np.array([d for d in pair.dst_device for _ in range(runs)], dtype=np.int32),
     )
 
 

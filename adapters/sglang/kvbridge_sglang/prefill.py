@@ -196,7 +196,7 @@ class PrefillEndpoint(DrivenEndpoint):
             if state is None:
                 return
             if state.slot >= 0:
-                self.slots.free(np.array([state.slot]))
+                self.slots.free_one(state.slot)
                 state.slot = -1
             state.finished_at = time.monotonic()
             if reason is None:

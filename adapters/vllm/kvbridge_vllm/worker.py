@@ -360,7 +360,7 @@ class KvbridgeWorker:
             self._pages.pop(room, None)
             slot = _pop(self._slot, room)
             if slot is not None:
-                self.slots.free(np.array([slot]))
+                self.slots.free_one(slot)
             started = self._started.pop(room, None)
             if failure is None:
                 self._count(transfers=1, seconds=now - started if started else 0.0)

@@ -65,6 +65,13 @@ class PageAllocator(Protocol):
     def free(self, indices: np.ndarray) -> None: ...
 
 
+class SlotAllocator(PageAllocator, Protocol):
+    """What the decode queue needs from its aux-slot pool (:class:`~kvbridge.AuxSlotPool`):
+    a room holds one slot, freed on its own."""
+
+    def free_one(self, index: int) -> None: ...
+
+
 @attrs.frozen
 class DecodeRequest:
     """A request the engine hands to kvbridge on every decode rank, in the same order."""
@@ -160,7 +167,7 @@ class DecodeQueue:
     def __init__(
         self,
         pages: PageAllocator | None,
-        aux_slots: PageAllocator,
+        aux_slots: SlotAllocator,
         aux: np.ndarray,
         *,
         bootstrap_timeout: float,
@@ -621,7 +628,7 @@ class DecodeQueue:
             if int(self.stamps[slot]) != room:
                 moved.append(room)
             pages = self.allocated.pop(room)
-            self.aux_slots.free(np.array([slot]))
+            self.aux_slots.free_one(slot)
             committed.append(Committed(room, pages, row))
             self._forget(room)
             remove.append(i)
@@ -720,7 +727,7 @@ class DecodeQueue:
     def _free(self, i: int, room: int) -> None:
         cols = self.cols
         if cols.slot[i] >= 0:
-            self.aux_slots.free(np.array([cols.slot[i]]))
+            self.aux_slots.free_one(int(cols.slot[i]))
         pages = self.allocated.pop(room, None)
         request = self.requests.get(room)
         if pages is not None and request is not None:
