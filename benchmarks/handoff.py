@@ -494,6 +494,7 @@ def decode_main(rank: int, args: dict[str, Any], barrier: Any, results: Any) -> 
                 }
             )
         out["observer_us"] = _observer_cost(node)
+        out["wake_floor_us"] = _wake_floor(poll)
     except Exception:
         fail(out, barrier)
     finally:
@@ -523,6 +524,23 @@ def _cpu_record(
         "reduces": reduces,
         "steps": steps,
     }
+
+
+def _wake_floor(poll: float, n: int = 2000) -> tuple[float, float]:
+    """This machine's floor for a step, in thread CPU microseconds: a thread that sleeps for
+    the poll interval and wakes (nothing else), and one that then makes 20 small numpy calls
+    (about what a step makes per layer it passes). Measured in the decode rank's process."""
+    small = np.zeros(4, dtype=np.uint8)
+
+    def cycle(calls: int) -> float:
+        t0 = time.thread_time_ns()
+        for _ in range(n):
+            time.sleep(poll)
+            for _ in range(calls):
+                np.flatnonzero(small == 1)
+        return (time.thread_time_ns() - t0) / n / 1e3
+
+    return cycle(0), cycle(20)
 
 
 def _observer_cost(node: Any, n: int = 2000) -> float:
@@ -720,8 +738,10 @@ def summarise(
         row.update(steps_p50=_p(steps, 50), steps_p99=_p(steps, 99), steps_max=max(steps))
         rows.append(row)
     cost = [o.get("observer_us", 0.0) for o in decode]
+    floor = next((o["wake_floor_us"] for o in decode if o.get("wake_floor_us")), None)
     for row in rows:
         row["observer_step_us"] = max(cost)
+        row["wake_floor_us"] = floor
     return rows
 
 
@@ -794,6 +814,17 @@ def render(rows: list[dict[str, Any]], command: str) -> str:
             )
     cost = max(r["observer_step_us"] for r in rows)
     lines += ["", f"Observer (Prometheus exporter) cost per step call: {cost:.1f} us."]
+    floors = [r["wake_floor_us"] for r in rows if r.get("wake_floor_us")]
+    if floors:
+        wake = statistics.median(f[0] for f in floors)
+        numpy_wake = statistics.median(f[1] for f in floors)
+        lines += [
+            "",
+            "This machine's floor, same run (decode rank's process, thread CPU per cycle): a "
+            f"thread that sleeps the poll interval and wakes, {wake:.1f} us; waking and then "
+            f"making 20 small numpy calls, {numpy_wake:.1f} us. A step costs at least the first; "
+            "one request in flight pays every step it takes.",
+        ]
     loads = {(r["transport"], r["world"]): r.get("load_1m") for r in rows}
     lines += [
         "",
