@@ -227,3 +227,16 @@ def test_memory_region_checks() -> None:
     t = torch.zeros(8, 16, dtype=torch.uint8)
     region = MemoryRegion.of(t)
     assert (region.addr, region.length, region.item_bytes) == (t.data_ptr(), 128, 16)
+
+
+@pytest.mark.parametrize("count", [3, 300])
+def test_an_index_twice_in_one_free_is_refused_and_changes_nothing(count: int) -> None:
+    pool = PagePool(512)
+    taken = pool.alloc(count)
+    assert taken is not None
+    twice = np.concatenate([taken[::-1], taken[:1]])  # not increasing, one index repeated
+    with pytest.raises(DoubleFreeError, match="freed twice in one call"):
+        pool.free(twice)
+    assert pool.num_free == 512 - count
+    pool.free(taken[::-1])
+    pool.check_no_leaks()

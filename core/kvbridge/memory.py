@@ -58,9 +58,15 @@ class IndexPool:
             return
         if idx.min() < 0 or idx.max() >= self.capacity:
             raise PoolError(f"{self.kind} index out of range 0..{self.capacity - 1}: {idx}")
-        # Strictly increasing (one index, or pages as alloc hands them out) has no duplicate.
-        if idx.size > 1 and not (idx[1:] > idx[:-1]).all() and np.unique(idx).size != idx.size:
-            raise DoubleFreeError(f"{self.kind}s freed twice in one call: {idx.tolist()}")
+        # Strictly increasing (one index, or pages as alloc hands them out) has no duplicate;
+        # a few indices are checked as a set (np.unique sorts, and costs a lazy import).
+        if idx.size > 1 and not (idx[1:] > idx[:-1]).all():
+            if idx.size <= 256:
+                duplicated = len(set(idx.tolist())) != idx.size
+            else:
+                duplicated = np.unique(idx).size != idx.size
+            if duplicated:
+                raise DoubleFreeError(f"{self.kind}s freed twice in one call: {idx.tolist()}")
         not_in_use = idx[~self._in_use[idx]]
         if not_in_use.size:
             raise DoubleFreeError(f"{self.kind}(s) {not_in_use.tolist()} freed but not allocated")
