@@ -117,8 +117,9 @@ class PrefillEndpoint(DrivenEndpoint):
         self._queue("send", (state.room, start, pages, is_last, slot, state))
 
     def poll(self, state: SendState) -> int:
+        self.step_from_poll()
         if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
-            state.fail(f"kvbridge driver thread failed: {self.driver.error!r}")
+            state.fail(f"kvbridge step failed (in poll() or the driver thread): {self.driver.error!r}")
         return int(state.status)
 
     def abort(self, state: SendState, reason: str = ENDED_IN_SGLANG) -> None:

@@ -283,3 +283,46 @@ def test_a_rank_that_only_follows_sglangs_consensus_tells_the_other_side_so(
     _until("released", lambda: decode.release_safe(room))
     decode.clear(receiver)
     prefill.clear(sender)
+
+
+def test_polls_alone_carry_a_request_through(pair) -> None:
+    """With both driver threads stopped, SGLang's own poll() calls step the nodes: the
+    request still flows through (kvbridge-sglang's nodes have no collective, so a step on
+    SGLang's thread never waits for another rank)."""
+    prefill, decode, p, d, addr = pair
+    prefill.driver.close()
+    decode.driver.close()
+    room = 4242
+    sender = prefill.open_room(room, addr)
+    _until("prefill info", lambda: decode.ensure_prefill_info(addr))
+    receiver = decode.open_room(room, addr)
+    receiver.status = KVPoll.WaitingForInput
+    decode.send_metadata(receiver, np.arange(8, 12), aux_index=1)
+
+    def both_polled(want: KVPoll) -> Callable[[], bool]:
+        return lambda: prefill.poll(sender) >= 0 and decode.poll(receiver) == want
+
+    _until("prefill ready", lambda: decode.poll(receiver) >= 0 and prefill.poll(sender) == 2)
+    for layer in p.kv:
+        layer[np.arange(4)] = 3.0
+    p.meta[2][0, 0] = room
+    prefill.init(sender, num_pages=4, aux_index=0)
+    prefill.send(sender, np.arange(4))
+    _until("decode success", both_polled(KVPoll.Success))
+    assert all(np.array_equal(layer[8:12], np.full_like(layer[8:12], 3.0)) for layer in d.kv)
+    _until("prefill success", lambda: prefill.poll(sender) == KVPoll.Success)
+    assert prefill.poll_steps > 0 and decode.poll_steps > 0
+
+
+def test_a_failing_step_in_poll_fails_the_room_with_the_reason(pair) -> None:
+    prefill, decode, _p, _d, addr = pair
+    decode.driver.close()
+    receiver = decode.open_room(77, addr)
+
+    def broken() -> bool:
+        raise RuntimeError("injected step failure")
+
+    decode._step = broken  # type: ignore[method-assign]
+    time.sleep(0.01)  # past poll_interval since the driver's last step
+    assert decode.poll(receiver) == KVPoll.Failed
+    assert "injected step failure" in str(receiver.exception())
