@@ -35,6 +35,9 @@ OPTIONS = {
     "metadata_server": "P2PHANDSHAKE",
     "retries": 2,
     "max_batch": 256,
+    # Rooms to one peer written by this many threads at once (each call blocks until its
+    # batch is done); a room's own writes stay in order on one of them.
+    "lanes_per_peer": 4,
 }
 #: Pause before each retry. A write to a fresh peer now and then returns -1 and succeeds when
 #: repeated; a really dead peer still fails within ~60 ms.
@@ -69,6 +72,11 @@ class MooncakeManager(BookedManager):
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
         self.options = transport_options("mooncake", config.transport_options, OPTIONS)
+        lanes = self.options["lanes_per_peer"]
+        if isinstance(lanes, bool) or not isinstance(lanes, int) or not 1 <= lanes <= 64:
+            raise ValueError(
+                f"mooncake option lanes_per_peer must be an integer 1..64, got {lanes!r}"
+            )
         if self.options["hostname"] is None:
             # Mooncake listens on every interface and advertises this name to peers.
             self.options["hostname"] = config.advertised_host
@@ -110,6 +118,9 @@ class MooncakeManager(BookedManager):
 
     def peer_key(self, peer: Mapping[str, Any]) -> str:
         return str(peer["session"])
+
+    def lanes_per_peer(self) -> int:
+        return int(self.options["lanes_per_peer"])
 
     def write(
         self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool

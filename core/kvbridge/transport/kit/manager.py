@@ -66,6 +66,12 @@ class BookedManager:
     def release(self) -> None:
         """Deregister memory and free library resources (called once by :meth:`close`)."""
 
+    def lanes_per_peer(self) -> int:
+        """Worker threads per peer (default 1). With more, rooms spread over them by room
+        number, so a blocking write of one room does not hold up the next room's; each room's
+        chunks still run in order on one lane, its aux rows after its KV pages."""
+        return 1
+
     def init_delay(self) -> float:
         return 0.0
 
@@ -98,12 +104,14 @@ class BookedManager:
         if state is None:
             return
         ready_at = time.monotonic() + self.send_delay()
+        lanes = self.lanes_per_peer()
         for write in chunk.writes:
             peer = state.peers[write.peer]
             job = functools.partial(
                 self._job, state, room, peer, write.descriptors, chunk.is_last, ready_at
             )
-            self._workers.submit(self.peer_key(peer), job)
+            key = self.peer_key(peer)
+            self._workers.submit(key if lanes == 1 else f"{key}#{room % lanes}", job)
 
     def _job(
         self,
