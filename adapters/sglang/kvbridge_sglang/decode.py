@@ -149,7 +149,7 @@ class DecodeEndpoint(DrivenEndpoint):
     def poll(self, state: RoomState) -> int:
         self.step_from_poll()
         if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
-            state.fail(f"kvbridge step failed (in poll() or the driver thread): {self.driver.error!r}")
+            state.fail(f"kvbridge step failed (in poll() or the driver): {self.driver.error!r}")
         if state.committed_row is not None:
             self.rows.unpack(state.committed_row, state.aux_index)
             state.committed_row = None

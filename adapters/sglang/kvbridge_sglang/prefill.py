@@ -119,7 +119,7 @@ class PrefillEndpoint(DrivenEndpoint):
     def poll(self, state: SendState) -> int:
         self.step_from_poll()
         if self.driver.error is not None and state.status not in (KVPoll.Success, KVPoll.Failed):
-            state.fail(f"kvbridge step failed (in poll() or the driver thread): {self.driver.error!r}")
+            state.fail(f"kvbridge step failed (in poll() or the driver): {self.driver.error!r}")
         return int(state.status)
 
     def abort(self, state: SendState, reason: str = ENDED_IN_SGLANG) -> None:

@@ -315,7 +315,7 @@ def test_polls_alone_carry_a_request_through(pair) -> None:
 
 
 def test_a_failing_step_in_poll_fails_the_room_with_the_reason(pair) -> None:
-    prefill, decode, _p, _d, addr = pair
+    _prefill, decode, _p, _d, addr = pair
     decode.driver.close()
     receiver = decode.open_room(77, addr)
 
