@@ -37,7 +37,7 @@ OPTIONS = {
     "max_batch": 256,
     # Rooms to one peer written by this many threads at once (each call blocks until its
     # batch is done); a room's own writes stay in order on one of them.
-    "lanes_per_peer": 4,
+    "lanes_per_peer": 1,
 }
 #: Pause before each retry. A write to a fresh peer now and then returns -1 and succeeds when
 #: repeated; a really dead peer still fails within ~60 ms.
