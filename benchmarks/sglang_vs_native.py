@@ -30,11 +30,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "adapters" / "sglang" / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sglang_servers as ss  # noqa: E402
+from results_file import notes_mark, write_results  # noqa: E402
 
 from kvbridge.testing import processes  # noqa: E402
 from kvbridge.testing.tiny_model import build, prompt  # noqa: E402
+
+NOTES_MARK = notes_mark("sglang_vs_native.py")
 
 CONFIGS = {
     "kvbridge-mooncake": ("kvbridge", {"KVBRIDGE_TRANSPORT": "mooncake"}),
@@ -135,8 +139,11 @@ def main() -> None:
     parser.add_argument("--max-new", type=int, default=8)
     parser.add_argument("--configs", default="kvbridge-mooncake,sglang-mooncake")
     parser.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / "sglang_vs_native.md")
+        "--out",
+        default="sglang_vs_native",
+        help="results stem: benchmarks/results/<stem>.md (notes below the mark kept) and .json",
     )
+    parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
     names = args.configs.split(",")
     work = Path(tempfile.mkdtemp(prefix="kvbridge-sglang-bench-"))
@@ -185,8 +192,19 @@ def main() -> None:
         ):
             ratio = statistics.median(a[key] / b[key] for a, b in zip(results[name], results[base]))
             lines.append(f"- {name} {label}: {ratio:.2f}x")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.no_write:
+        data = {
+            "command": sys.argv[1:],
+            "loads": loads,
+            "outputs_equal": same,
+            "rounds": {
+                name: [{k: v for k, v in res.items() if k != "outputs"} for res in runs]
+                for name, runs in results.items()
+            },
+        }
+        write_results(args.out, text, data, NOTES_MARK)
     if not same:
         sys.exit("outputs differ between configurations")
 
