@@ -95,12 +95,23 @@ class DecodeEndpoint(DrivenEndpoint):
             self._lookups.add(addr)
         if failure is not None:
             log.warning("prefill bootstrap %s: %s (trying again)", addr, failure)
+        done = threading.Event()
         threading.Thread(
-            target=self._lookup, args=(addr,), name="kvbridge-sglang-lookup", daemon=True
+            target=self._lookup, args=(addr, done), name="kvbridge-sglang-lookup", daemon=True
         ).start()
-        return False
+        # SGLang asks again only after its retry interval (1 s): a short wait here lets the
+        # first request to a new prefill go on at once when the bootstrap answers quickly,
+        # without stalling the scheduler for long on one that does not.
+        done.wait(self.config.lookup_wait)
+        return addr in self.prefill_info_table
 
-    def _lookup(self, addr: str) -> None:
+    def _lookup(self, addr: str, done: threading.Event) -> None:
+        try:
+            self._fetch_prefill_info(addr)
+        finally:
+            done.set()
+
+    def _fetch_prefill_info(self, addr: str) -> None:
         try:
             info = self._client.info(addr)
             sizes = info["sizes"]

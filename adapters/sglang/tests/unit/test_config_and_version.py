@@ -13,13 +13,15 @@ from kvbridge_sglang.version import Unsupported, check_server_args, check_versio
 def test_environment_and_toml(tmp_path: Path) -> None:
     toml = tmp_path / "kvbridge.toml"
     toml.write_text('[kvbridge]\ntransport = "mooncake"\nwaiting_timeout = 9\n[sglang]\n'
-                    "poll_interval = 0.01\n")  # fmt: skip
+                    "poll_interval = 0.01\nlookup_wait = 0.2\n")  # fmt: skip
     config = AdapterConfig.from_env(
         {"KVBRIDGE_SGLANG_CONFIG": str(toml), "KVBRIDGE_WAITING_TIMEOUT": "3"}
     )
     assert config.transfer.transport == "mooncake"
     assert config.transfer.waiting_timeout == 3.0  # the variable wins over the file
     assert config.poll_interval == 0.01
+    assert config.lookup_wait == 0.2
+    assert AdapterConfig.from_env({"KVBRIDGE_SGLANG_LOOKUP_WAIT": "0"}).lookup_wait == 0
     assert AdapterConfig.from_env({}).transfer.transport == "fake"
 
 
@@ -29,6 +31,8 @@ def test_environment_and_toml(tmp_path: Path) -> None:
         ({"KVBRIDGE_SGLANG_CONFIG": "/nonexistent.toml"}, "cannot read it"),
         ({"KVBRIDGE_SGLANG_POLL_INTERVAL": "soon"}, "not a number"),
         ({"KVBRIDGE_SGLANG_POLL_INTERVAL": "5"}, r"\(0, 1\]"),
+        ({"KVBRIDGE_SGLANG_LOOKUP_WAIT": "-1"}, r"LOOKUP_WAIT must be in \[0, 5\]"),
+        ({"KVBRIDGE_SGLANG_LOOKUP_WAIT": "later"}, "not a number"),
         ({"KVBRIDGE_HEARTBEAT_INTERVAL": "x"}, "KVBRIDGE_HEARTBEAT_INTERVAL"),
     ],
 )

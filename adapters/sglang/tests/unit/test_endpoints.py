@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 
+import attrs
 import numpy as np
 import pytest
 from hypothesis import given
@@ -167,6 +168,20 @@ def test_bad_and_duplicate_rooms_fail_alone(pair) -> None:
     assert decode.poll(first) == KVPoll.Bootstrapping
     decode.clear(second)  # clearing the refused duplicate leaves the live room alone
     assert decode.open_room(7, addr).status == KVPoll.Failed
+
+
+def test_the_first_request_to_a_new_prefill_does_not_wait_for_sglangs_retry(pair) -> None:
+    """SGLang asks ``try_ensure_parallel_info`` again only a second after a False: the first
+    call waits (up to ``lookup_wait``) for the bootstrap's answer so that request goes on."""
+    _prefill, registered, _p, _d, addr = pair
+    _until("prefill registered", lambda: registered.ensure_prefill_info(addr))
+    # A generous wait keeps timing out of the test: it ends as soon as the answer is in.
+    decode = DecodeEndpoint(attrs.evolve(_config(), lookup_wait=5.0), SGLangRank().layout())
+    try:
+        assert decode.ensure_prefill_info(addr)
+        assert decode.prefill_info_table[addr].dp_size == 1
+    finally:
+        decode.close()
 
 
 def test_a_prefill_that_never_registers_fails_the_lookup_not_the_process() -> None:
