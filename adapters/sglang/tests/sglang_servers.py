@@ -91,16 +91,18 @@ def start_router(prefill: Server, bootstrap_port: int, decode: Server, log_dir: 
     return processes.start("router", args, port, log_dir, base_env(), ROOT)
 
 
-def wait_router(router: Server, timeout: float = 180.0) -> None:
+def wait_router(router: Server, timeout: float = 180.0) -> float:
     """Until the router serves a request: its ``/health`` answers before its workers are
-    registered (it answers 503 until then)."""
+    registered (it answers 503 until then). Returns the seconds the request that was served
+    took: the first request through the pair, so its first contact between the servers."""
     deadline = time.monotonic() + timeout
     while True:
         if not router.alive():
             raise RuntimeError(f"router exited with {router.proc.returncode}:\n{router.tail()}")
+        start = time.perf_counter()
         try:
             generate(router.url, "w1 w2", 1)
-            return
+            return time.perf_counter() - start
         except (urllib.error.URLError, OSError) as exc:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"router not serving after {timeout}s: {exc}") from exc
