@@ -46,7 +46,7 @@ PHASE_DEADLINE = 150.0
 HOLD_STEPS = 10
 STEP_PAUSE = 0.005
 #: Seconds the prefill still waits for its rooms' outcomes once both decode ranks are done.
-DONE_GRACE = 10.0
+DONE_GRACE = 30.0
 
 
 @attrs.frozen
@@ -224,6 +224,7 @@ def prefill_main(work: Path, bootstrap_port: int) -> None:
     senders: dict[int, Any] = {}
     held: dict[int, tuple[Any, int]] = {}  # room -> (its KV indices, its metadata slot)
     outcome: dict[str, str] = {}
+    last_status: dict[str, int] = {}  # what each room's sender said last: for a failure report
     deadline = time.monotonic() + PHASE_DEADLINE * (len(PHASES) + 1)
     while len(outcome) < len(rooms) and time.monotonic() < deadline:
         if all((work / f"decode{r}.done").exists() for r in range(DECODE_TP)):
@@ -237,6 +238,7 @@ def prefill_main(work: Path, bootstrap_port: int) -> None:
             if str(room) in outcome:
                 continue
             status = sender.poll()
+            last_status[str(room)] = int(status)
             if status == KVPoll.WaitingForInput and room not in held:
                 held[room] = _prefill_forward(rooms[room], pool, allocator, metadata, slots)
                 indices, slot = held[room]
@@ -260,6 +262,7 @@ def prefill_main(work: Path, bootstrap_port: int) -> None:
         work / "prefill.json",
         {
             "outcome": outcome,
+            "unended": {r: s for r, s in last_status.items() if r not in outcome},
             "free_tokens": allocator.available_size(),
             "free_slots": slots.available_size(),
             "pool_tokens": POOL_TOKENS,

@@ -69,8 +69,26 @@ QUEUES = slice(1, 4)
 
 class Run:
     def __init__(self, work: Path) -> None:
+        self.work = work
         self.decode = [json.loads((work / f"decode{r}.json").read_text()) for r in (0, 1)]
         self.prefill = json.loads((work / "prefill.json").read_text())
+
+    def prefill_outcome(self, room: int) -> str:
+        """The prefill sender's end for ``room``; a room it never saw end fails the test with
+        its last status and every process's log lines that name the room."""
+        got = self.prefill["outcome"].get(str(room))
+        if got is None:
+            lines = [
+                f"{log.name}: {line}"
+                for log in sorted(self.work.glob("*.log"))
+                for line in log.read_text(errors="replace").splitlines()
+                if str(room) in line
+            ]
+            pytest.fail(
+                f"room {room} never ended on the prefill (its last poll() said KVPoll "
+                f"{self.prefill['unended'].get(str(room))}):\n" + "\n".join(lines[-40:])
+            )
+        return got
 
     def events(self, phase: str, room: int) -> tuple[dict[str, Any], dict[str, Any]]:
         e0, e1 = (d[phase]["events"][str(room)] for d in self.decode)
@@ -191,7 +209,7 @@ def test_the_pages_and_metadata_rows_hold_what_prefill_wrote(run: Run) -> None:
             assert ev["cached_tokens"] == sr.cached_tokens(room), (rank, room)
             assert ev["init_dp_rank"] == 0
     for room in _rooms("lockstep", failing=False):
-        assert run.prefill["outcome"][str(room)] == "Success", room
+        assert run.prefill_outcome(room) == "Success", room
 
 
 def test_a_failure_on_one_rank_fails_the_request_on_both_in_the_same_step(run: Run) -> None:
@@ -206,7 +224,7 @@ def test_a_failure_on_one_rank_fails_the_request_on_both_in_the_same_step(run: R
         reason = e0["reason"]
         assert "not failed" not in reason, reason
         assert "injected failure" in reason or "another decode TP rank" in reason, reason
-        assert run.prefill["outcome"][str(room)].startswith("Failed"), room
+        assert run.prefill_outcome(room).startswith("Failed"), room
 
 
 def test_nothing_leaked(run: Run) -> None:

@@ -176,7 +176,10 @@ def test_the_first_request_to_a_new_prefill_does_not_wait_for_sglangs_retry(pair
     _prefill, registered, _p, _d, addr = pair
     _until("prefill registered", lambda: registered.ensure_prefill_info(addr))
     # A generous wait keeps timing out of the test: it ends as soon as the answer is in.
-    decode = DecodeEndpoint(attrs.evolve(_config(), lookup_wait=5.0), SGLangRank().layout())
+    # The rank outlives the endpoint: the layout only carries addresses, and memory freed
+    # early is handed to the next allocation (the Fake's own buffers), which then overlaps.
+    rank = SGLangRank()
+    decode = DecodeEndpoint(attrs.evolve(_config(), lookup_wait=5.0), rank.layout())
     try:
         assert decode.ensure_prefill_info(addr)
         assert decode.prefill_info_table[addr].dp_size == 1
@@ -185,9 +188,10 @@ def test_the_first_request_to_a_new_prefill_does_not_wait_for_sglangs_retry(pair
 
 
 def test_a_prefill_that_never_registers_fails_the_lookup_not_the_process() -> None:
+    rank = SGLangRank()
     decode = DecodeEndpoint(
         AdapterConfig(TransferConfig(transport="fake", bootstrap_http_timeout=0.5)),
-        SGLangRank().layout(),
+        rank.layout(),
     )
     try:
         for _ in range(3):
@@ -248,9 +252,8 @@ def test_client_chosen_bootstrap_addresses_are_bounded(monkeypatch: pytest.Monke
     from kvbridge_sglang import decode as decode_module
 
     monkeypatch.setattr(decode_module, "MAX_PREFILLS", 8)
-    endpoint = DecodeEndpoint(
-        AdapterConfig(TransferConfig(transport="fake")), SGLangRank().layout()
-    )
+    rank = SGLangRank()
+    endpoint = DecodeEndpoint(AdapterConfig(TransferConfig(transport="fake")), rank.layout())
     release = __import__("threading").Event()
 
     def info(addr: str) -> dict:
