@@ -9,6 +9,7 @@ import pytest
 from integrity_rig import Decode, Prefill, add_room, run_for, run_until
 
 from kvbridge import TransferConfig
+from kvbridge.protocol.decode import DecodeRequest
 from kvbridge.protocol.prefill import PrefillRequest
 
 pytestmark = pytest.mark.multiprocess
@@ -45,6 +46,53 @@ def test_an_oversized_request_fails_at_once_naming_sizes_and_blocks_nobody() -> 
     finally:
         decode.close()
         prefill.close()
+
+
+def test_a_failure_before_decode_ever_looked_the_prefill_up_still_reaches_it() -> None:
+    """The first request to a new prefill fails on decode at once (before its bootstrap
+    answer came): the abort waits for that answer instead of being dropped, so the prefill,
+    which has the room already (the router sends both legs at once), is told with the cause
+    and does not hold it until its own bootstrap_timeout."""
+    config = TransferConfig(transport="fake", bootstrap_timeout=30.0, heartbeat_interval=0.3)
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        assert decode.node.directory.addresses == []  # nothing looked up yet
+        add_room(decode, prefill, 4, PAGES + 1)
+        run_until("room 4 failed on decode", lambda: 4 in decode.aborted, decode, prefill)
+        run_until("prefill told", lambda: 4 in prefill.aborted, decode, prefill, timeout=10)
+        assert "decode aborted" in prefill.aborted[4] and f"{PAGES + 1} pages" in prefill.aborted[4]
+        _commit(decode, prefill, 5, PAGES, 0x50)  # and the pair works on
+        assert decode.pages_hold(5, 0x50)
+    finally:
+        decode.close()
+        prefill.close()
+
+
+def test_aborts_for_a_prefill_that_never_answers_are_bounded_and_given_up(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients name the bootstrap address: aborts waiting for an answer that never comes are
+    kept at most ``MAX_HELD_ABORTS`` and only for ``bootstrap_timeout``."""
+    from kvbridge.runtime import decode_node
+
+    monkeypatch.setattr(decode_node, "MAX_HELD_ABORTS", 2)
+    config = TransferConfig(
+        transport="fake", bootstrap_timeout=1.0, bootstrap_http_timeout=0.2, heartbeat_interval=0.3
+    )
+    decode = Decode(config, PAGES)
+    try:
+        caplog.set_level("INFO", logger="kvbridge")
+        decode.node.add([DecodeRequest(room, PAGES + 1, "127.0.0.1:9") for room in (1, 2, 3)])
+        run_until("all failed", lambda: len(decode.aborted) == 3, decode)
+        assert "room 3: 2 aborts already wait for bootstrap answers" in caplog.text
+        run_until(
+            "the waiting aborts given up",
+            lambda: "2 aborts for prefill 127.0.0.1:9 dropped" in caplog.text,
+            decode,
+            timeout=10,
+        )
+    finally:
+        decode.close()
 
 
 def test_waiting_for_decode_memory_does_not_time_out_the_prefill() -> None:

@@ -210,7 +210,7 @@ class BootstrapDirectory:
         """Control addresses of every transferring prefill rank of ``addr``, from cached info.
 
         For telling a prefill about a room decode gave up on before resolving its DP rank;
-        empty when the info was never fetched (then there is nobody to tell yet).
+        empty until the info was fetched (``DecodeNode`` holds such an abort until it is).
         """
         info = self._info(addr)
         return transfer_controls(info) if info is not None else []

@@ -140,7 +140,7 @@ class AbortNotice:
     ``cause`` None: this rank only followed another rank's failure, so nothing it says may
     pass for the root cause. ``target``: the resolved room's prefill ranks (its plan); None
     while unresolved, when every prefill rank at ``bootstrap_addr`` hears it instead (the room
-    may already wait there, early)."""
+    may already wait there, early), once this rank has that address's bootstrap answer."""
 
     room: int
     cause: str | None
