@@ -68,6 +68,29 @@ def test_a_failure_before_decode_ever_looked_the_prefill_up_still_reaches_it() -
         prefill.close()
 
 
+def test_a_request_the_engine_abandons_before_adding_it_reaches_the_prefill() -> None:
+    """``DecodeNode.abandon``: an engine that gave up on a request before adding it (still
+    waiting for memory) tells the prefill holding the room, on a fresh pair too."""
+    config = TransferConfig(transport="fake", bootstrap_timeout=30.0, heartbeat_interval=0.3)
+    prefill, decode = Prefill(config, PAGES), Decode(config, PAGES)
+    try:
+        prefill.node.add([PrefillRequest(6)])
+        decode.node.abandon(6, prefill.addr, "client gone while waiting for memory")
+        run_until("prefill told", lambda: 6 in prefill.aborted, decode, prefill, timeout=10)
+        reason = prefill.aborted[6]
+        assert reason.startswith("decode aborted: decode ") and reason.endswith(
+            ": client gone while waiting for memory"
+        ), reason
+        prefill.node.add([PrefillRequest(7)])
+        decode.node.abandon(7, prefill.addr, "another rank's failure", follows=True)
+        run_until("prefill told 7", lambda: 7 in prefill.aborted, decode, prefill, timeout=10)
+        assert "another rank's failure" not in prefill.aborted[7]  # never a root cause
+        _commit(decode, prefill, 8, PAGES, 0x80)
+    finally:
+        decode.close()
+        prefill.close()
+
+
 def test_aborts_for_a_prefill_that_never_answers_are_bounded_and_given_up(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -173,6 +173,8 @@ class DecodeEndpoint(DrivenEndpoint):
         state.fail(ENDED_IN_SGLANG)
         if state.room and state.metadata_sent:
             self._queue("abort", (state.room, ENDED_IN_SGLANG, False))
+        elif state.room:  # aborted while it waited for memory: kvbridge never had it here
+            self._queue("abandon", (state.room, state.bootstrap_addr, ENDED_IN_SGLANG, False))
 
     def follow_failure(self, state: RoomState) -> None:
         """SGLang failed the request on every TP rank (the MIN of their ``poll()`` answers)
@@ -186,13 +188,17 @@ class DecodeEndpoint(DrivenEndpoint):
         with self._lock:  # the driver thread may be publishing this room's end right now
             if state.status == KVPoll.Failed:
                 return
-            live = state.status != KVPoll.Success and state.room and state.metadata_sent
+            ended = state.status == KVPoll.Success or not state.room
+            live = not ended and state.metadata_sent
             state.status = KVPoll.Failed
             state.reason = FAILED_ON_ANOTHER_RANK
             state.from_other_rank = True
             state.committed_row = None
-        if live:  # follows: the root cause is another rank's, never this reason (rule 7)
+        # follows: the root cause is another rank's, never this reason (rule 7)
+        if live:
             self._queue("abort", (state.room, FAILED_ON_ANOTHER_RANK, True))
+        elif not ended:  # failed before its metadata went out: the prefill may hold it
+            self._queue("abandon", (state.room, state.bootstrap_addr, FAILED_ON_ANOTHER_RANK, True))
 
     def release_safe(self, room: int) -> bool:
         """SGLang's deferred release: may the pages of aborted ``room`` be reused now?"""
@@ -219,6 +225,9 @@ class DecodeEndpoint(DrivenEndpoint):
                     with self._lock:
                         self._live.discard(item.room)
                     self._ended(item.room, None, f"refused by kvbridge: {exc}", False)
+            elif kind == "abandon":
+                room, addr, reason, follows = item
+                node.abandon(room, addr, reason, follows=follows)
             else:
                 room, reason, follows = item
                 node.abort(room, reason, follows=follows)

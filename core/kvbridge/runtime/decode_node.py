@@ -18,7 +18,13 @@ from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
-from kvbridge.protocol.decode import AbortNotice, DecodeRequest, MetadataToSend, PageAllocator
+from kvbridge.protocol.decode import (
+    AbortNotice,
+    DecodeRequest,
+    MetadataToSend,
+    PageAllocator,
+    abort_notice,
+)
 from kvbridge.protocol.messages import (
     Abort,
     Message,
@@ -28,7 +34,7 @@ from kvbridge.protocol.messages import (
     refused_by,
     regions_to_wire,
 )
-from kvbridge.protocol.outcomes import DecodeStep
+from kvbridge.protocol.outcomes import Aborted, DecodeStep
 from kvbridge.protocol.plan import PrefillKey, PrefillTarget, by_control
 from kvbridge.runtime.collective import Reducer
 from kvbridge.runtime.control import ControlSender, Outbox, control_key, control_receiver
@@ -298,6 +304,20 @@ class DecodeNode:
         root cause that arrives later is reported as a late cause (rule 7).
         """
         self.session.abort(room, reason, follows=follows)
+
+    def abandon(
+        self, room: int, bootstrap_addr: str, reason: str, *, follows: bool = False
+    ) -> None:
+        """The engine gave up on a request it never added here (it was still waiting for
+        memory or for its prefill's parallel info): kvbridge holds nothing of it on this
+        rank, but its prefill may hold the room (a router sends both legs at once), so every
+        prefill rank at ``bootstrap_addr`` is told now instead of waiting out its
+        ``bootstrap_timeout``. ``follows`` as in :meth:`abort`. Scheduler thread, between
+        steps; the next step sends it. A room this rank did add ends through :meth:`abort`.
+        """
+        notice = abort_notice(Aborted(room, reason, from_other_rank=follows), None, bootstrap_addr)
+        if notice is not None:
+            self._send_abort(notice)
 
     def step(self) -> DecodeStep:
         self.control.drain()  # what peers sent since the last step, on this thread

@@ -155,6 +155,38 @@ def test_an_aborted_room_is_held_until_kvbridge_releases_it(pair) -> None:
     assert again.status == KVPoll.Bootstrapping
 
 
+def test_a_request_aborted_while_it_waits_for_memory_still_tells_the_prefill(pair) -> None:
+    """SGLang aborts a request still in its pre-allocation queue (``init`` done, no memory
+    yet, so no metadata went out): kvbridge never had it on decode, but the prefill holds
+    the room and hears why now, not at its own bootstrap_timeout."""
+    prefill, decode, _p, _d, addr = pair
+    room = 4321
+    sender = prefill.open_room(room, addr)
+    _until("prefill info", lambda: decode.ensure_prefill_info(addr))
+    receiver = decode.open_room(room, addr)
+    receiver.prefill_dp_rank = 0
+    receiver.status = KVPoll.WaitingForInput  # what KvbridgeKVReceiver.init does
+    decode.abort(receiver)
+    assert decode.release_safe(room)  # nothing of it was ever in kvbridge here
+    decode.clear(receiver)
+    _until("prefill told", lambda: prefill.poll(sender) == KVPoll.Failed)
+    reason = str(sender.exception())
+    assert "decode aborted" in reason and "aborted in SGLang" in reason, reason
+
+
+def test_a_follower_that_sent_no_metadata_tells_the_prefill_it_only_followed(pair) -> None:
+    prefill, decode, _p, _d, addr = pair
+    room = 4322
+    sender = prefill.open_room(room, addr)
+    _until("prefill info", lambda: decode.ensure_prefill_info(addr))
+    receiver = decode.open_room(room, addr)
+    decode.follow_failure(receiver)  # SGLang's MIN said Failed: another rank's receiver did
+    _until("prefill told", lambda: prefill.poll(sender) == KVPoll.Failed)
+    reason = str(sender.exception())
+    assert "another decode" in reason or "another rank" in reason, reason
+    assert "bootstrap_timeout" not in reason, reason
+
+
 def test_bad_and_duplicate_rooms_fail_alone(pair) -> None:
     prefill, decode, _p, _d, addr = pair
     for bad in ("12", 0, -1, 2**63, 1.5, True, None):
