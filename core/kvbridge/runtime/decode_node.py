@@ -207,6 +207,9 @@ class DecodeNode:
             if not controls:
                 self._hold_abort(notice.bootstrap_addr, message)
                 return
+        self._tell(controls, message)
+
+    def _tell(self, controls: Sequence[str], message: Abort) -> None:
         for control in controls:
             self._ensure_registered(control)
             self._outbox.put(control, message)
@@ -236,9 +239,7 @@ class DecodeNode:
             controls = self.directory.controls_of(addr)
             if controls:
                 for _, message in held:
-                    for control in controls:
-                        self._ensure_registered(control)
-                        self._outbox.put(control, message)
+                    self._tell(controls, message)
                 kept: list[tuple[float, Abort]] = []
             else:
                 kept = [(give_up, message) for give_up, message in held if now < give_up]
