@@ -135,6 +135,8 @@ def test_the_kit_catches_each_broken_transport(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     out = result.stdout + result.stderr
+    # A crashed child prints its threads' stacks first: show them, not only the tail.
+    assert "Fatal Python error" not in out, f"the kit's child pytest crashed:\n{out[:6000]}"
     outcomes = dict(
         (m.group(2), m.group(1))
         for m in re.finditer(r"^(PASSED|FAILED|ERROR|SKIPPED)\S* \S*?::(\S+::\S+)", out, re.M)

@@ -6,6 +6,7 @@ the test extras. Only :func:`require_transport` (called from tests) imports pyte
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections.abc import Mapping
@@ -82,6 +83,10 @@ def wait_until_terminal(
         time.sleep(0.001)
 
 
+#: Buffers of the most recently closed rigs (see :meth:`TransferRig.close`).
+_CLOSED_BUFFERS: collections.deque[tuple[RankBuffers, RankBuffers]] = collections.deque(maxlen=8)
+
+
 class TransferRig:
     """A receiver (decode) and a sender (prefill) manager of one transport, with buffers."""
 
@@ -110,8 +115,14 @@ class TransferRig:
         )
 
     def close(self) -> None:
-        self.sender.close()
-        self.receiver.close()
+        try:
+            self.sender.close()
+        finally:
+            self.receiver.close()
+            # A broken transport may still write after close (a posted write, a thread its
+            # close did not stop): into freed memory that crashes the whole test run instead
+            # of failing the test, so the last rigs' buffers stay allocated a while.
+            _CLOSED_BUFFERS.append((self.decode, self.prefill))
 
     def open(self, room: int, dst_pages: np.ndarray, dst_slot: int) -> None:
         """Construct and init both sides, and announce the destination (send_metadata)."""
