@@ -22,13 +22,8 @@ from kvbridge import TransferConfig
 from kvbridge.bootstrap.directory import BootstrapDirectory, DecodeExpectation
 from kvbridge.bootstrap.http_client import BootstrapClient, BootstrapError, split_address
 from kvbridge.bootstrap.registration import PrefillRegistration
-from kvbridge.bootstrap.server import (
-    BadRequest,
-    BootstrapServer,
-    ServerLimits,
-    json_depth,
-    parse_control,
-)
+from kvbridge.bootstrap.schema import BadRequest, json_depth, parse_control
+from kvbridge.bootstrap.server import BootstrapServer, ServerLimits
 from kvbridge.protocol.decode import DecodeRequest
 from kvbridge.protocol.plan import PrefillTarget
 
@@ -567,3 +562,158 @@ def test_client_threads_end_on_close_even_while_the_server_hangs() -> None:
         assert threading.active_count() < started
     finally:
         listener.close()
+
+
+# -- decode side: info an engine fetched itself ----------------------------------------------------
+
+
+class CountingClient(BootstrapClient):
+    def __init__(self) -> None:
+        super().__init__()
+        self.info_calls = 0
+
+    def info(self, addr: str) -> dict[str, Any]:
+        self.info_calls += 1
+        return super().info(addr)
+
+
+def test_offered_info_resolves_at_once_without_a_second_look_up() -> None:
+    server = BootstrapServer().start()
+    BootstrapClient().register_rank(server.address, registration())
+    client = CountingClient()
+    directory = BootstrapDirectory(fast_config(), 0, 1, EXPECT, client=client)
+    try:
+        info = BootstrapClient().info(server.address)
+        assert directory.offer(server.address, info) is None
+        found = directory.resolve([DecodeRequest(1, 1, server.address)])
+        assert isinstance(found[1], PrefillTarget) and found[1].peers == ({"id": "e0"},)
+        time.sleep(0.2)  # the directory's thread had time to look it up (it must not)
+        assert client.info_calls == 0
+        assert directory.offer(server.address, {"junk": 1}) is None  # info held is kept
+    finally:
+        directory.close()
+        server.stop()
+
+
+def test_offered_info_of_an_incompatible_prefill_fails_its_requests_with_the_reason() -> None:
+    server = BootstrapServer().start()
+    BootstrapClient().register_rank(server.address, registration(kv_dtype="float16"))
+    directory = BootstrapDirectory(fast_config(bootstrap_retry_after=30), 0, 1, EXPECT)
+    try:
+        reason = directory.offer(server.address, BootstrapClient().info(server.address))
+        assert reason is not None and "kv_dtype is 'float16'" in reason
+        found = directory.resolve([DecodeRequest(1, 1, server.address)])
+        assert found == {1: reason}
+    finally:
+        directory.close()
+        server.stop()
+
+
+def test_malformed_offered_info_is_a_reason_and_the_directory_looks_it_up_itself() -> None:
+    server = BootstrapServer().start()
+    BootstrapClient().register_rank(server.address, registration())
+    directory = BootstrapDirectory(fast_config(), 0, 1, EXPECT)
+    try:
+        good = BootstrapClient().info(server.address)
+        reason = directory.offer(server.address, {**good, "generation": "7"})
+        assert reason is not None and "malformed" in reason
+        target = resolve_until(directory, DecodeRequest(1, 1, server.address))
+        assert isinstance(target, PrefillTarget)
+    finally:
+        directory.close()
+        server.stop()
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+RANK = {**registration(), "authoritative": True}
+GOOD_INFO = {
+    **{k: RANK[k] for k in ("page_bytes", "page_size", "kv_dtype", "kv_layout", "transport")},
+    **{"api_version": RANK["api_version"], "num_kv_regions": RANK["num_kv_regions"]},
+    "instance": "i",
+    "generation": 1,
+    "sizes": {"dp_size": 1, "pp_size": 1, "cp_size": 1, "tp_size": 1},
+    "ranks": [RANK],
+}
+
+
+def _changed(base: dict, keys: list[str]) -> st.SearchStrategy[dict]:
+    return st.dictionaries(st.sampled_from(keys), JSON, max_size=2).map(lambda c: {**base, **c})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(
+        JSON,
+        _changed(GOOD_INFO, list(GOOD_INFO)),
+        _changed(GOOD_INFO["sizes"], list(GOOD_INFO["sizes"])).map(
+            lambda sizes: {**GOOD_INFO, "sizes": sizes}
+        ),
+        _changed(RANK, list(RANK)).map(lambda rank: {**GOOD_INFO, "ranks": [rank]}),
+    )
+)
+def test_offered_info_is_untrusted_and_never_raises(info: Any) -> None:
+    directory = BootstrapDirectory(fast_config(), 0, 1, EXPECT, client=NO_ANSWER)
+    try:
+        reason = directory.offer("127.0.0.1:9", info)
+        assert reason is None or isinstance(reason, str)
+        if reason is None:  # taken: resolving must not raise either
+            found = directory.resolve([DecodeRequest(1, 1, "127.0.0.1:9")])
+            assert all(isinstance(v, (PrefillTarget, str)) for v in found.values())
+    finally:
+        directory.close()
+
+
+class _NoAnswer(BootstrapClient):
+    def request(self, method: str, addr: str, path: str, body: Any = None) -> Any:
+        raise BootstrapError("no bootstrap server in this test")
+
+
+NO_ANSWER = _NoAnswer()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {**GOOD_INFO, "sizes": {**GOOD_INFO["sizes"], "tp_size": None}},
+        {**GOOD_INFO, "ranks": [{**RANK, "tp_rank": []}]},
+        {**GOOD_INFO, "generation": "x"},
+    ],
+)
+def test_a_bootstrap_server_answering_malformed_info_fails_requests_not_the_scheduler(
+    answer: dict,
+) -> None:
+    """A prefill's bootstrap server is a network peer like any other: what it answers is
+    checked before a room is planned with it (these answers used to raise in ``resolve``,
+    on the engine's scheduler thread, or end the directory's thread)."""
+    import http.server
+
+    body = json.dumps(answer).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    addr = f"127.0.0.1:{server.server_address[1]}"
+    directory = BootstrapDirectory(fast_config(bootstrap_timeout=0.5), 0, 1, EXPECT)
+    try:
+        reason = resolve_until(directory, DecodeRequest(1, 1, addr))
+        assert isinstance(reason, str) and "malformed info" in reason
+    finally:
+        directory.close()
+        server.shutdown()
+        server.server_close()

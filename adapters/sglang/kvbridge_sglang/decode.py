@@ -55,6 +55,14 @@ class PrefillInfo:
     follow_bootstrap_room: bool = True
 
 
+def _size(info: Any, key: str) -> int:
+    """A parallel size from a bootstrap answer (untrusted: SGLang divides by it)."""
+    value = info["sizes"][key]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1 << 16:
+        raise ValueError(f"bootstrap answered {key} {value!r}, not a size in [1, 65536]")
+    return value
+
+
 class DecodeEndpoint(DrivenEndpoint):
     def __init__(self, config: AdapterConfig, layout: RankLayout) -> None:
         self.config = config
@@ -114,8 +122,7 @@ class DecodeEndpoint(DrivenEndpoint):
     def _fetch_prefill_info(self, addr: str) -> None:
         try:
             info = self._client.info(addr)
-            sizes = info["sizes"]
-            entry = PrefillInfo(int(sizes["dp_size"]), int(sizes["tp_size"]))
+            entry = PrefillInfo(_size(info, "dp_size"), _size(info, "tp_size"))
         except (BootstrapError, KeyError, TypeError, ValueError) as exc:
             with self._lock:
                 if len(self._lookup_failures) >= MAX_PREFILLS:
@@ -123,6 +130,12 @@ class DecodeEndpoint(DrivenEndpoint):
                 self._lookup_failures[addr] = str(exc)
                 self._lookups.discard(addr)
             return
+        # The node's directory takes the same answer instead of fetching it again when the
+        # request is added. A prefill it refuses (another dtype, layout, ...) is still cached
+        # here: SGLang then makes the receivers, and they fail with the directory's reason.
+        refused = self.node.directory.offer(addr, info)
+        if refused is not None:
+            log.debug("prefill bootstrap %s: %s", addr, refused)  # the directory logged it
         with self._lock:
             self._lookups.discard(addr)
             table = self.prefill_info_table

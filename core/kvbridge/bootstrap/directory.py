@@ -18,6 +18,7 @@ from typing import Any
 import attrs
 
 from kvbridge.bootstrap.http_client import BootstrapClient, BootstrapError, backoff
+from kvbridge.bootstrap.schema import BadRequest, validate_info
 from kvbridge.config import TransferConfig
 from kvbridge.errors import ConfigError, KVBridgeError
 from kvbridge.protocol.decode import DecodeRequest
@@ -336,35 +337,88 @@ class BootstrapDirectory:
                 self._wanted_rooms.pop(addr, None)
                 log.info("forgot prefill bootstrap %s (no request for it)", addr)
 
+    def offer(self, addr: str, info: Mapping[str, Any]) -> str | None:
+        """Take bootstrap info for ``addr`` that the caller fetched itself, instead of fetching
+        it again: for an engine that must know a prefill's sizes before it adds a request
+        (SGLang's decode asks for them first, through its own look-up).
+
+        ``info`` is untrusted: it is checked as the directory's own look-ups are, and the
+        requests for ``addr`` then resolve at once. Info already held is kept (its health
+        checks own re-registration). Returns None when the info is in use, or the reason
+        the prefill is refused (then requests for ``addr`` fail with it, as after a
+        look-up of the directory's own).
+        """
+        now = time.monotonic()
+        lost = reason = None
+        with self._lock:
+            state = self._addresses.get(addr)
+            if state is None:
+                state = self._addresses[addr] = _Address(last_used=now)
+                state.need_info(now)
+            state.last_used = now
+            if state.info is not None:
+                return None
+            if state.failure is not None:
+                if now < state.retry_at:
+                    return state.failure
+                state.need_info(now)
+            outcome = self._checked(addr, info)
+            if isinstance(outcome, tuple):
+                self._take_info(state, *outcome, now)
+            elif isinstance(outcome, ConfigError):
+                reason = f"prefill {addr} refused: {outcome}"
+                lost = self._fail_address(addr, state, reason)
+            else:  # malformed: the directory's own look-ups go on (with back-off)
+                reason = str(outcome)
+                lost = self._lookup_failed(addr, state, outcome)
+        if lost is not None and self.on_lost is not None:
+            self.on_lost(addr, lost)
+        return reason
+
+    def _checked(
+        self, addr: str, info: Any
+    ) -> tuple[dict[str, Any], tuple[str, int]] | ConfigError | BootstrapError:
+        """Validate a bootstrap answer: the info and its ``(instance, generation)``, the
+        reason the prefill is refused, or what is malformed about the answer."""
+        try:
+            checked = validate_info(info)
+            check_compatible(checked, self.expectation)
+        except ConfigError as exc:
+            return exc
+        except BadRequest as exc:
+            return BootstrapError(f"bootstrap {addr} answered malformed info: {exc}")
+        return checked, (checked["instance"], checked["generation"])
+
+    def _take_info(
+        self, state: _Address, info: dict[str, Any], version: tuple[str, int], now: float
+    ) -> None:
+        """Use checked info for ``state`` (lock held)."""
+        if version == state.dead_version and now < state.dead_until:
+            # The ranks liveness saw die are still what bootstrap lists: wait for the
+            # restarted prefill to register (or for dead_until) before using them.
+            state.next_try = now + backoff(2, self.config.bootstrap_backoff_max)
+        elif state.failure is None:
+            state.need_info(now)
+            state.info = info
+            state.version = version
+            state.next_health = now + self.config.heartbeat_interval
+
     def _fetch_info(self, addr: str, state: _Address) -> None:
         lost = None
         try:
-            info = self.client.info(addr)
-            check_compatible(info, self.expectation)
-        except ConfigError as exc:
-            with self._lock:
-                lost = self._fail_address(addr, state, f"prefill {addr} refused: {exc}")
+            answer: Any = self.client.info(addr)
         except BootstrapError as exc:
             with self._lock:
                 lost = self._lookup_failed(addr, state, exc)
-        except (KeyError, TypeError, AttributeError) as exc:  # an answer without the fields
-            with self._lock:
-                lost = self._lookup_failed(
-                    addr, state, BootstrapError(f"bootstrap {addr} answered malformed info: {exc}")
-                )
         else:
-            now = time.monotonic()
-            version = (str(info.get("instance")), int(info.get("generation", 0)))
+            outcome = self._checked(addr, answer)
             with self._lock:
-                if version == state.dead_version and now < state.dead_until:
-                    # The ranks liveness saw die are still what bootstrap lists: wait for the
-                    # restarted prefill to register (or for dead_until) before using them.
-                    state.next_try = now + backoff(2, self.config.bootstrap_backoff_max)
-                elif state.failure is None:
-                    state.need_info(now)
-                    state.info = info
-                    state.version = version
-                    state.next_health = now + self.config.heartbeat_interval
+                if isinstance(outcome, tuple):
+                    self._take_info(state, *outcome, time.monotonic())
+                elif isinstance(outcome, ConfigError):
+                    lost = self._fail_address(addr, state, f"prefill {addr} refused: {outcome}")
+                elif state.info is None:  # not meanwhile offered a good answer
+                    lost = self._lookup_failed(addr, state, outcome)
         if lost is not None and self.on_lost is not None:
             self.on_lost(addr, lost)
 

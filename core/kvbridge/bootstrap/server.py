@@ -30,10 +30,8 @@ import asyncio
 import collections
 import contextlib
 import hmac
-import ipaddress
 import json
 import logging
-import re
 import threading
 import time
 import uuid
@@ -43,23 +41,21 @@ from typing import Any
 import attrs
 from aiohttp import web
 
+from kvbridge.bootstrap.schema import (
+    RANK_KEYS,
+    SHARED_KEYS,
+    SIZE_KEYS,
+    BadRequest,
+    json_depth,
+    short,
+    validate_registration,
+)
+
 log = logging.getLogger("kvbridge.bootstrap")
 
 MAX_BODY = 1 << 20
 #: Rooms in one PUT or query (not the table size: see :class:`ServerLimits`).
 MAX_ROOMS = 65_536
-SIZE_KEYS = ("dp_size", "pp_size", "cp_size", "tp_size")
-RANK_KEYS = ("dp_rank", "pp_rank", "cp_rank", "tp_rank")
-#: Must be identical across the ranks of one prefill instance.
-SHARED_KEYS = (
-    "page_bytes",
-    "page_size",
-    "kv_dtype",
-    "kv_layout",
-    "api_version",
-    "transport",
-    "num_kv_regions",
-)
 
 
 @attrs.frozen
@@ -81,119 +77,6 @@ class ServerLimits:
     idle_timeout: float = 30.0
     #: Seconds between two sweeps of expired room entries.
     sweep_interval: float = 5.0
-
-
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _int_field(data: dict[str, Any], key: str, lo: int = 0, hi: int = 1 << 20) -> int:
-    value = data.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise BadRequest(f"{key} must be an integer in [{lo}, {hi}], got {_short(value)}")
-    return value
-
-
-def _str_field(data: dict[str, Any], key: str) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value or len(value) > 1024:
-        raise BadRequest(f"{key} must be a non-empty string of at most 1024 characters")
-    return value
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-_HOSTNAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
-
-
-def parse_control(address: Any) -> tuple[str, int]:
-    """Validate a control-channel address ``tcp://host:port``; return ``(host, port)``.
-
-    ``host`` is an IPv4 address, a bracketed IPv6 address or a DNS name; wildcard addresses
-    (``*``, ``0.0.0.0``, ``::``) are refused because nobody can connect to them. ``port`` is
-    1..65535. Raises :class:`BadRequest` naming what is wrong.
-    """
-    if not isinstance(address, str) or not address.startswith("tcp://") or len(address) > 270:
-        raise BadRequest(f"control must be 'tcp://host:port', got {_short(address)}")
-    rest = address[len("tcp://") :]
-    host, sep, port_text = rest.rpartition(":")
-    if not sep or not host:
-        raise BadRequest(f"control {_short(address)} has no host:port")
-    if not port_text.isascii() or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise BadRequest(f"control {_short(address)}: port must be 1..65535")
-    if host.startswith("[") and host.endswith("]"):
-        try:
-            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(host[1:-1])
-        except ValueError:
-            raise BadRequest(f"control {_short(address)}: bad IPv6 address") from None
-    else:
-        try:
-            ip = ipaddress.IPv4Address(host)
-        except ValueError:
-            if not host.isascii() or len(host) > 253 or not _HOSTNAME.match(host):
-                raise BadRequest(f"control {_short(address)}: bad host name") from None
-            if host.replace(".", "").isdigit():
-                raise BadRequest(f"control {_short(address)}: bad IPv4 address") from None
-            return host, int(port_text)
-    if ip.is_unspecified or ip.is_multicast:
-        raise BadRequest(f"control {_short(address)}: {ip} is not a connectable address")
-    return host, int(port_text)
-
-
-def json_depth(value: Any) -> int:
-    """Deepest nesting of lists and dicts in a parsed JSON value (iterative: no recursion)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            item = list(item.values())
-        if isinstance(item, list):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in item if isinstance(child, (list, dict)))
-    return deepest
-
-
-def validate_registration(data: Any, limits: ServerLimits | None = None) -> dict[str, Any]:
-    limits = limits or ServerLimits()
-    if not isinstance(data, dict):
-        raise BadRequest("registration must be a JSON object")
-    entry: dict[str, Any] = {}
-    for key in SIZE_KEYS:
-        entry[key] = _int_field(data, key, 1, 4096)
-    total = entry["dp_size"] * entry["pp_size"] * entry["cp_size"] * entry["tp_size"]
-    if total > limits.max_ranks:
-        raise BadRequest(
-            f"dp_size*pp_size*cp_size*tp_size is {total}, more than the {limits.max_ranks} "
-            "ranks this bootstrap server accepts"
-        )
-    for key, size in zip(RANK_KEYS, SIZE_KEYS):
-        entry[key] = _int_field(data, key, 0, entry[size] - 1)
-    entry["page_bytes"] = _int_field(data, "page_bytes", 1, 1 << 40)
-    entry["page_size"] = _int_field(data, "page_size", 1, 1 << 20)
-    entry["num_kv_regions"] = _int_field(data, "num_kv_regions", 1, 1 << 20)
-    for key in ("control", "kv_dtype", "kv_layout", "api_version", "transport"):
-        entry[key] = _str_field(data, key)
-    parse_control(entry["control"])
-    endpoint = data.get("endpoint")
-    if not isinstance(endpoint, dict):
-        raise BadRequest("endpoint must be a JSON object (the transport's endpoint)")
-    endpoint_bytes = len(json.dumps(endpoint, separators=(",", ":")))
-    if endpoint_bytes > limits.max_endpoint_bytes:
-        raise BadRequest(
-            f"endpoint is {endpoint_bytes} bytes of JSON, more than {limits.max_endpoint_bytes}"
-        )
-    entry["endpoint"] = endpoint
-    entry["authoritative"] = entry["cp_rank"] == 0
-    unknown = sorted(set(data) - set(entry) - {"authoritative"})
-    if unknown:
-        raise BadRequest(f"unknown registration field(s): {_short(', '.join(unknown))}")
-    return entry
 
 
 class BootstrapState:
@@ -236,7 +119,7 @@ class BootstrapState:
             for key in SIZE_KEYS + SHARED_KEYS:
                 if first[key] != entry[key]:
                     raise BadRequest(
-                        f"{key} {_short(entry[key])} conflicts with {_short(first[key])} "
+                        f"{key} {short(entry[key])} conflicts with {short(first[key])} "
                         "registered by the other ranks of this prefill instance",
                         status=409,
                     )
@@ -265,13 +148,13 @@ class BootstrapState:
         parsed = {}
         for key, dp in rooms.items():
             if not key.isascii() or not key.isdigit() or len(key) > 20:
-                raise BadRequest(f"room {_short(key)} is not a decimal integer")
+                raise BadRequest(f"room {short(key)} is not a decimal integer")
             room = int(key)
             if not 0 < room < 2**64:
                 raise BadRequest(f"room {room} out of range 1..2**64-1")
             if not isinstance(dp, int) or isinstance(dp, bool) or not 0 <= dp < dp_size:
                 raise BadRequest(
-                    f"dp_rank for room {room} must be in 0..{dp_size - 1}, got {_short(dp)}"
+                    f"dp_rank for room {room} must be in 0..{dp_size - 1}, got {short(dp)}"
                 )
             parsed[room] = dp
         new = sum(1 for room in parsed if room not in self.rooms)
@@ -381,7 +264,7 @@ def build_app(
         except RecursionError:  # the C parser stops at the interpreter's recursion limit
             raise BadRequest(f"JSON nested more than {limits.max_json_depth} deep") from None
         except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"body is not valid JSON: {_short(str(exc))}") from None
+            raise BadRequest(f"body is not valid JSON: {short(str(exc))}") from None
         depth = json_depth(data)
         if depth > limits.max_json_depth:
             raise BadRequest(f"JSON nested {depth} deep, more than {limits.max_json_depth}")
@@ -401,7 +284,11 @@ def build_app(
         )
 
     async def put_rank(request: web.Request) -> web.Response:
-        entry = validate_registration(await body(request), limits)
+        entry = validate_registration(
+            await body(request),
+            max_ranks=limits.max_ranks,
+            max_endpoint_bytes=limits.max_endpoint_bytes,
+        )
         state.register(entry)
         log.info("registered prefill rank %s", {k: entry[k] for k in RANK_KEYS})
         return web.json_response(

@@ -219,6 +219,38 @@ def test_the_first_request_to_a_new_prefill_does_not_wait_for_sglangs_retry(pair
         decode.close()
 
 
+def test_a_prefill_is_looked_up_once_per_decode_rank(pair, monkeypatch) -> None:
+    """SGLang asks for the prefill's sizes before it makes a receiver; kvbridge's node takes
+    that answer instead of asking the bootstrap server again when the request is added."""
+    prefill, decode, p, _d, addr = pair
+    directory = decode.node.directory
+    asked: list[str] = []
+    real_info = directory.client.info
+    monkeypatch.setattr(directory.client, "info", lambda a: asked.append(a) or real_info(a))
+    _until("prefill info", lambda: decode.ensure_prefill_info(addr))
+    room = 61
+    sender, receiver = _ready_room(pair, room, np.arange(4), 0)
+    prefill.init(sender, num_pages=4, aux_index=0)
+    p.meta[2][0, 0] = room
+    prefill.send(sender, np.arange(4))
+    _until("decode success", lambda: decode.poll(receiver) == KVPoll.Success)
+    assert asked == []
+
+
+@pytest.mark.parametrize("sizes", [{"dp_size": 0, "tp_size": 1}, {"dp_size": 1}, [1, 2]])
+def test_a_bootstrap_answer_with_bad_sizes_is_no_prefill_info(
+    pair, monkeypatch, sizes: object
+) -> None:
+    """SGLang divides the room by the prefill's dp_size: a size from the network is checked."""
+    _prefill, decode, _p, _d, addr = pair
+    answer = {"sizes": sizes, "ranks": []}
+    monkeypatch.setattr(decode._client, "info", lambda a: answer)
+    for _ in range(3):
+        assert not decode.ensure_prefill_info(addr)
+        _until("look-up done", lambda: not decode._lookups)
+    assert addr not in decode.prefill_info_table
+
+
 def test_a_prefill_that_never_registers_fails_the_lookup_not_the_process() -> None:
     rank = SGLangRank()
     decode = DecodeEndpoint(
