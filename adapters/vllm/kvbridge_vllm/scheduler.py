@@ -68,6 +68,10 @@ class KvbridgeMetadata(_MetadataBase):  # type: ignore[misc]
     #: Decode: requests vLLM ended (client gone) while their KV was on its way. Prefill:
     #: requests that ended without offering their KV, whose decode may already wait. Abort them.
     abort: list[tuple[str, int]] = field(default_factory=list)
+    #: Decode: ``(room, prefill bootstrap address)`` of requests that ended before any KV
+    #: blocks were allocated for them (client gone while waiting, or computed here): the
+    #: workers never had them, but their prefill may hold the room. Tell it.
+    abandon: list[tuple[int, str]] = field(default_factory=list)
 
 
 class KvbridgeScheduler:
@@ -81,6 +85,7 @@ class KvbridgeScheduler:
         self._recv: list[RecvRoom] = []
         self._send: list[SendRoom] = []
         self._abort: list[tuple[str, int]] = []
+        self._abandon: list[tuple[int, str]] = []
         #: Prefill requests whose blocks wait for the transfer (finished_sending frees them).
         self.sending: set[str] = set()
         #: Decode requests waiting for remote KV.
@@ -128,7 +133,8 @@ class KvbridgeScheduler:
         if params is None:
             return
         params["do_remote_prefill"] = False  # one transfer per request, even if re-scheduled
-        if num_external_tokens <= 0:
+        if num_external_tokens <= 0:  # decode computes the prompt itself: nothing to receive
+            self._abandon_room(request.request_id, params)
             return
         try:
             room = self.rooms.claim(str(params["transfer_id"]), request.request_id)
@@ -165,6 +171,10 @@ class KvbridgeScheduler:
                     self.aborting.add(request.request_id)
             else:
                 self.rooms.release(request.request_id)
+                remote = self._remote_prefill(request)
+                if remote is not None:  # ended while it waited for blocks: never received
+                    remote["do_remote_prefill"] = False
+                    self._abandon_room(request.request_id, remote)
             return False, None
         if not self.producer or not params.get("do_remote_decode"):
             return False, None
@@ -204,6 +214,16 @@ class KvbridgeScheduler:
             "remote_room": room,
         }
 
+    def _abandon_room(self, request_id: str, params: dict[str, Any]) -> None:
+        """Decode will never receive this request's KV: its prefill, which may hold the
+        room's blocks for it (routers send both legs at once), is told now instead of
+        holding them until its ``bootstrap_timeout``."""
+        room = room_of(str(params["transfer_id"]))
+        if self.rooms.owner(room) is not None:  # a live request holds it: not ours to end
+            return
+        log.debug("request %s: room %d abandoned before it was received", request_id, room)
+        self._abandon.append((room, normalize_addr(str(params["remote_bootstrap_addr"]))))
+
     def _end_unoffered(self, request_id: str, transfer_id: Any) -> None:
         if not isinstance(transfer_id, str) or not transfer_id:
             return
@@ -214,8 +234,8 @@ class KvbridgeScheduler:
     # -- every step -----------------------------------------------------------------------------
 
     def build_connector_meta(self, scheduler_output: Any) -> KvbridgeMetadata:
-        meta = KvbridgeMetadata(self._recv, self._send, self._abort)
-        self._recv, self._send, self._abort = [], [], []
+        meta = KvbridgeMetadata(self._recv, self._send, self._abort, self._abandon)
+        self._recv, self._send, self._abort, self._abandon = [], [], [], []
         return meta
 
     def update_connector_output(self, output: Any) -> None:

@@ -48,6 +48,10 @@ from kvbridge_vllm.stats import NodeFigures, abort_kind, count
 
 log = logging.getLogger("kvbridge_vllm")
 ENDED_IN_VLLM = "request ended in vLLM while its KV was on its way (client gone or aborted)"
+NEVER_RECEIVED = (
+    "decode will not receive this request's KV (it ended in vLLM before blocks were "
+    "allocated for it, or decode computed the prompt itself)"
+)
 NOT_OFFERED = "the prefill request ended in vLLM before its KV was ready (client gone or aborted)"
 #: Reasons of rooms vLLM itself ended (here or, forwarded by its node, on the peer).
 CANCELLED = (ENDED_IN_VLLM, NOT_OFFERED)
@@ -168,7 +172,9 @@ class KvbridgeWorker:
     # -- vLLM hooks (engine thread) -------------------------------------------------------------
 
     def start_load_kv(self, metadata: KvbridgeMetadata | None) -> None:
-        if metadata is not None and (metadata.recv or metadata.send or metadata.abort):
+        if metadata is not None and (
+            metadata.recv or metadata.send or metadata.abort or metadata.abandon
+        ):
             with self._lock:
                 self._inbox.append(metadata)
             self._step_in_hook()  # metadata goes out in this engine step, not the driver's
@@ -283,6 +289,9 @@ class KvbridgeWorker:
             for request_id, room in meta.abort:
                 if self._request_of.get(room) == request_id:
                     node.abort(room, ENDED_IN_VLLM)
+            for room, addr in meta.abandon:
+                if room not in self._request_of:
+                    node.abandon(room, addr, NEVER_RECEIVED)
         result = node.step()
         now = time.monotonic()
         for c in result.committed:

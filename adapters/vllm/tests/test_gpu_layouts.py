@@ -633,3 +633,34 @@ def test_required_layout_is_head_major_except_for_mla(
     # What vLLM makes of it: granted where the backend has no preference of its own.
     assert resolve(configs["gqa", "kv_consumer"], Case(FlashAttentionBackend)).name == "LBHNC"
     assert resolve(configs["mla", "kv_consumer"], Case(TritonMLABackend)).name == "LBNHC"
+
+
+def test_a_request_decode_never_received_frees_the_prefills_blocks_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+    workers: list[KvbridgeWorker],
+    configs: dict[tuple[str, str], VllmConfig],
+    bootstrap: BootstrapServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Prefill offered its blocks (both legs were sent at once); decode's request ended before
+    vLLM allocated it any block, so decode's nodes never had the room. The scheduler half's
+    ``abandon`` makes each decode rank tell the prefill, which frees the blocks now instead
+    of after ``bootstrap_timeout`` (300 s here, far beyond the deadline)."""
+    case = Case(FlashAttentionBackend)
+    p_config, d_config = configs["gqa", "kv_producer"], configs["gqa", "kv_consumer"]
+    prefill = allocate(p_config, case, 1, seed=1)
+    decode = allocate(d_config, case, 2, seed=None)
+    p_workers = start_workers(monkeypatch, workers, p_config, prefill, bootstrap.port)
+    d_workers = start_workers(monkeypatch, workers, d_config, decode, bootstrap.port)
+    p_workers[0].start_load_kv(KvbridgeMetadata(send=[SendRoom("p", ROOM, PREFILL_BLOCKS)]))
+    for worker in d_workers:
+        worker.start_load_kv(KvbridgeMetadata(abandon=[(ROOM, bootstrap.address)]))
+    deadline = time.monotonic() + DEADLINE
+    with caplog.at_level(logging.WARNING, logger="kvbridge"):
+        while "p" not in p_workers[0].transfer_results()[0]:
+            assert time.monotonic() < deadline, "prefill still holds the abandoned room"
+            for worker in d_workers:
+                worker.transfer_results()
+            time.sleep(0.01)
+    assert "decode will not receive this request's KV" in caplog.text
+    assert not any(decode.caches[r][layer].any() for r in (0, 1) for layer in decode.caches[r])

@@ -327,6 +327,24 @@ def test_decode_abort_after_the_kv_landed_frees_at_once(make_scheduler: MakeSche
     assert meta(out) == KvbridgeMetadata()
 
 
+def test_decode_abort_before_blocks_tells_the_prefill(make_scheduler: MakeScheduler) -> None:
+    """Ended while it waited to be scheduled: no blocks, nothing for the workers' nodes to
+    end, but the prefill may hold the room (a router sends both legs at once). The workers
+    are told to abandon it, so their nodes tell that prefill now."""
+    sched = make_scheduler("kv_consumer")
+    free_before = free_blocks(sched)
+    request = make_request("d1", remote_prefill("t9"))
+    sched.add_request(request)
+    sched.finish_requests("d1", RequestStatus.FINISHED_ABORTED)
+    assert "d1" not in sched.requests
+    out, _ = step(sched)
+    assert meta(out) == KvbridgeMetadata(abandon=[(room_of("t9"), PREFILL_ADDR)])
+    assert free_blocks(sched) == free_before
+    assert len(kb(sched).rooms) == 0
+    out, _ = step(sched)
+    assert meta(out) == KvbridgeMetadata()  # told once
+
+
 def test_decode_local_prefix_hit_receives_only_the_rest(make_scheduler: MakeScheduler) -> None:
     sched = make_scheduler("kv_consumer")
     first = make_request("d1", remote_prefill("t1"), max_tokens=1)
@@ -394,6 +412,7 @@ def test_decode_reused_transfer_id_is_computed_locally(make_scheduler: MakeSched
     assert [r.request_id for r in meta(out).recv] == ["d1"]
     assert meta(out).recv[0].block_ids == block_ids(sched, "d1")
     assert out.num_scheduled_tokens == {"d2": PROMPT}
+    assert meta(out).abandon == []  # the room is d1's: the prefill must not hear d2 gave up
     assert [o.request_id for o in outputs] == ["d2"]
     assert second.is_finished()
     # The second ending does not release the first's room.
