@@ -16,7 +16,7 @@ Stages: ``PREALLOC`` (waiting for the prefill DP rank, connection and free memor
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 import attrs
 import numpy as np
@@ -33,6 +33,8 @@ from kvbridge.protocol.columns import (
 from kvbridge.protocol.messages import AbortAck, Message, Status
 from kvbridge.protocol.outcomes import FROM_OTHER_RANK, Aborted, Committed, DecodeStep, LateCause
 from kvbridge.protocol.plan import PrefillTarget
+
+M = TypeVar("M")
 
 # Stage values are chosen so that ``key = reduced + stage`` tells every decision apart with one
 # add: 2..4 = pre-allocation and initialised everywhere (ready to allocate), 12 = transfer and
@@ -159,6 +161,74 @@ def abort_notice(
     if bootstrap_addr:
         return AbortNotice(failed.room, cause, None, bootstrap_addr)
     return None
+
+
+#: Most aborts held at once for prefills whose bootstrap answer has not come (see
+#: :class:`HeldAborts`): clients choose bootstrap addresses, so the hold is bounded.
+MAX_HELD_ABORTS = 1024
+
+
+@attrs.frozen
+class HeldRelease(Generic[M]):
+    """What :meth:`HeldAborts.release` decided: aborts to send now, per prefill address, and
+    how many were given up per address (no answer within the hold)."""
+
+    send: tuple[tuple[str, tuple[M, ...]], ...] = ()
+    dropped: tuple[tuple[str, int], ...] = ()
+
+
+class HeldAborts(Generic[M]):
+    """Aborts for prefills this rank cannot reach yet: decode gave up on a room before it had
+    the prefill's bootstrap answer (the first request to a new prefill, failed at once).
+
+    The prefill may hold the room already (a router sends both legs at once), so an abort
+    waits for the answer as long as that prefill would wait for decode itself (``timeout``:
+    ``bootstrap_timeout``), at most ``limit`` at once, instead of being dropped and leaving
+    the room there until that timeout. The caller owns the look-ups and the sending.
+    """
+
+    def __init__(self, timeout: float, limit: int = MAX_HELD_ABORTS) -> None:
+        self.timeout = timeout
+        self.limit = limit
+        self._held: dict[str, list[tuple[float, M]]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def addresses(self) -> list[str]:
+        """The prefill addresses aborts wait on."""
+        return list(self._held)
+
+    def hold(self, addr: str, message: M, now: float) -> bool:
+        """Hold ``message`` for ``addr``'s answer; False: the hold is full, it is not held."""
+        if self._count >= self.limit:
+            return False
+        self._held.setdefault(addr, []).append((now + self.timeout, message))
+        self._count += 1
+        return True
+
+    def release(self, answered: Collection[str], now: float) -> HeldRelease[M]:
+        """``answered``: the held addresses whose bootstrap answer this rank has now. Their
+        aborts go out; aborts still waiting past their hold are given up."""
+        send: list[tuple[str, tuple[M, ...]]] = []
+        dropped: list[tuple[str, int]] = []
+        for addr in list(self._held):
+            held = self._held[addr]
+            if addr in answered:
+                send.append((addr, tuple(message for _, message in held)))
+                kept: list[tuple[float, M]] = []
+            else:
+                kept = [(give_up, message) for give_up, message in held if now < give_up]
+                if len(kept) < len(held):
+                    dropped.append((addr, len(held) - len(kept)))
+            self._count -= len(held) - len(kept)
+            if kept:
+                self._held[addr] = kept
+            else:
+                del self._held[addr]
+        return HeldRelease(tuple(send), tuple(dropped))
 
 
 class DecodeQueue:

@@ -19,8 +19,10 @@ from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
 from kvbridge.observe import ControlLosses, ObserverRelay
 from kvbridge.protocol.decode import (
+    MAX_HELD_ABORTS,
     AbortNotice,
     DecodeRequest,
+    HeldAborts,
     MetadataToSend,
     PageAllocator,
     abort_notice,
@@ -44,10 +46,6 @@ from kvbridge.transport.hookspecs import KVBRIDGE_API_VERSION
 from kvbridge.types import MemoryRegion, RankIdentity, Role
 
 log = logging.getLogger("kvbridge")
-
-#: Aborts kept at most for prefill addresses whose bootstrap answer has not come yet (the
-#: addresses are the clients' to name, so the wait is bounded).
-MAX_HELD_ABORTS = 1024
 
 
 class DecodeNode:
@@ -82,9 +80,8 @@ class DecodeNode:
         #: What a step sends, sent at its end (one frame per peer for its metadata).
         self._outbox = Outbox(self._out)
         self._registered: set[str] = set()
-        #: Aborts waiting for their address's bootstrap answer: (give up at, message).
-        self._held_aborts: dict[str, list[tuple[float, Abort]]] = {}
-        self._held_count = 0
+        #: Aborts waiting for their address's bootstrap answer (the policy is the protocol's).
+        self._held: HeldAborts[Abort] = HeldAborts(config.bootstrap_timeout, MAX_HELD_ABORTS)
         self._last_used: dict[str, float] = {}
         self._next_idle_check = 0.0
         self.control = control_receiver(self._on_message, config, host, key)
@@ -215,47 +212,30 @@ class DecodeNode:
             self._outbox.put(control, message)
 
     def _hold_abort(self, addr: str, message: Abort) -> None:
-        """Decode gave up on a room before this rank had ``addr``'s bootstrap answer (the
-        first request to a new prefill, failed at once). The prefill may hold the room
-        already (a router sends both legs at once), so the abort waits for the answer, as
-        long as that prefill would wait for decode itself (``bootstrap_timeout``), instead of
-        being dropped and leaving the room there until that timeout."""
-        if self._held_count >= MAX_HELD_ABORTS:
+        if not self._held.hold(addr, message, time.monotonic()):
             log.warning(
                 "room %d: %d aborts already wait for bootstrap answers; %s is not told",
                 message.room,
-                self._held_count,
+                len(self._held),
                 addr,
             )
             return
         self.directory.watch(addr)  # looked up (again) and remembered while aborts wait on it
-        give_up = time.monotonic() + self.config.bootstrap_timeout
-        self._held_aborts.setdefault(addr, []).append((give_up, message))
-        self._held_count += 1
 
     def _send_held_aborts(self, now: float) -> None:
-        for addr in list(self._held_aborts):
-            held = self._held_aborts[addr]
-            controls = self.directory.controls_of(addr)
-            if controls:
-                for _, message in held:
-                    self._tell(controls, message)
-                kept: list[tuple[float, Abort]] = []
-            else:
-                kept = [(give_up, message) for give_up, message in held if now < give_up]
-                if len(kept) < len(held):
-                    log.info(
-                        "%d aborts for prefill %s dropped: no bootstrap answer within "
-                        "bootstrap_timeout %gs",
-                        len(held) - len(kept),
-                        addr,
-                        self.config.bootstrap_timeout,
-                    )
-            self._held_count -= len(held) - len(kept)
-            if kept:
-                self._held_aborts[addr] = kept
-            else:
-                del self._held_aborts[addr]
+        answered = {a: c for a in self._held.addresses if (c := self.directory.controls_of(a))}
+        decided = self._held.release(answered, now)
+        for addr, messages in decided.send:
+            for message in messages:
+                self._tell(answered[addr], message)
+        for addr, count in decided.dropped:
+            log.info(
+                "%d aborts for prefill %s dropped: no bootstrap answer within "
+                "bootstrap_timeout %gs",
+                count,
+                addr,
+                self.config.bootstrap_timeout,
+            )
 
     def _send_waiting(self, waiting: Sequence[tuple[int, PrefillTarget]]) -> None:
         for control, rooms in by_control(waiting).items():
@@ -329,7 +309,7 @@ class DecodeNode:
             self._forget_idle_peers(now)
             self._release_replaced_writers()
         result = self.session.step()
-        if self._held_aborts:
+        if self._held:
             self._send_held_aborts(now)
         self._outbox.flush()
         for ended in result.committed:
