@@ -717,3 +717,36 @@ def test_a_bootstrap_server_answering_malformed_info_fails_requests_not_the_sche
         directory.close()
         server.shutdown()
         server.server_close()
+
+
+def test_a_prefill_restarted_while_refused_is_served_before_the_refusal_ends() -> None:
+    """A prefill that served, died (liveness saw it) and stayed unreachable past
+    ``bootstrap_timeout`` is refused for ``bootstrap_retry_after`` (new requests fail fast);
+    once it answers again the refusal ends, instead of refusing the restarted prefill's
+    first requests until ``retry_after`` (60 s here, three times the wait below)."""
+    port = free_port()
+    addr = f"127.0.0.1:{port}"
+    server = BootstrapServer(port=port).start()
+    BootstrapClient().register_rank(addr, registration())
+    config = fast_config(bootstrap_timeout=0.5, bootstrap_retry_after=60.0)
+    directory = BootstrapDirectory(config, 0, 1, EXPECT)
+    try:
+        assert isinstance(resolve_until(directory, DecodeRequest(1, 1, addr)), PrefillTarget)
+        server.stop()
+        directory.writer_dead(addr)  # what liveness reports when the prefill's ranks die
+        refused = resolve_until(directory, DecodeRequest(2, 1, addr))
+        assert isinstance(refused, str) and "not usable after" in refused
+        server = BootstrapServer(port=port).start()
+        BootstrapClient().register_rank(addr, registration(control_port=7000))
+        room = 3
+
+        def served() -> bool:
+            nonlocal room
+            room += 1
+            found = directory.resolve([DecodeRequest(room, 1, addr)]).get(room)
+            return isinstance(found, PrefillTarget)
+
+        wait_for(served, what="the restarted prefill served")
+    finally:
+        directory.close()
+        server.stop()

@@ -17,7 +17,12 @@ from typing import Any
 
 import attrs
 
-from kvbridge.bootstrap.http_client import BootstrapClient, BootstrapError, backoff
+from kvbridge.bootstrap.http_client import (
+    BootstrapClient,
+    BootstrapError,
+    BootstrapUnreachable,
+    backoff,
+)
 from kvbridge.bootstrap.schema import BadRequest, validate_info
 from kvbridge.config import TransferConfig
 from kvbridge.errors import ConfigError, KVBridgeError
@@ -80,6 +85,9 @@ class _Address:
     #: Set while the address is refused: new requests fail with it until ``retry_at``.
     failure: str | None = None
     retry_at: float = 0.0
+    #: Refused because it stopped answering after it had served: its ``/health`` is probed,
+    #: and an answer (a restarted prefill) lifts the refusal before ``retry_at``.
+    probe: bool = False
     #: Since when requests have been waiting for ``info``.
     waiting_since: float = 0.0
     errors: int = 0
@@ -97,6 +105,7 @@ class _Address:
         self.info = self.version = None
         self.targets.clear()
         self.failure = None
+        self.probe = False
         self.waiting_since = self.next_try = now
         self.errors = self.definitive = self.misses = 0
 
@@ -118,7 +127,9 @@ class BootstrapDirectory:
     ``bootstrap_backoff_max``) until ``bootstrap_timeout``; definitive errors (401, 400, ...)
     ``bootstrap_max_attempts`` times. An address that failed refuses new requests for
     ``bootstrap_retry_after`` seconds, then its info is fetched afresh, so a restarted prefill
-    serves new requests. What health checks do is :meth:`_on_health`'s policy. Addresses no
+    serves new requests. One that had served and became unreachable is probed on ``/health``
+    meanwhile: once it answers (restarted), the refusal ends at once. What health checks do
+    is :meth:`_on_health`'s policy. Addresses no
     request asked for in ``bootstrap_timeout + bootstrap_retry_after`` are forgotten (the
     client holds no socket between requests).
     """
@@ -311,7 +322,8 @@ class BootstrapDirectory:
                 health = [
                     (a, s)
                     for a, s in self._addresses.items()
-                    if s.info is not None and s.failure is None and s.next_health <= now
+                    if s.next_health <= now
+                    and ((s.info is not None and s.failure is None) or s.probe)
                 ]
             for addr, state in fetch:
                 if not self._stop.is_set():
@@ -328,7 +340,10 @@ class BootstrapDirectory:
                 except BootstrapError as exc:
                     answer, error = None, exc
                 with self._lock:
-                    self._on_health(addr, state, answer, error, time.monotonic())
+                    if state.probe:
+                        self._on_probe(addr, state, answer, time.monotonic())
+                    else:
+                        self._on_health(addr, state, answer, error, time.monotonic())
 
     def _forget_idle(self, now: float) -> None:
         for addr, state in list(self._addresses.items()):
@@ -422,6 +437,17 @@ class BootstrapDirectory:
         if lost is not None and self.on_lost is not None:
             self.on_lost(addr, lost)
 
+    def _on_probe(
+        self, addr: str, state: _Address, answer: dict[str, Any] | None, now: float
+    ) -> None:
+        """A refused address that had served answers ``/health`` again (called under the
+        lock): the prefill restarted, so new requests wait for its info from now on instead
+        of failing until ``retry_at``."""
+        state.next_health = now + self.config.heartbeat_interval
+        if answer is not None and state.failure is not None:
+            log.info("prefill bootstrap %s answers again: new requests are served", addr)
+            state.need_info(now)
+
     def _lookup_failed(self, addr: str, state: _Address, exc: BootstrapError) -> str | None:
         now = time.monotonic()
         state.errors += 1
@@ -436,7 +462,11 @@ class BootstrapDirectory:
                 f"prefill bootstrap {addr} not usable after {waited:.1f}s "
                 f"({state.errors} attempts): {exc}"
             )
-            return self._fail_address(addr, state, reason)
+            lost = self._fail_address(addr, state, reason)
+            if isinstance(exc, BootstrapUnreachable) and state.served:  # watch for its return
+                state.probe = True
+                state.next_health = now + self.config.heartbeat_interval
+            return lost
         state.next_try = now + backoff(state.errors, self.config.bootstrap_backoff_max)
         if state.errors == 1 or state.errors % 10 == 0:
             log.info("prefill bootstrap %s not ready (retrying): %s", addr, exc)
@@ -449,9 +479,10 @@ class BootstrapDirectory:
         handed out: then every queued room of the address is one still waiting, and failing
         them all fails nothing that was resolved.
         """
-        state.need_info(time.monotonic())
+        now = time.monotonic()
+        state.need_info(now)
         state.failure = reason
-        state.retry_at = time.monotonic() + self.config.bootstrap_retry_after
+        state.retry_at = now + self.config.bootstrap_retry_after
         self._wanted_rooms.pop(addr, None)  # resolve() answers their rooms with the reason
         log.error(
             "%s; new requests for it fail for %gs, then it is tried again",
