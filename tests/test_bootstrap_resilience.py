@@ -750,3 +750,20 @@ def test_a_prefill_restarted_while_refused_is_served_before_the_refusal_ends() -
     finally:
         directory.close()
         server.stop()
+
+
+def test_offered_info_nested_too_deep_is_malformed_not_a_recursion_error() -> None:
+    deep: list = []
+    inner = deep
+    for _ in range(5000):
+        inner.append([])
+        inner = inner[0]
+    directory = BootstrapDirectory(fast_config(), 0, 1, EXPECT, client=NO_ANSWER)
+    try:
+        endpoint = {"id": "e0", "x": deep}
+        reason = directory.offer(
+            "127.0.0.1:9", {**GOOD_INFO, "ranks": [{**RANK, "endpoint": endpoint}]}
+        )
+        assert reason is not None and "nested more than" in reason
+    finally:
+        directory.close()

@@ -142,12 +142,20 @@ def validate_registration(
     return entry
 
 
+#: Deepest nesting accepted in a ``/v1/info`` answer (what a server stores is at most its
+#: ``max_json_depth``, 32, below the rank list).
+MAX_INFO_DEPTH = 40
+
+
 def validate_info(data: Any, *, max_ranks: int = 4096) -> dict[str, Any]:
     """A ``/v1/info`` answer, checked: its sizes, and every rank as the server checks a
     registration, agreeing with those sizes and the shared fields. Returns the checked copy;
     :class:`BadRequest` names what is wrong."""
     if not isinstance(data, dict):
         raise BadRequest(f"info must be a JSON object, got {short(data)}")
+    # Before anything walks it: the checks below recurse (comparing, encoding an endpoint).
+    if json_depth(data) > MAX_INFO_DEPTH:
+        raise BadRequest(f"info is nested more than {MAX_INFO_DEPTH} deep")
     sizes = data.get("sizes")
     if not isinstance(sizes, dict):
         raise BadRequest(f"info sizes must be a JSON object, got {short(sizes)}")
