@@ -23,7 +23,10 @@ def room_of(transfer_id: str) -> int:
     """The room for ``transfer_id``: blake2b-64 of its UTF-8 bytes, in 1..2**64-1."""
     if not isinstance(transfer_id, str) or not transfer_id:
         raise ValueError(f"transfer_id must be a non-empty string, got {transfer_id!r}")
-    digest = hashlib.blake2b(transfer_id.encode(), digest_size=8, person=_PERSON).digest()
+    # surrogatepass: the id comes from a client's JSON, which may hold a lone surrogate
+    # ("\ud800"); strict UTF-8 would raise on vLLM's scheduler thread instead of naming a room.
+    data = transfer_id.encode("utf-8", "surrogatepass")
+    digest = hashlib.blake2b(data, digest_size=8, person=_PERSON).digest()
     return int.from_bytes(digest, "little") % (2**64 - 1) + 1
 
 

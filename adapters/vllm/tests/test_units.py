@@ -19,6 +19,9 @@ def test_room_is_stable_nonzero_64bit() -> None:
     assert all(0 < r < 2**64 for r in rooms)
     with pytest.raises(ValueError):
         room_of("")
+    # A client's JSON may carry a lone surrogate: still a room, never an exception in vLLM's
+    # scheduler, and the same on both sides (ids that are valid UTF-8 keep their rooms).
+    assert room_of("\ud800") == room_of("\ud800") != room_of("\ud801")
 
 
 def test_room_table_refuses_a_second_live_request() -> None:
