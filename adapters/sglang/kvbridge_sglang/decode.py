@@ -117,6 +117,8 @@ class DecodeEndpoint(DrivenEndpoint):
         try:
             self._fetch_prefill_info(addr)
         finally:
+            with self._lock:  # whatever happened, SGLang's next call may look it up again
+                self._lookups.discard(addr)
             done.set()
 
     def _fetch_prefill_info(self, addr: str) -> None:
@@ -128,7 +130,6 @@ class DecodeEndpoint(DrivenEndpoint):
                 if len(self._lookup_failures) >= MAX_PREFILLS:
                     self._lookup_failures.pop(next(iter(self._lookup_failures)))
                 self._lookup_failures[addr] = str(exc)
-                self._lookups.discard(addr)
             return
         # The node's directory takes the same answer instead of fetching it again when the
         # request is added. A prefill it refuses (another dtype, layout, ...) is still cached
@@ -137,7 +138,6 @@ class DecodeEndpoint(DrivenEndpoint):
         if refused is not None:
             log.debug("prefill bootstrap %s: %s", addr, refused)  # the directory logged it
         with self._lock:
-            self._lookups.discard(addr)
             table = self.prefill_info_table
             while len(table) >= MAX_PREFILLS:  # oldest first; the sentinel stays
                 del table[next(a for a in table if a != NO_BOOTSTRAP_HOST)]
