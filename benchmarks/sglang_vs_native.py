@@ -12,6 +12,16 @@ its prefill takes a ``pin_memory`` path and dies on the first request), ``MOONCA
 and ``SGLANG_HOST_IP=127.0.0.1``; they are set for that configuration only and change nothing it
 measures. kvbridge runs on its own Mooncake transport (same library, TCP).
 
+SGLang's NIXL backend labels its KV pool and aux buffers VRAM even with ``--device cpu``, and
+UCX refuses to register host memory as VRAM, so that backend cannot start on CPU. For the
+``sglang-nixl`` configuration only, a ``sitecustomize`` on ``PYTHONPATH`` (:data:`NIXL_SHIM`,
+its text also in the JSON) makes every NIXL agent in those processes read "VRAM" as "DRAM"
+once SGLang imports its NIXL module: the same memory, registered as what it is; the backend's
+transfers, threads (8 UCX worker threads on prefill) and progress thread are as shipped.
+``kvbridge-nixl`` is kvbridge's NIXL transport as shipped (progress thread off);
+``kvbridge-nixl-progress`` turns NIXL's progress thread on, as SGLang's backend has it.
+Each kvbridge configuration's ratios are against SGLang's backend on the same transport.
+
 Run with the SGLang venv: ``.venv-sglang/bin/python benchmarks/sglang_vs_native.py``.
 """
 
@@ -33,6 +43,7 @@ sys.path.insert(0, str(ROOT / "adapters" / "sglang" / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import sglang_servers as ss  # noqa: E402
+from import_shim import python_path, shim_source, write_shim  # noqa: E402
 from results_file import notes_mark, write_results  # noqa: E402
 
 from kvbridge.testing import processes  # noqa: E402
@@ -40,9 +51,32 @@ from kvbridge.testing.tiny_model import build, prompt  # noqa: E402
 
 NOTES_MARK = notes_mark("sglang_vs_native.py")
 
+NIXL_SHIM = shim_source(
+    """Written by benchmarks/sglang_vs_native.py, on PYTHONPATH of sglang-nixl pairs only.
+
+SGLang 0.5.23's NIXL backend registers and describes its KV and aux buffers as VRAM, also
+with --device cpu, and UCX refuses host memory registered as VRAM. Once SGLang imports its
+NIXL module, every NIXL agent created afterwards maps "VRAM" (and "cuda") to DRAM: the same
+memory, registered as what it is. Nothing else changes.""",
+    "sglang.srt.disaggregation.nixl.conn",
+    """
+def _patch(module):
+    from nixl._api import nixl_agent
+
+    init = nixl_agent.__init__
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.nixl_mems["VRAM"] = self.nixl_mems["cuda"] = self.nixl_mems["DRAM"]
+
+    nixl_agent.__init__ = __init__
+""",
+)
+#: name -> (SGLang's --disaggregation-transfer-backend, transport, extra environment)
 CONFIGS = {
-    "kvbridge-mooncake": ("kvbridge", {"KVBRIDGE_TRANSPORT": "mooncake"}),
+    "kvbridge-mooncake": ("kvbridge", "mooncake", {"KVBRIDGE_TRANSPORT": "mooncake"}),
     "sglang-mooncake": (
+        "mooncake",
         "mooncake",
         {
             "SGLANG_DISAGGREGATION_ALL_CP_RANKS_TRANSFER": "1",
@@ -50,14 +84,35 @@ CONFIGS = {
             "SGLANG_HOST_IP": "127.0.0.1",
         },
     ),
-    "kvbridge-fake": ("kvbridge", {"KVBRIDGE_TRANSPORT": "fake"}),
+    "kvbridge-nixl": ("kvbridge", "nixl", {"KVBRIDGE_TRANSPORT": "nixl"}),
+    "kvbridge-nixl-progress": (
+        "kvbridge",
+        "nixl",
+        {"KVBRIDGE_TRANSPORT": "nixl", "KVBRIDGE_TRANSPORT_OPTIONS": '{"progress_thread": true}'},
+    ),
+    "sglang-nixl": ("nixl", "nixl", {"SGLANG_HOST_IP": "127.0.0.1"}),
+    "kvbridge-fake": ("kvbridge", "fake", {"KVBRIDGE_TRANSPORT": "fake"}),
     # The first request to a new prefill without the adapter's lookup wait (SGLang retries a
     # second later): what kvbridge-sglang did before the wait.
     "kvbridge-mooncake-nowait": (
         "kvbridge",
+        "mooncake",
         {"KVBRIDGE_TRANSPORT": "mooncake", "KVBRIDGE_SGLANG_LOOKUP_WAIT": "0"},
     ),
 }
+
+
+def baseline(name: str, names: list[str]) -> str | None:
+    """The SGLang backend a kvbridge configuration is compared with: the same transport's, if
+    this run has it (else the last configuration named, when that is not kvbridge's)."""
+    backend, transport, _ = CONFIGS[name]
+    if backend != "kvbridge":
+        return None
+    same = [n for n in names if CONFIGS[n][0] != "kvbridge" and CONFIGS[n][1] == transport]
+    if same:
+        return same[0]
+    last = names[-1]
+    return last if CONFIGS[last][0] != "kvbridge" else None
 
 
 def ttft(url: str, text: str, max_new: int) -> tuple[float, list[int]]:
@@ -82,9 +137,13 @@ def ttft(url: str, text: str, max_new: int) -> tuple[float, list[int]]:
     return first or float("nan"), ids
 
 
-def run_config(name: str, model: Path, logs: Path, prompts: list[str], args: argparse.Namespace):
-    backend, extra = CONFIGS[name]
+def run_config(
+    name: str, model: Path, logs: Path, prompts: list[str], args: argparse.Namespace, shim: Path
+):
+    backend, _, extra = CONFIGS[name]
     env = ss.base_env(**extra)
+    if name == "sglang-nixl":
+        env["PYTHONPATH"] = python_path(shim, env)
     boot = processes.free_port()
     pre = ss.start_sglang(
         f"{name}-prefill",
@@ -159,13 +218,14 @@ def main() -> None:
     model = build(work / "model", seed=4321)  # not the tests' model
     logs = work / "logs"
     logs.mkdir()
+    shim = write_shim(work / "nixl-shim", NIXL_SHIM)
     prompts = [prompt(args.tokens, 1000 + i) for i in range(args.requests)]
     results: dict[str, list[dict]] = {n: [] for n in names}
     loads = []
     for r in range(args.rounds):
         for name in names:
             print(f"[bench] round {r + 1}/{args.rounds}: {name}", flush=True)
-            results[name].append(run_config(name, model, logs, prompts, args))
+            results[name].append(run_config(name, model, logs, prompts, args, shim))
             loads.append(os.getloadavg()[0])
     reference = results[names[0]][0]["outputs"]
     same = all(res["outputs"] == reference for runs in results.values() for res in runs)
@@ -193,17 +253,24 @@ def main() -> None:
                 f"| {res['concurrent_s']:.2f} | {res['first_request_s'] * 1000:.0f} "
                 f"| {res['transfer_ms_mean']:.1f} |"
             )
-    base = names[-1]
-    lines += ["", f"Ratios against {base} (median over rounds; < 1 means faster):", ""]
-    for name in names[:-1]:
+    lines += ["", "Ratios (median over rounds of the same round's pair; < 1 means faster):", ""]
+    for name in names:
+        base = baseline(name, names)
+        if base is None:
+            continue
         for key, label in (
             ("ttft_p50", "TTFT p50"),
             ("concurrent_s", "concurrent total"),
             ("first_request_s", "first request to a new prefill"),
             ("transfer_ms_mean", "KV transfer per request"),
         ):
-            ratio = statistics.median(a[key] / b[key] for a, b in zip(results[name], results[base]))
-            lines.append(f"- {name} {label}: {ratio:.2f}x")
+            pairs = [
+                a[key] / b[key]
+                for a, b in zip(results[name], results[base])
+                if b[key] and a[key] == a[key] and b[key] == b[key]  # NaN: not reported
+            ]
+            text = f"{statistics.median(pairs):.2f}x" if pairs else "not reported"
+            lines.append(f"- {name} {label} against {base}: {text}")
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
@@ -215,6 +282,7 @@ def main() -> None:
                 name: [{k: v for k, v in res.items() if k != "outputs"} for res in runs]
                 for name, runs in results.items()
             },
+            "nixl_sitecustomize": NIXL_SHIM if "sglang-nixl" in names else None,
         }
         write_results(args.out, text, data, NOTES_MARK)
     if not same:

@@ -99,6 +99,7 @@ for _path in (ROOT / "adapters" / "vllm" / "tests", BENCH):
         sys.path.insert(0, str(_path))
 
 import vllm_servers as vs  # noqa: E402
+from import_shim import python_path, shim_source, write_shim  # noqa: E402
 from results_file import notes_mark, write_results  # noqa: E402
 from vllm_handoff import Reply, stop_all, stream  # noqa: E402
 
@@ -122,22 +123,15 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 #: How long to wait for a request's handoff figures to reach the API server's /metrics.
 SETTLE_S = 5.0
 
-MOONCAKE_SHIM = '''\
-"""Written by benchmarks/vs_intree.py, on PYTHONPATH of MooncakeConnector pairs only.
+MOONCAKE_SHIM = shim_source(
+    """Written by benchmarks/vs_intree.py, on PYTHONPATH of MooncakeConnector pairs only.
 
 vLLM 0.32's MooncakeConnector worker calls torch.accelerator.current_device_index(), which
 raises on a host without an accelerator. Once vLLM imports that connector's module, that one
-function returns 0 (the CPU device) where no accelerator exists; nothing else changes.
-"""
-
-import importlib.abc
-import importlib.machinery
-import sys
-
-_MODULE = "vllm.distributed.kv_transfer.kv_connector.v1.mooncake.mooncake_connector"
-
-
-def _patch_device_index():
+function returns 0 (the CPU device) where no accelerator exists; nothing else changes.""",
+    "vllm.distributed.kv_transfer.kv_connector.v1.mooncake.mooncake_connector",
+    """
+def _patch(module):
     import torch
 
     original = torch.accelerator.current_device_index
@@ -146,28 +140,8 @@ def _patch_device_index():
         return original() if torch.accelerator.is_available() else 0
 
     torch.accelerator.current_device_index = current_device_index
-
-
-class _OnImport(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != _MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        if spec is None or spec.loader is None:
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _patch_device_index()
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, _OnImport())
-'''
+""",
+)
 
 
 # -- configurations -----------------------------------------------------------------------------
@@ -291,7 +265,7 @@ def instance_env(cfg: Config, shim: Path, bootstrap_port: int) -> dict[str, str]
         env["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(vs.free_port())
     if cfg.connector == "intree" and cfg.transport == "mooncake":
         env["VLLM_MOONCAKE_BOOTSTRAP_PORT"] = str(bootstrap_port)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env.get("PYTHONPATH")) if p)
+        env["PYTHONPATH"] = python_path(shim, env)
     return env
 
 
@@ -1093,9 +1067,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="vs-intree-"))
     logs = args.logs or work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    shim = work / "mooncake-shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(MOONCAKE_SHIM)
+    shim = write_shim(work / "mooncake-shim", MOONCAKE_SHIM)
     rows: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
     began = time.monotonic()
