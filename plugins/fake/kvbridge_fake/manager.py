@@ -38,6 +38,8 @@ log = logging.getLogger("kvbridge.fake")
 
 _LOCAL_MANAGERS: dict[str, FakeManager] = {}
 _LOCAL_LOCK = threading.Lock()
+#: A refused frame's payload is read and dropped up to this size, else the connection closes.
+_MAX_DRAIN = 1 << 36
 _DRAIN_CHUNK = 1 << 20
 #: ``host`` None: bind ``config.bind_host`` and advertise ``config.advertised_host``.
 OPTIONS: dict[str, Any] = {"faults": {}, "host": None, "io_timeout": 30.0}
@@ -186,9 +188,8 @@ class FakeManager(BookedManager):
             raise ConnectionError(f"peer {self.host}:{self.port} is gone (fault plan)")
         if not self.receivers.accepting(room):
             return f"room {room} is not expecting data on {self.label}"
-        bad = ~self.regions.covers(dst, lengths)
-        if bad.any():
-            i = int(np.argmax(bad))
+        i = self.regions.first_uncovered(dst, lengths)
+        if i is not None:
             return (
                 f"destination [{int(dst[i]):#x}, +{int(lengths[i])}) is not in memory "
                 f"registered on {self.label}"
@@ -257,7 +258,15 @@ class FakeManager(BookedManager):
                         lambda addr, n: wire.recv_exact_into(conn, wire.memory_at(addr, n)),
                     )
                     if error:
-                        _drain(conn, int(lengths.sum()))
+                        payload = sum(lengths.tolist())  # exact: the lengths are the peer's
+                        if min(lengths.tolist(), default=0) < 0 or payload > _MAX_DRAIN:
+                            # No payload size to skip: the framing cannot be trusted after it.
+                            wire.send_reply(conn, False, error)
+                            log.warning(
+                                "fake transport %s: dropping connection: %s", self.label, error
+                            )
+                            return
+                        _drain(conn, payload)
                     wire.send_reply(conn, error is None, error or "")
                 except OSError:
                     return
