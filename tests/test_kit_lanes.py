@@ -126,6 +126,43 @@ def test_each_rooms_chunks_stay_in_order_with_its_aux_last() -> None:
         manager.close()
 
 
+class RecordingManager(BlockingManager):
+    """Records the whole runs of every write."""
+
+    def __init__(self) -> None:
+        super().__init__(lanes=1)
+        self.runs: list[tuple[bool, list[int]]] = []
+
+    def write(self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool) -> None:
+        self.runs.append((is_aux, runs.dst.tolist()))
+
+
+@pytest.mark.parametrize("order", ["aux-last", "aux-first", "aux-between", "aux-only"])
+def test_aux_runs_are_written_after_every_kv_run_wherever_the_chunk_puts_them(
+    order: str,
+) -> None:
+    kv = kv_descriptors(KV, PEER_KV, np.array([0, 2, 4]), np.array([1, 3, 5]))
+    aux = aux_descriptors(AUX, PEER_AUX, 1, 2)
+    parts = {
+        "aux-last": [kv, aux],
+        "aux-first": [aux, kv],
+        "aux-between": [kv.select(slice(0, 1)), aux, kv.select(slice(1, 3))],
+        "aux-only": [aux],
+    }[order]
+    manager = RecordingManager()
+    try:
+        _open(manager, 7)
+        chunk = SendChunk((PeerWrite(0, Descriptors.concat(parts)),), True)
+        manager.send(7, chunk)
+        _until("done", lambda: _status(manager, 7) == KVPoll.Success)
+        expected = [(True, aux.dst.tolist())]
+        if order != "aux-only":
+            expected.insert(0, (False, kv.dst.tolist()))
+        assert manager.runs == expected
+    finally:
+        manager.close()
+
+
 @pytest.mark.parametrize("bad", [0, 65, 2.5, "4", True])
 def test_mooncake_refuses_a_nonsensical_lane_count(bad: object) -> None:
     config = TransferConfig(transport="mooncake", transport_options={"lanes_per_peer": bad})

@@ -286,8 +286,8 @@ class Descriptors:
     def total_bytes(self) -> int:
         return int(self.lengths.sum())
 
-    def select(self, which: np.ndarray) -> Descriptors:
-        """The runs picked by a boolean mask or index array, devices included."""
+    def select(self, which: np.ndarray | slice) -> Descriptors:
+        """The runs picked by a boolean mask, an index array or a slice, devices included."""
         return Descriptors(
             self.src[which],
             self.dst[which],

@@ -127,11 +127,7 @@ class BookedManager:
             return  # closed while it waited: it never started
         error = None
         if state.status != KVPoll.Failed:
-            is_aux = self.aux_regions.covers(d.src, d.lengths)
-            for aux, mask in ((False, ~is_aux), (True, is_aux)):
-                if not mask.any():
-                    continue
-                runs = d.select(mask)  # devices travel with the runs
+            for aux, runs in self._kv_then_aux(d):
                 try:
                     error = self.write(room, peer, runs, aux)
                 except Exception as exc:  # a failed write fails the room, never the thread
@@ -139,6 +135,19 @@ class BookedManager:
                 if error is not None:
                     break
         self.senders.finish_job(state, error, is_last)
+
+    def _kv_then_aux(self, d: Descriptors) -> list[tuple[bool, Descriptors]]:
+        """``(is_aux, runs)``: the KV runs, then the aux runs; devices travel with the runs."""
+        n = len(d)
+        if not n:
+            return []
+        is_aux = self.aux_regions.covers(d.src, d.lengths)
+        k = int(is_aux.sum())
+        if k == 0 or k == n:
+            return [(k == n, d)]
+        if is_aux[n - k :].all():  # the core appends the aux row: views, no copies
+            return [(False, d.select(slice(0, n - k))), (True, d.select(slice(n - k, n)))]
+        return [(False, d.select(~is_aux)), (True, d.select(is_aux))]
 
     def close(self) -> None:
         if self._closed:
