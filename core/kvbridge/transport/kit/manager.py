@@ -13,7 +13,7 @@ import numpy as np
 from kvbridge.status import KVPoll
 from kvbridge.transport.kit.book import RoomBook, RoomState
 from kvbridge.transport.kit.regions import RegionSet
-from kvbridge.transport.kit.workers import PeerWorkers
+from kvbridge.transport.kit.workers import PeerWorkers, PipelinedPeerWorkers, Steps
 from kvbridge.types import Descriptors, MemoryRegion, PollResult, SendChunk
 
 
@@ -21,10 +21,13 @@ class BookedManager:
     """Base class for a transport manager: subclasses write only the native parts.
 
     It keeps receivers and senders in :class:`RoomBook`\\ s, checks source memory, runs every
-    chunk for a peer as one job on :class:`PeerWorkers`, and calls :meth:`write` with the KV
-    runs first and the aux runs after them (so the room stamp never lands before the pages).
-    Override :meth:`peer_key` and :meth:`write`; optionally :meth:`check_peer`,
-    :meth:`connect_peer`, :meth:`release`, and the fault-injection hooks.
+    chunk for a peer as one job on a worker thread of that peer, and writes the KV runs first
+    and the aux runs after them (so the room stamp never lands before the pages). Override
+    :meth:`peer_key` and either :meth:`write` (blocking: one write to a peer at a time, or
+    one per lane) or the non-blocking trio :meth:`start_write`, :meth:`write_done` and
+    :meth:`end_write` (up to :meth:`writes_in_flight` rooms' writes in flight per peer,
+    checked by one thread); optionally :meth:`check_peer`, :meth:`connect_peer`,
+    :meth:`release`, and the fault-injection hooks.
     """
 
     def __init__(
@@ -35,7 +38,11 @@ class BookedManager:
         self.aux_regions = RegionSet(aux_regions)
         self.receivers = RoomBook(label)
         self.senders = RoomBook(label)
-        self._workers = PeerWorkers(f"kvbridge-send-{label}")
+        self._workers: PeerWorkers
+        if self.pipelines_writes():
+            self._workers = PipelinedPeerWorkers(f"kvbridge-send-{label}", self.writes_in_flight())
+        else:
+            self._workers = PeerWorkers(f"kvbridge-send-{label}")
         self._closed = False
 
     # -- what a transport provides ---------------------------------------------------------------
@@ -62,6 +69,42 @@ class BookedManager:
         Returns None on success or the failure reason.
         """
         raise NotImplementedError
+
+    def start_write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> Any:
+        """Non-blocking writes, instead of :meth:`write`: start ``runs``' writes and return a
+        handle for :meth:`write_done` and :meth:`end_write`; raise if they cannot start (the
+        message fails the room). Runs on the peer's worker thread; must not block long.
+
+        A transport that overrides this (and the other two) has up to
+        :meth:`writes_in_flight` rooms' writes to one peer in flight at once, all checked by
+        one thread per peer: with many requests in flight that is one wake-up for all of
+        them, not one blocking wait each.
+        """
+        raise NotImplementedError
+
+    def write_done(self, handle: Any) -> bool:
+        """True once every byte of ``handle``'s writes landed, False while in flight; raise
+        if they failed (the message fails the room). Peer's worker thread; must not block."""
+        raise NotImplementedError
+
+    def end_write(self, handle: Any) -> None:
+        """Free ``handle`` (done, failed or timed out): called once for each started write.
+        Must not raise."""
+
+    def writes_in_flight(self) -> int:
+        """Non-blocking writes: at most this many rooms' writes in flight per peer."""
+        return 64
+
+    def write_timeout(self) -> float:
+        """Non-blocking writes: a write still in flight after this many seconds fails its
+        room (a blocking :meth:`write` keeps its own time)."""
+        return 30.0
+
+    def pipelines_writes(self) -> bool:
+        """Whether this transport writes through :meth:`start_write` (it overrides it)."""
+        return type(self).start_write is not BookedManager.start_write
 
     def release(self) -> None:
         """Deregister memory and free library resources (called once by :meth:`close`)."""
@@ -104,6 +147,15 @@ class BookedManager:
         if state is None:
             return
         ready_at = time.monotonic() + self.send_delay()
+        workers = self._workers
+        if isinstance(workers, PipelinedPeerWorkers):
+            for write in chunk.writes:
+                peer = state.peers[write.peer]
+                steps = functools.partial(
+                    self._steps, state, room, peer, write.descriptors, chunk.is_last, ready_at
+                )
+                workers.submit_steps(self.peer_key(peer), room, steps)
+            return
         lanes = self.lanes_per_peer()
         for write in chunk.writes:
             peer = state.peers[write.peer]
@@ -111,7 +163,7 @@ class BookedManager:
                 self._job, state, room, peer, write.descriptors, chunk.is_last, ready_at
             )
             key = self.peer_key(peer)
-            self._workers.submit(key if lanes == 1 else f"{key}#{room % lanes}", job)
+            workers.submit(key if lanes == 1 else f"{key}#{room % lanes}", job)
 
     def _job(
         self,
@@ -134,6 +186,44 @@ class BookedManager:
                     error = f"{type(exc).__name__}: {exc}"
                 if error is not None:
                     break
+        self.senders.finish_job(state, error, is_last)
+
+    def _steps(
+        self,
+        state: RoomState,
+        room: int,
+        peer: Mapping[str, Any],
+        d: Descriptors,
+        is_last: bool,
+        ready_at: float,
+    ) -> Steps:
+        """:meth:`_job` for non-blocking writes: yields while a write is in flight."""
+        error = None
+        try:
+            while time.monotonic() < ready_at:
+                yield False
+            for aux, runs in self._kv_then_aux(d):
+                if state.status == KVPoll.Failed:
+                    break  # aborted or failed meanwhile: its aux row must not land now
+                handle = self.start_write(room, peer, runs, aux)
+                started = True  # the worker's next pass comes soon: something moved
+                try:
+                    deadline = time.monotonic() + self.write_timeout()
+                    while not self.write_done(handle):
+                        if time.monotonic() > deadline:
+                            error = (
+                                f"write of room {room} still in flight after "
+                                f"{self.write_timeout():g}s"
+                            )
+                            break
+                        yield started
+                        started = False
+                finally:
+                    self.end_write(handle)
+                if error is not None:
+                    break
+        except Exception as exc:  # a failed write fails the room, never the thread
+            error = f"{type(exc).__name__}: {exc}"
         self.senders.finish_job(state, error, is_last)
 
     def _kv_then_aux(self, d: Descriptors) -> list[tuple[bool, Descriptors]]:
