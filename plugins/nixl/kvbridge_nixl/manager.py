@@ -2,8 +2,11 @@
 
 Peers exchange agent metadata out of band: it travels in this rank's endpoint description
 (bootstrap registration / control channel) and is loaded with ``add_remote_agent`` at init.
-Each chunk per peer is one ``initialize_xfer`` + ``transfer`` (KV pages, then the aux row),
-waited for on a worker thread per peer; agent calls are serialised by a lock.
+Each chunk per peer is one ``initialize_xfer`` + ``transfer`` (KV pages, then the aux row once
+they landed); one worker thread per peer keeps up to 64 rooms' transfers in flight and checks
+them all in each pass (the kit's non-blocking writes, backing off from 20 us to 1 ms between
+passes: a ``sleep(0)`` spin would take the GIL from the engine's threads thousands of times a
+second); agent calls are serialised by a lock.
 
 Device memory: every region is registered as what it is, from ``MemoryRegion.device``: host
 memory as ``DRAM`` (device id 0, NIXL's own convention for host memory), ``cuda:N`` as
@@ -19,7 +22,6 @@ import base64
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -49,12 +51,20 @@ OPTIONS = {"backend": "UCX", "io_timeout": 30.0, "progress_thread": False}
 PROGRESS_PAUSE = 1e-3
 IDLE_PAUSE = 20e-3
 
-#: Polling a transfer's state backs off from 20 us to 1 ms. A ``sleep(0)`` spin gives up the
-#: GIL and takes it back thousands of times a second: in an engine's worker process that
-#: starves the threads that must run meanwhile (kvbridge's step loop, its heartbeats), by
-#: seconds on a loaded host; the backoff adds at most 1 ms to a long transfer.
-POLL_FIRST = 20e-6
-POLL_MAX = 1e-3
+
+class _Write:
+    """One chunk's transfers to one peer agent, started and not yet released."""
+
+    __slots__ = ("agent", "done", "handles", "room")
+
+    def __init__(self, room: int, agent: str) -> None:
+        self.room = room
+        self.agent = agent
+        self.handles: list[Any] = []
+        self.done = 0  # handles[:done] reported DONE
+
+    def __str__(self) -> str:
+        return f"nixl write of room {self.room} to {self.agent}"
 
 
 def nixl_memory(device: int) -> tuple[str, int]:
@@ -186,50 +196,58 @@ class NixlManager(BookedManager):
         table[:, 2] = dev
         return self.agent.get_xfer_descs(table, mem_type)
 
-    def write(
+    def start_write(
         self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
-    ) -> str | None:
+    ) -> _Write:
         # One transfer per (source device, destination device) pair; usually there is one.
-        for src_device, dst_device, group in runs.device_groups():
-            error = self._transfer(room, str(peer["agent"]), group, src_device, dst_device)
-            if error is not None:
-                return error
-        return None
-
-    def _transfer(
-        self, room: int, agent: str, runs: Descriptors, src_device: int, dst_device: int
-    ) -> str | None:
-        handle = None
+        write = _Write(room, str(peer["agent"]))
+        state = "DONE"
         try:
-            with self._lock:
-                handle = self.agent.initialize_xfer(
-                    "WRITE",
-                    self._descs(runs.src, runs.lengths, src_device),
-                    self._descs(runs.dst, runs.lengths, dst_device),
-                    agent,
-                )
-                state = self.agent.transfer(handle)
-            deadline = time.monotonic() + float(self.options["io_timeout"])
-            pause = POLL_FIRST
-            while state == "PROC":
-                if time.monotonic() > deadline:
-                    return f"nixl write of room {room} to {agent} timed out"
-                time.sleep(pause)
-                pause = min(pause * 2, POLL_MAX)
+            for src_device, dst_device, group in runs.device_groups():
                 with self._lock:
-                    state = self.agent.check_xfer_state(handle)
-            if state != "DONE":
-                return f"nixl write of room {room} to {agent} ended in state {state}"
-            return None
+                    handle = self.agent.initialize_xfer(
+                        "WRITE",
+                        self._descs(group.src, group.lengths, src_device),
+                        self._descs(group.dst, group.lengths, dst_device),
+                        write.agent,
+                    )
+                    write.handles.append(handle)
+                    state = self.agent.transfer(handle)
+                if state not in ("PROC", "DONE"):
+                    break
         except Exception as exc:  # nixl raises typed errors for bad memory and dead peers
-            return f"nixl write of room {room} to {agent} failed: {type(exc).__name__}: {exc}"
-        finally:
-            if handle is not None:
-                with self._lock:
-                    try:
-                        self.agent.release_xfer_handle(handle)
-                    except Exception as exc:
-                        log.debug("release_xfer_handle: %s", exc)
+            self.end_write(write)
+            raise RuntimeError(f"{write} failed: {type(exc).__name__}: {exc}") from exc
+        if state not in ("PROC", "DONE"):
+            self.end_write(write)
+            raise RuntimeError(f"{write} ended in state {state}")
+        return write
+
+    def write_done(self, handle: _Write) -> bool:
+        with self._lock:
+            for xfer in handle.handles[handle.done :]:
+                try:
+                    state = self.agent.check_xfer_state(xfer)
+                except Exception as exc:
+                    raise RuntimeError(f"{handle} failed: {type(exc).__name__}: {exc}") from exc
+                if state == "PROC":
+                    return False
+                if state != "DONE":
+                    raise RuntimeError(f"{handle} ended in state {state}")
+                handle.done += 1
+        return True
+
+    def end_write(self, handle: _Write) -> None:
+        with self._lock:
+            for xfer in handle.handles:
+                try:
+                    self.agent.release_xfer_handle(xfer)
+                except Exception as exc:
+                    log.debug("release_xfer_handle: %s", exc)
+        handle.handles.clear()
+
+    def write_timeout(self) -> float:
+        return float(self.options["io_timeout"])
 
     def release(self) -> None:
         self._stop.set()
