@@ -6,7 +6,8 @@ writes still run one after another in submission order, its aux row only after e
 pages landed; a failed, raising or overdue write fails its room only, and every started write is
 ended exactly once; an abort stops a room's aux row from starting, and the room is drained only
 once nothing of it is in flight; at most ``writes_in_flight`` rooms per peer; close drops what
-has not started.
+has not started. The last test checks all of it at once for any mix of rooms, peers, held
+writes, failures and aborts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from kvbridge.memory import aux_descriptors, kv_descriptors
 from kvbridge.status import KVPoll
@@ -259,3 +262,101 @@ def test_close_drops_jobs_not_started_and_lets_the_one_in_flight_end() -> None:
 def test_a_pipeline_needs_a_window() -> None:
     with pytest.raises(ValueError, match="window of at least 1"):
         PipelinedPeerWorkers("test", 0)
+
+
+class WindowedManager(PipelinedManager):
+    """Also records, for every peer, the most rooms that ever had a write in flight at once."""
+
+    def __init__(self, window: int) -> None:
+        super().__init__(window=window)
+        self.most_in_flight: dict[str, int] = {}
+
+    def start_write(
+        self, room: int, peer: Mapping[str, Any], runs: Descriptors, is_aux: bool
+    ) -> Write:
+        write = super().start_write(room, peer, runs, is_aux)
+        write.peer = str(peer["name"])  # type: ignore[attr-defined]
+        with self.lock:
+            busy = {
+                w.room
+                for w in self.started
+                if getattr(w, "peer", None) == write.peer and w not in self.landed and not w.ended
+            }
+            self.most_in_flight[write.peer] = max(self.most_in_flight.get(write.peer, 0), len(busy))
+        return write
+
+
+room_plans = st.lists(
+    st.fixed_dictionaries(
+        {
+            "chunks": st.integers(1, 3),
+            "peer": st.integers(0, 1),
+            "held": st.booleans(),
+            "fail": st.sampled_from([None, None, "start", "check"]),
+            "abort": st.booleans(),
+        }
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(plans=room_plans, window=st.integers(1, 3), data=st.data())
+def test_any_mix_of_rooms_keeps_order_window_fence_and_one_end_per_write(
+    plans: list[dict[str, Any]], window: int, data: st.DataObject
+) -> None:
+    manager = WindowedManager(window)
+    rooms = list(range(1, len(plans) + 1))
+    plan = dict(zip(rooms, plans, strict=True))
+    # An abort is only checked while the room's first write is held: otherwise it may come
+    # after the room succeeded, which is a different (and already tested) story.
+    aborted = [r for r in rooms if plan[r]["abort"] and plan[r]["held"] and not plan[r]["fail"]]
+    try:
+        for room in rooms:
+            if plan[room]["held"]:
+                manager.held[room] = threading.Event()
+            if plan[room]["fail"] == "start":
+                manager.fail_start.add(room)
+            elif plan[room]["fail"] == "check":
+                manager.fail_check.add(room)
+            manager.senders.construct(room)
+            manager.init(manager.senders, room, ({"name": f"decode-{plan[room]['peer']}"},))
+        for room in rooms:
+            chunks = plan[room]["chunks"]
+            for i in range(chunks):
+                pages = [2 * i, 2 * i + 1]
+                manager.send(room, _chunk(pages, last=i == chunks - 1, slot=room % 8))
+        for room in aborted:
+            manager.senders.abort(room, "decode gave up")
+        for room in data.draw(st.permutations(list(manager.held)), label="release order"):
+            manager.held[room].set()
+            time.sleep(0.001)
+        _until(
+            "every room ended",
+            lambda: all(_status(manager, r) in (KVPoll.Success, KVPoll.Failed) for r in rooms),
+        )
+        if aborted:
+            drained = np.array(aborted, dtype=np.uint64)
+            _until(
+                "the aborted rooms drained", lambda: bool(manager.senders.drained(drained).all())
+            )
+        for room in rooms:
+            mine = [w for w in manager.started if w.room == room]
+            if plan[room]["fail"] or room in aborted:
+                assert _status(manager, room) == KVPoll.Failed
+                assert not any(w.is_aux for w in mine)  # the stamp never went out
+                if room in aborted:
+                    assert len(mine) <= 1  # nothing started after the abort
+                continue
+            assert _status(manager, room) == KVPoll.Success
+            assert mine == [w for w in manager.landed if w.room == room]  # one at a time
+            kv = [w.dsts[0] for w in mine if not w.is_aux]
+            assert kv == sorted(kv) and len(kv) == plan[room]["chunks"]
+            assert mine[-1].is_aux and len(mine) == plan[room]["chunks"] + 1
+        assert all(w.ended == 1 for w in manager.started)
+        assert all(most <= window for most in manager.most_in_flight.values())
+    finally:
+        for gate in manager.held.values():
+            gate.set()
+        manager.close()
