@@ -168,3 +168,21 @@ def test_mooncake_refuses_a_nonsensical_lane_count(bad: object) -> None:
     config = TransferConfig(transport="mooncake", transport_options={"lanes_per_peer": bad})
     with pytest.raises(ValueError, match="lanes_per_peer"):
         MooncakeManager(config, RankIdentity(Role.PREFILL), KV, AUX)
+
+
+def test_an_abort_while_the_pages_are_written_stops_the_aux_row() -> None:
+    manager = BlockingManager(lanes=1)
+    try:
+        room = 7
+        manager.held[room] = threading.Event()
+        _open(manager, room)
+        manager.send(room, _chunk([0, 1, 2], last=True, slot=3))
+        manager.started.setdefault(room, threading.Event()).wait(30)
+        manager.senders.abort(room, "decode gave up")
+        manager.held[room].set()
+        rooms = np.array([room], dtype=np.uint64)
+        _until("drained", lambda: bool(manager.senders.drained(rooms)[0]))
+        assert [(r, is_aux) for r, is_aux, _ in manager.log] == [(room, False)]  # no stamp
+        assert _status(manager, room) == KVPoll.Failed
+    finally:
+        manager.close()

@@ -178,14 +178,15 @@ class BookedManager:
         if wait > 0 and self._workers.closing.wait(wait):
             return  # closed while it waited: it never started
         error = None
-        if state.status != KVPoll.Failed:
-            for aux, runs in self._kv_then_aux(d):
-                try:
-                    error = self.write(room, peer, runs, aux)
-                except Exception as exc:  # a failed write fails the room, never the thread
-                    error = f"{type(exc).__name__}: {exc}"
-                if error is not None:
-                    break
+        for aux, runs in self._kv_then_aux(d):
+            if state.status == KVPoll.Failed:
+                break  # aborted or failed meanwhile: its aux row must not land now
+            try:
+                error = self.write(room, peer, runs, aux)
+            except Exception as exc:  # a failed write fails the room, never the thread
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                break
         self.senders.finish_job(state, error, is_last)
 
     def _steps(
