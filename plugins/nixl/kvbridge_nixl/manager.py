@@ -3,10 +3,10 @@
 Peers exchange agent metadata out of band: it travels in this rank's endpoint description
 (bootstrap registration / control channel) and is loaded with ``add_remote_agent`` at init.
 Each chunk per peer is one ``initialize_xfer`` + ``transfer`` (KV pages, then the aux row once
-they landed); one worker thread per peer keeps up to 64 rooms' transfers in flight and checks
-them all in each pass (the kit's non-blocking writes, backing off from 20 us to 1 ms between
-passes: a ``sleep(0)`` spin would take the GIL from the engine's threads thousands of times a
-second); agent calls are serialised by a lock.
+they landed); one worker thread per peer keeps up to ``writes_in_flight`` (64) rooms' transfers
+in flight and checks them all in each pass (the kit's non-blocking writes, backing off from
+20 us to 1 ms between passes: a ``sleep(0)`` spin would take the GIL from the engine's threads
+thousands of times a second); agent calls are serialised by a lock.
 
 Device memory: every region is registered as what it is, from ``MemoryRegion.device``: host
 memory as ``DRAM`` (device id 0, NIXL's own convention for host memory), ``cuda:N`` as
@@ -24,6 +24,7 @@ import os
 import threading
 import uuid
 from collections.abc import Mapping
+from math import inf
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,7 @@ from kvbridge.transport.kit import BookedManager, RoomBook, transport_options
 from kvbridge.types import HOST, Descriptors, MemoryRegion, RankIdentity
 
 log = logging.getLogger("kvbridge.nixl")
-OPTIONS = {"backend": "UCX", "io_timeout": 30.0, "progress_thread": False}
+OPTIONS = {"backend": "UCX", "io_timeout": 30.0, "progress_thread": False, "writes_in_flight": 64}
 
 #: ``progress_thread``: NIXL's own progress thread (``nixl_agent_config(enable_prog_thread)``,
 #: on in NIXL by default). NIXL's Python API starts it with no wait between passes
@@ -100,6 +101,32 @@ def load_nixl() -> tuple[Any, Any]:
     )
 
 
+def nixl_options(given: Mapping[str, Any]) -> dict[str, Any]:
+    """The NIXL options merged over :data:`OPTIONS`, each checked: a bad one is a clear error
+    when the manager is created, not a failed write later."""
+    options = transport_options("nixl", given, OPTIONS)
+    progress = options["progress_thread"]
+    if not isinstance(progress, bool):
+        raise ValueError(
+            f"nixl transport option progress_thread must be true or false, got {progress!r} "
+            "(true: NIXL's progress thread, which spins a core per rank; false: a kvbridge "
+            "thread progresses the agent, every 1 ms while it has rooms)"
+        )
+    window = options["writes_in_flight"]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(
+            "nixl transport option writes_in_flight must be a whole number of at least 1 (rooms "
+            f"whose writes to one peer may be in flight at once), got {window!r}"
+        )
+    timeout = options["io_timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < inf:
+        raise ValueError(
+            "nixl transport option io_timeout must be a positive number of seconds, got "
+            f"{timeout!r}"
+        )
+    return options
+
+
 class NixlManager(BookedManager):
     def __init__(
         self,
@@ -108,14 +135,8 @@ class NixlManager(BookedManager):
         kv_regions: tuple[MemoryRegion, ...],
         aux_regions: tuple[MemoryRegion, ...],
     ) -> None:
-        self.options = transport_options("nixl", config.transport_options, OPTIONS)
+        self.options = nixl_options(config.transport_options)
         progress = self.options["progress_thread"]
-        if not isinstance(progress, bool):
-            raise ValueError(
-                f"nixl transport option progress_thread must be true or false, got {progress!r} "
-                "(true: NIXL's progress thread, which spins a core per rank; false: a kvbridge "
-                "thread progresses the agent, every 1 ms while it has rooms)"
-            )
         os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")
         agent_cls, config_cls = load_nixl()
         self.name = f"kvbridge-{rank.role.value}-tp{rank.tp_rank}-{uuid.uuid4().hex[:10]}"
@@ -248,6 +269,9 @@ class NixlManager(BookedManager):
 
     def write_timeout(self) -> float:
         return float(self.options["io_timeout"])
+
+    def writes_in_flight(self) -> int:
+        return int(self.options["writes_in_flight"])
 
     def release(self) -> None:
         self._stop.set()

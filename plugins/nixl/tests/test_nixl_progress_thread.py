@@ -73,6 +73,53 @@ def test_a_bad_value_is_a_clear_error(bad: Any) -> None:
         _create({"progress_thread": bad})
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"writes_in_flight": 0}, r"writes_in_flight must be a whole number of at least 1 .* 0$"),
+        ({"writes_in_flight": 2.5}, r"writes_in_flight must be .* got 2\.5"),
+        ({"writes_in_flight": True}, r"writes_in_flight must be .* got True"),
+        ({"writes_in_flight": "8"}, r"writes_in_flight must be .* got '8'"),
+        ({"io_timeout": 0}, r"io_timeout must be a positive number of seconds, got 0"),
+        ({"io_timeout": -1.0}, r"io_timeout must be .* got -1\.0"),
+        ({"io_timeout": float("inf")}, r"io_timeout must be .* got inf"),
+        ({"io_timeout": "30"}, r"io_timeout must be .* got '30'"),
+    ],
+)
+def test_a_bad_write_option_is_a_clear_error_before_any_thread_starts(
+    options: dict[str, Any], message: str
+) -> None:
+    before = _tasks()
+    with pytest.raises(ValueError, match=message):
+        _create(options)
+    assert not _tasks() - before, "a refused configuration left threads running"
+
+
+def test_writes_in_flight_sets_the_kits_window() -> None:
+    manager = _create({"writes_in_flight": 3})
+    try:
+        assert manager.raw.writes_in_flight() == 3
+        assert manager.raw.pipelines_writes()
+    finally:
+        manager.close()
+    default = _create({})
+    try:
+        assert default.raw.writes_in_flight() == 64
+    finally:
+        default.close()
+
+
+class TestNixlConformanceOneWriteInFlight(TransportConformance):
+    """The whole kit with one room's writes in flight per peer at a time (``writes_in_flight``
+    1): the window at its smallest still lands every room, in order, behind the fence."""
+
+    transport_name = "nixl"
+
+    @pytest.fixture
+    def transport_options(self) -> dict[str, object]:
+        return {"backend": "UCX", "writes_in_flight": 1}
+
+
 class TestNixlConformanceWithProgressThread(TransportConformance):
     """The whole kit with NIXL's progress thread on (the default, off, runs in
     test_nixl_conformance.py)."""
