@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvbridge import AuxLayout, AuxSlotPool, MemoryRegion, PagePool, memory
+from kvbridge import AuxLayout, AuxSlotPool, Descriptors, MemoryRegion, PagePool, memory
 from kvbridge.errors import DoubleFreeError, LeakError, MemoryRegistrationError
-from kvbridge.memory import aux_descriptors, kv_descriptors, page_runs
+from kvbridge.memory import aux_descriptors, chunk_descriptors, kv_descriptors, page_runs
 
 
 class PoolMachine(RuleBasedStateMachine):
@@ -196,6 +196,44 @@ def test_few_pages_build_the_same_descriptors_as_many(data: st.DataObject) -> No
     for name in ("src", "dst", "lengths", "src_device", "dst_device"):
         a, b = getattr(few, name), getattr(slow, name)
         assert a.dtype == b.dtype and a.tolist() == b.tolist(), name
+
+
+@given(st.data())
+def test_a_chunk_is_its_pages_then_its_aux_row(data: st.DataObject) -> None:
+    """``chunk_descriptors`` (one pass for a few pages) against concatenating the parts."""
+    src, dst = _chunk(data, 100)
+    if data.draw(st.booleans()):
+        src, dst = [], []  # a last chunk may carry only the aux row
+    regions = [
+        MemoryRegion(0x100000 * (r + 1), 120 * 64, 64, "cuda:1" if r else "cpu") for r in range(2)
+    ]
+    peer = [MemoryRegion(0x9000000 + 0x100000 * r, 120 * 64, 64, f"cuda:{r}") for r in range(2)]
+    aux_src = [MemoryRegion(0x5000000, 4 * 32, 32), MemoryRegion(0x6000000, 4 * 16, 16, "cuda:1")]
+    aux_dst = [MemoryRegion(0x7000000, 8 * 32, 32, "cuda:0"), MemoryRegion(0x8000000, 8 * 16, 16)]
+    aux = (aux_src, aux_dst, data.draw(st.integers(0, 3)), data.draw(st.integers(0, 7)))
+    with_aux = data.draw(st.booleans())
+    pages = np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64)
+    got = chunk_descriptors(regions, peer, *pages, aux=aux if with_aux else None)
+    parts = [kv_descriptors(regions, peer, *pages)]
+    if with_aux:
+        parts.append(aux_descriptors(*aux))
+    want = Descriptors.concat(parts)
+    for name in ("src", "dst", "lengths", "src_device", "dst_device"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == b.dtype and a.tolist() == b.tolist(), name
+    if with_aux:  # the room stamp's row lands last
+        assert got.src[len(got) - 2 :].tolist() == aux_descriptors(*aux).src.tolist()
+
+
+def test_a_chunk_refuses_aux_regions_that_do_not_pair() -> None:
+    with pytest.raises(ValueError, match="aux regions"):
+        chunk_descriptors(
+            [MemoryRegion(0x1000, 4 * 64, 64)],
+            [MemoryRegion(0x9000, 4 * 64, 64)],
+            np.arange(2),
+            np.arange(2),
+            aux=([MemoryRegion(0x20000, 64, 32)], [], 0, 0),
+        )
 
 
 def test_descriptors_refuse_regions_whose_page_sizes_differ() -> None:

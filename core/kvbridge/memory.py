@@ -280,27 +280,35 @@ def kv_descriptors(
 
 
 def _few_page_descriptors(
-    pair: _RegionPair, src_pages: np.ndarray, dst_pages: np.ndarray
+    pair: _RegionPair,
+    src_pages: np.ndarray,
+    dst_pages: np.ndarray,
+    aux_row: _AuxRow | None = None,
 ) -> Descriptors:
     src = np.asarray(src_pages, dtype=np.int64).tolist()
     dst = np.asarray(dst_pages, dtype=np.int64).tolist()
-    if not src:
+    if not src and aux_row is None:
         return Descriptors.empty()
-    src_start, dst_start, run = _few_page_runs(src, dst)
+    src_start, dst_start, run = _few_page_runs(src, dst) if src else ([], [], [])
     runs = len(run)
     items = pair.item
+    src_addr = [base + p * item for base, item in zip(pair.src_addr, items) for p in src_start]
+    dst_addr = [base + p * item for base, item in zip(pair.dst_addr, items) for p in dst_start]
+    lengths = [n * item for item in items for n in run]
+    src_device = [d for d in pair.src_device for _ in range(runs)]
+    dst_device = [d for d in pair.dst_device for _ in range(runs)]
+    if aux_row is not None:  # after the pages: the room stamp must never land first
+        src_addr += aux_row.src
+        dst_addr += aux_row.dst
+        lengths += aux_row.lengths
+        src_device += aux_row.src_device
+        dst_device += aux_row.dst_device
     return Descriptors(
-        np.array(
-            [base + p * item for base, item in zip(pair.src_addr, items) for p in src_start],
-            dtype=np.int64,
-        ),
-        np.array(
-            [base + p * item for base, item in zip(pair.dst_addr, items) for p in dst_start],
-            dtype=np.int64,
-        ),
-        np.array([n * item for item in items for n in run], dtype=np.int64),
-        src_device=np.array([d for d in pair.src_device for _ in range(runs)], dtype=np.int32),
-        dst_device=np.array([d for d in pair.dst_device for _ in range(runs)], dtype=np.int32),
+        np.array(src_addr, dtype=np.int64),
+        np.array(dst_addr, dtype=np.int64),
+        np.array(lengths, dtype=np.int64),
+        src_device=np.array(src_device, dtype=np.int32),
+        dst_device=np.array(dst_device, dtype=np.int32),
     )
 
 
@@ -337,6 +345,36 @@ def _sliced_descriptors(
     )
 
 
+@attrs.frozen
+class _AuxRow:
+    """One aux row's writes as plain lists (one entry per aux region)."""
+
+    src: list[int]
+    dst: list[int]
+    lengths: list[int]
+    src_device: list[int]
+    dst_device: list[int]
+
+
+def _aux_row(
+    src_regions: Sequence[MemoryRegion],
+    dst_regions: Sequence[MemoryRegion],
+    src_slot: int,
+    dst_slot: int,
+) -> _AuxRow:
+    if len(src_regions) != len(dst_regions):
+        raise ValueError(
+            f"{len(src_regions)} source aux regions but {len(dst_regions)} destination regions"
+        )
+    return _AuxRow(
+        [r.addr + src_slot * r.item_bytes for r in src_regions],
+        [r.addr + dst_slot * r.item_bytes for r in dst_regions],
+        [r.item_bytes for r in src_regions],
+        [r.device_index for r in src_regions],
+        [r.device_index for r in dst_regions],
+    )
+
+
 def aux_descriptors(
     src_regions: Sequence[MemoryRegion],
     dst_regions: Sequence[MemoryRegion],
@@ -344,17 +382,57 @@ def aux_descriptors(
     dst_slot: int,
 ) -> Descriptors:
     """One write per aux region copying a whole row (room stamp included)."""
-    if len(src_regions) != len(dst_regions):
-        raise ValueError(
-            f"{len(src_regions)} source aux regions but {len(dst_regions)} destination regions"
-        )
-    src = [r.addr + src_slot * r.item_bytes for r in src_regions]
-    dst = [r.addr + dst_slot * r.item_bytes for r in dst_regions]
-    lengths = [r.item_bytes for r in src_regions]
+    row = _aux_row(src_regions, dst_regions, src_slot, dst_slot)
     return Descriptors(
-        np.array(src, dtype=np.int64),
-        np.array(dst, dtype=np.int64),
-        np.array(lengths, dtype=np.int64),
-        src_device=_devices(src_regions),
-        dst_device=_devices(dst_regions),
+        np.array(row.src, dtype=np.int64),
+        np.array(row.dst, dtype=np.int64),
+        np.array(row.lengths, dtype=np.int64),
+        src_device=np.array(row.src_device, dtype=np.int32),
+        dst_device=np.array(row.dst_device, dtype=np.int32),
     )
+
+
+def chunk_descriptors(
+    src_regions: Sequence[MemoryRegion],
+    dst_regions: Sequence[MemoryRegion],
+    src_pages: np.ndarray,
+    dst_pages: np.ndarray,
+    *,
+    src_offset: int = 0,
+    dst_offset: int = 0,
+    length: int | None = None,
+    aux: tuple[Sequence[MemoryRegion], Sequence[MemoryRegion], int, int] | None = None,
+) -> Descriptors:
+    """A chunk's writes: :func:`kv_descriptors` of its pages, then, for the last chunk,
+    :func:`aux_descriptors` of ``aux`` = ``(src_aux_regions, dst_aux_regions, src_slot,
+    dst_slot)``, in that order (the room stamp in the aux row must land last).
+
+    The same runs as concatenating the two; for a few whole pages (the common chunk) both are
+    built in one pass of plain Python, without the intermediate arrays.
+    """
+    whole = length is None or (
+        src_offset == 0
+        and dst_offset == 0
+        and all(r.item_bytes == length for r in (*src_regions, *dst_regions))
+    )
+    if (
+        whole
+        and len(src_pages) <= _FEW_PAGES
+        and len(src_pages) == len(dst_pages)
+        and len(src_regions) == len(dst_regions)
+    ):
+        pair = _region_pair(tuple(src_regions), tuple(dst_regions))
+        row = _aux_row(*aux) if aux is not None else None
+        return _few_page_descriptors(pair, src_pages, dst_pages, row)
+    kv = kv_descriptors(
+        src_regions,
+        dst_regions,
+        src_pages,
+        dst_pages,
+        src_offset=src_offset,
+        dst_offset=dst_offset,
+        length=length,
+    )
+    if aux is None:
+        return kv
+    return Descriptors.concat([kv, aux_descriptors(*aux)])

@@ -19,7 +19,7 @@ import numpy as np
 
 from kvbridge.checksum import room_checksum
 from kvbridge.config import TransferConfig
-from kvbridge.memory import aux_descriptors, kv_descriptors
+from kvbridge.memory import chunk_descriptors
 from kvbridge.observe import ObserverRelay
 from kvbridge.protocol.columns import FAILED, SUCCESS
 from kvbridge.protocol.messages import Message
@@ -49,7 +49,7 @@ from kvbridge.runtime.wiring import (
     report_late_causes,
 )
 from kvbridge.transport.facade import TransportManager
-from kvbridge.types import Descriptors, MemoryRegion, PeerWrite, Role, SendChunk
+from kvbridge.types import MemoryRegion, PeerWrite, Role, SendChunk
 
 log = logging.getLogger("kvbridge")
 
@@ -328,24 +328,22 @@ class PrefillSession:
                 )
                 return
             src_offset, dst_offset, length = meta.page_slice or (0, 0, None)
-            parts = [
-                kv_descriptors(
-                    self.kv_regions,
-                    peer.kv_regions,
-                    pages,
-                    dst,
-                    src_offset=src_offset,
-                    dst_offset=dst_offset,
-                    length=length,
-                )
-            ]
+            aux = None
             if is_last:
                 if aux_slot < 0:
                     raise ValueError("the last chunk needs the aux_slot holding the aux row")
-                parts.append(
-                    aux_descriptors(self.aux_regions, peer.aux_regions, aux_slot, meta.aux_slot)
-                )
-            writes.append(PeerWrite(peer_index, Descriptors.concat(parts)))
+                aux = (self.aux_regions, peer.aux_regions, aux_slot, meta.aux_slot)
+            runs = chunk_descriptors(
+                self.kv_regions,
+                peer.kv_regions,
+                pages,
+                dst,
+                src_offset=src_offset,
+                dst_offset=dst_offset,
+                length=length,
+                aux=aux,
+            )
+            writes.append(PeerWrite(peer_index, runs))
         self._offsets[room] = offset + len(pages)
         if self.notify_checksum is not None:
             self._sent_pages.setdefault(room, []).append(pages)
