@@ -166,6 +166,7 @@ class NixlManager(BookedManager):
         self._remote: set[str] = set()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._idle = False  # the progress thread is in (or about to enter) its idle wait
         self._progress: threading.Thread | None = None
         if not progress:
             self._progress = threading.Thread(
@@ -175,8 +176,13 @@ class NixlManager(BookedManager):
 
     def _progress_loop(self) -> None:
         while not self._stop.is_set():
+            # Marked idle before the look at the books: an init that reads False here added
+            # its room before that look, so this pass sees it busy (see ``init``).
+            self._idle = True
             # len() of the books' dicts without their locks: a hint, read again every pass.
             busy = bool(self.receivers.rooms or self.senders.rooms)
+            if busy:
+                self._idle = False
             self._wake.wait(PROGRESS_PAUSE if busy else IDLE_PAUSE)
             self._wake.clear()
             with self._lock:
@@ -189,7 +195,11 @@ class NixlManager(BookedManager):
 
     def init(self, book: RoomBook, room: int, peers: tuple[Mapping[str, Any], ...]) -> None:
         super().init(book, room, peers)
-        self._wake.set()  # out of an idle wait before the room's first write arrives
+        # Out of an idle wait before the room's first write arrives. Only then: a busy pass
+        # waits PROGRESS_PAUSE anyway, and Event.set (a lock and a notify) was the largest
+        # single cost of a room's init.
+        if self._idle:
+            self._wake.set()
 
     @property
     def endpoint(self) -> dict[str, Any]:
