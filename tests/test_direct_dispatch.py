@@ -44,29 +44,48 @@ def test_one_implementation_is_called_with_the_arguments_it_declares() -> None:
     call = direct_caller(hook.kvbridge_receiver_poll)
     assert call is not hook.kvbridge_receiver_poll
     rooms = np.array([3, 5], dtype=np.uint64)
-    direct = call(manager=object(), rooms=rooms)
+    direct = call(object(), rooms)  # the spec's arguments, by position
     assert (
         direct.statuses.tolist()
         == hook.kvbridge_receiver_poll(manager=object(), rooms=rooms).statuses.tolist()
     )
     cleared: list[int] = []
-    assert direct_caller(hook.kvbridge_receiver_clear)(manager=cleared, room=7) is None
+    assert direct_caller(hook.kvbridge_receiver_clear)(cleared, 7) is None
     assert cleared == [7]
+
+
+def test_arguments_declared_in_another_order_land_by_name() -> None:
+    class Reordered:
+        @hookimpl
+        def kvbridge_receiver_send_metadata(
+            self, aux_index: int, room: int, kv_indices: np.ndarray
+        ) -> tuple[int, int, list[int]]:
+            return aux_index, room, kv_indices.tolist()
+
+    hook = _manager(Reordered()).hook.kvbridge_receiver_send_metadata
+    indices = np.array([4, 5], dtype=np.int64)
+    answer = (9, 2, [4, 5])
+    assert direct_caller(hook)(None, 2, indices, 9) == answer
+    assert hook(manager=None, room=2, kv_indices=indices, aux_index=9) == answer
 
 
 def test_no_implementation_and_wrappers_keep_pluggy() -> None:
     hook = _manager(_Polls()).hook
     missing = hook.kvbridge_sender_drained  # an API 1.0 plugin has none: pluggy answers None
-    assert direct_caller(missing) is missing
-    assert direct_caller(missing)(manager=None, rooms=np.zeros(1, dtype=np.uint64)) is None
+    assert direct_caller(missing)(None, np.zeros(1, dtype=np.uint64)) is None
+
+    wrapped_rooms: list[list[int]] = []
 
     class Wrapper:
         @hookimpl(wrapper=True)
-        def kvbridge_receiver_poll(self) -> Iterator[None]:
+        def kvbridge_receiver_poll(self, rooms: np.ndarray) -> Iterator[None]:
+            wrapped_rooms.append(rooms.tolist())
             return (yield)
 
     wrapped = _manager(_Polls(), Wrapper()).hook.kvbridge_receiver_poll
-    assert direct_caller(wrapped) is wrapped
+    result = direct_caller(wrapped)(None, np.array([1, 2], dtype=np.uint64))
+    assert result.statuses.tolist() == [4, 4]
+    assert wrapped_rooms == [[1, 2]]  # the wrapper ran: pluggy made the call
 
 
 def _step(relay: ObserverRelay) -> None:
