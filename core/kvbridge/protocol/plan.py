@@ -74,6 +74,31 @@ class PrefillTarget:
 
 
 @attrs.frozen
+class PeerBounds:
+    """What a metadata check needs of a decode rank's registered memory (None: no regions)."""
+
+    kv_pages: int | None
+    kv_page_bytes: int | None
+    aux_rows: int | None
+    aux_row_bytes: tuple[int, ...]
+
+    @classmethod
+    def of(
+        cls, kv_regions: tuple[MemoryRegion, ...], aux_regions: tuple[MemoryRegion, ...]
+    ) -> PeerBounds:
+        return cls(
+            min((r.num_items for r in kv_regions), default=None),
+            min((r.item_bytes for r in kv_regions), default=None),
+            min((r.num_items for r in aux_regions), default=None),
+            tuple(r.item_bytes for r in aux_regions),
+        )
+
+
+def _peer_bounds(peer: DecodePeer) -> PeerBounds:
+    return PeerBounds.of(peer.kv_regions, peer.aux_regions)
+
+
+@attrs.frozen
 class DecodePeer:
     """A decode rank as a prefill rank sees it: where its memory is and how to reach it."""
 
@@ -81,6 +106,10 @@ class DecodePeer:
     kv_regions: tuple[MemoryRegion, ...]
     aux_regions: tuple[MemoryRegion, ...]
     control: Any = None
+    #: Computed once: every room's metadata from this rank is checked against it.
+    bounds: PeerBounds = attrs.field(
+        init=False, eq=False, repr=False, default=attrs.Factory(_peer_bounds, takes_self=True)
+    )
 
 
 @attrs.frozen(eq=False)

@@ -625,6 +625,35 @@ def metadata_problem(
     """Why ``meta`` cannot be written into ``peer``'s registered memory, or None if it can."""
     if not meta.writes:
         return None
+    bounds = peer.bounds
+    pages = meta.pages
+    if bounds.kv_pages is not None and len(pages):
+        highest = int(pages.max())
+        if highest >= bounds.kv_pages:
+            return f"page {highest} is out of range (decode registered {bounds.kv_pages} pages)"
+    if bounds.aux_rows is None:
+        return "decode registered no aux rows"
+    if not 0 <= meta.aux_slot < bounds.aux_rows:
+        return (
+            f"aux slot {meta.aux_slot} is out of range (decode registered {bounds.aux_rows} rows)"
+        )
+    # A whole row is copied: a shorter decode row would be overrun (another slot, or past it).
+    mine = tuple(r.item_bytes for r in aux_regions)
+    if mine and mine != bounds.aux_row_bytes:
+        return (
+            f"decode registered aux rows of {list(bounds.aux_row_bytes)} bytes, this prefill "
+            f"writes rows of {list(mine)}"
+        )
+    if meta.page_slice is not None and bounds.kv_page_bytes is not None and kv_regions:
+        src_offset, dst_offset, length = meta.page_slice
+        src_page = min(r.item_bytes for r in kv_regions)
+        dst_page = bounds.kv_page_bytes
+        if length <= 0 or src_offset + length > src_page or dst_offset + length > dst_page:
+            return (
+                f"page slice (src {src_offset}, dst {dst_offset}, {length} bytes) does not "
+                f"fit pages of {src_page} / {dst_page} bytes"
+            )
+    return None
     pages = meta.pages
     if peer.kv_regions and len(pages):
         limit = min(r.num_items for r in peer.kv_regions)
