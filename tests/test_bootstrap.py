@@ -280,7 +280,17 @@ def resolve_until(directory: BootstrapDirectory, request: DecodeRequest, timeout
     raise AssertionError("directory never answered")
 
 
-def test_directory_resolves_routes_through_bootstrap(server) -> None:
+@pytest.fixture
+def registered(server: BootstrapServer, client: BootstrapClient) -> BootstrapServer:
+    """The module's server with both prefill ranks registered, whichever tests ran before
+    (registering the same entry again changes nothing)."""
+    for tp_rank in (0, 1):
+        client.register_rank(server.address, registration(tp_rank))
+    return server
+
+
+def test_directory_resolves_routes_through_bootstrap(registered) -> None:
+    server = registered
     config = TransferConfig(secret=SECRET)
     directory = BootstrapDirectory(config, decode_rank=1, decode_tp=2, expectation=expectation())
     try:
@@ -291,7 +301,8 @@ def test_directory_resolves_routes_through_bootstrap(server) -> None:
         directory.close()
 
 
-def test_incompatible_prefill_is_refused_naming_both_values(server) -> None:
+def test_incompatible_prefill_is_refused_naming_both_values(registered) -> None:
+    server = registered
     config = TransferConfig(secret=SECRET)
     directory = BootstrapDirectory(config, 0, 2, expectation(kv_dtype="float16"))
     try:
