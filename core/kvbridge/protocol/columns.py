@@ -71,7 +71,7 @@ class Columns:
         """Indices whose deadline passed, or None cheaply when none can have."""
         if now <= self._next_deadline:
             return None
-        late = np.flatnonzero(now > self.deadline)
+        late = (now > self.deadline).nonzero()[0]
         if not late.size:
             self._next_deadline = float(self.deadline.min())
         return late

@@ -672,7 +672,7 @@ class DecodeQueue:
         # Cheap whole-vector checks first: in a steady state nothing is failed or complete.
         released: list[int] = []
         if len(reduced) and reduced.min() == FAILED:
-            for i in np.flatnonzero(reduced == FAILED).tolist():
+            for i in (reduced == FAILED).nonzero()[0].tolist():
                 failed, fenced = self._abort(i, now)
                 aborted.append(failed)
                 if not fenced:
@@ -680,13 +680,13 @@ class DecodeQueue:
                     released.append(failed.room)  # nothing can still be writing it
 
         if self.fenced and len(key) and key.max() == _RELEASE_KEY:
-            for i in np.flatnonzero(key == _RELEASE_KEY).tolist():
+            for i in (key == _RELEASE_KEY).nonzero()[0].tolist():
                 released.append(self._release(i))
                 remove.append(i)
 
         # Not ``key.max() == _COMMIT_KEY``: a fenced room's key is higher, and while one waits
         # for its writers every other room would wait for it too.
-        commits = np.flatnonzero(key == _COMMIT_KEY)
+        commits = (key == _COMMIT_KEY).nonzero()[0]
         moved: list[int] = []
         for i in commits.tolist():
             # Decided on the reduced vector alone (rule 1): every rank's gate passed this room
@@ -709,7 +709,7 @@ class DecodeQueue:
         ready = np.zeros(0, dtype=np.int64)
         # Usually the head of the line does not fit and nothing else needs looking at.
         if len(key) and is_ready[first] and self._fits(self.requests[int(cols.rooms[first])]):
-            ready = np.flatnonzero(is_ready)
+            ready = is_ready.nonzero()[0]
         for k in range(len(ready)):
             i = int(ready[k])
             room = int(cols.rooms[i])

@@ -154,7 +154,7 @@ class PrefillQueue:
             return _NOTHING
         remove = reduced == FAILED
         aborted = []
-        for i in np.flatnonzero(remove).tolist():
+        for i in remove.nonzero()[0].tolist():
             room = int(cols.rooms[i])
             own = self.reasons.pop(room, None)
             aborted.append(Aborted(room, own or FROM_OTHER_RANK, from_other_rank=own is None))

@@ -489,7 +489,7 @@ class PrefillRooms:
         """Rooms whose writes the transport reports done, told once to the decode ranks this
         rank wrote to (only they count a completion from it)."""
         out: list[Decision] = []
-        for i in np.flatnonzero(statuses == SUCCESS).tolist():
+        for i in (statuses == SUCCESS).nonzero()[0].tolist():
             room = int(self.queue.rooms[i])
             if room not in self._announced and room in self._targets:
                 self._announced.add(room)

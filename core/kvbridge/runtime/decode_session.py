@@ -287,7 +287,7 @@ class DecodeSession:
         """Checksums, where configured, are checked once the gate has let a room through."""
         assert self.verify is not None
         queue = self.queue
-        for i in np.flatnonzero(local == SUCCESS).tolist():
+        for i in (local == SUCCESS).nonzero()[0].tolist():
             room = int(queue.cols.rooms[i])
             if room in self._verified or queue.cols.stage[i] == FENCED:
                 continue

@@ -214,7 +214,7 @@ class RoomBook:
                 held = (statuses != KVPoll.Failed) & (now < self._ready_at[rows])
                 statuses[held & known] = KVPoll.Bootstrapping
             if not statuses.all():  # Failed is 0: reasons only when something failed
-                for i in np.flatnonzero(statuses == KVPoll.Failed).tolist():
+                for i in (statuses == KVPoll.Failed).nonzero()[0].tolist():
                     room = int(rooms[i])
                     state = self.rooms.get(room)
                     failures[room] = (
