@@ -4,6 +4,7 @@ from the package index), once in each of its modes."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Coroutine
 from pathlib import Path
@@ -121,6 +122,48 @@ class Pair:
     def stop(self) -> None:
         for s in (*self.routers.values(), self.decode, self.prefill):
             vs.stop(s)
+
+
+#: How often a pair starts again on fresh ports when a server lost one (see start_pair).
+PORT_ATTEMPTS = 3
+
+
+def lost_a_port(servers: list[vs.Server]) -> bool:
+    """Whether a server that exited could not bind one of its ports."""
+    for s in servers:
+        if not s.alive():
+            try:
+                if "address already in use" in s.log.read_text(errors="replace"):
+                    return True
+            except OSError:
+                pass
+    return False
+
+
+def start_pair(*args: Any, **kwargs: Any) -> Pair:
+    """A :class:`Pair` whose servers all answer.
+
+    A port is probed free in this process and bound by the engine up to a minute later, and
+    in between another process on the host may take it (seen in CI: prefill's bootstrap port
+    answered by some other HTTP server). Only that failure starts the pair again, on fresh
+    ports; any other failure to start is the test's.
+    """
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        pair = Pair(*args, **kwargs)
+        try:
+            vs.wait_ready(pair.servers)
+            return pair
+        except RuntimeError:
+            lost = lost_a_port(pair.servers)
+            pair.stop()
+            if not lost or attempt == PORT_ATTEMPTS:
+                raise
+            logging.getLogger(__name__).warning(
+                "a server lost its port to another process (attempt %d); starting the pair "
+                "again on fresh ports",
+                attempt,
+            )
+    raise AssertionError("unreachable")
 
 
 def sources(server: vs.Server) -> dict[str, float]:

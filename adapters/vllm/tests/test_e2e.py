@@ -32,6 +32,7 @@ from e2e_common import (
     Pair,
     assert_every_prompt_handed_off,
     sources,
+    start_pair,
 )
 
 from kvbridge.testing.tiny_model import prompt
@@ -39,9 +40,8 @@ from kvbridge.testing.tiny_model import prompt
 
 @pytest.fixture(scope="module", params=TRANSPORTS)
 def pair(request: pytest.FixtureRequest, model: Path, logs: Path, baseline: dict[str, str]):
-    p = Pair(model, logs, request.param)
+    p = start_pair(model, logs, request.param)
     try:
-        vs.wait_ready(p.servers)
         yield p
     finally:
         p.stop()

@@ -26,7 +26,7 @@ else:
 
 import legs
 import vllm_servers as vs
-from e2e_common import MAX_TOKENS, PROMPTS, Pair
+from e2e_common import MAX_TOKENS, PROMPTS, Pair, start_pair
 
 from kvbridge.testing.tiny_model import prompt
 from kvbridge_vllm.rooms import room_of
@@ -38,7 +38,7 @@ TORN = "kvb-test-torn-kv"
 @pytest.fixture(scope="module", params=["fail", "recompute"])
 def pair(request: pytest.FixtureRequest, model: Path, logs: Path) -> Iterator[Pair]:
     faults = {"fail_rooms": [room_of(FAILED)], "discard_kv_rooms": [room_of(TORN)]}
-    p = Pair(
+    p = start_pair(
         model,
         logs,
         "fake",
@@ -48,7 +48,6 @@ def pair(request: pytest.FixtureRequest, model: Path, logs: Path) -> Iterator[Pa
         transport_options={"faults": faults},
     )
     try:
-        vs.wait_ready(p.servers)
         yield p
     finally:
         p.stop()

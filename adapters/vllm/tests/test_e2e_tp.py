@@ -16,7 +16,7 @@ else:
     pytest.importorskip("vllm")
 
 import vllm_servers as vs
-from e2e_common import Pair, assert_every_prompt_handed_off
+from e2e_common import assert_every_prompt_handed_off, start_pair
 
 #: The TP run: which transport carries it (one is enough: the head slicing is kvbridge's
 #: rank mapping, the same for every transport). Mooncake: with NIXL, the prefill worker of
@@ -31,7 +31,7 @@ def test_decode_tp2_from_prefill_tp1(model: Path, logs: Path, baseline: dict[str
     exactly that slice of every block from the single prefill worker (head-sharded pages)."""
     # Seven vLLM processes on two vCPUs: single threads stall for seconds. Generous
     # timeouts keep this a test of the head slicing, not of this machine's scheduler.
-    pair = Pair(
+    pair = start_pair(
         model,
         logs,
         TP_TRANSPORT,
@@ -41,7 +41,6 @@ def test_decode_tp2_from_prefill_tp1(model: Path, logs: Path, baseline: dict[str
         heartbeat_max_misses=30,
     )
     try:
-        vs.wait_ready(pair.servers)
         assert_every_prompt_handed_off(pair, model, baseline)
         vs.wait_idle([pair.prefill, pair.decode])
     finally:
