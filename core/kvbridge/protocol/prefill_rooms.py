@@ -654,28 +654,3 @@ def metadata_problem(
                 f"fit pages of {src_page} / {dst_page} bytes"
             )
     return None
-    pages = meta.pages
-    if peer.kv_regions and len(pages):
-        limit = min(r.num_items for r in peer.kv_regions)
-        if int(pages.max()) >= limit:
-            return f"page {int(pages.max())} is out of range (decode registered {limit} pages)"
-    if not peer.aux_regions:
-        return "decode registered no aux rows"
-    rows = min(r.num_items for r in peer.aux_regions)
-    if not 0 <= meta.aux_slot < rows:
-        return f"aux slot {meta.aux_slot} is out of range (decode registered {rows} rows)"
-    # A whole row is copied: a shorter decode row would be overrun (another slot, or past it).
-    mine = [r.item_bytes for r in aux_regions]
-    theirs = [r.item_bytes for r in peer.aux_regions]
-    if mine and mine != theirs:
-        return f"decode registered aux rows of {theirs} bytes, this prefill writes rows of {mine}"
-    if meta.page_slice is not None and peer.kv_regions and kv_regions:
-        src_offset, dst_offset, length = meta.page_slice
-        src_page = min(r.item_bytes for r in kv_regions)
-        dst_page = min(r.item_bytes for r in peer.kv_regions)
-        if length <= 0 or src_offset + length > src_page or dst_offset + length > dst_page:
-            return (
-                f"page slice (src {src_offset}, dst {dst_offset}, {length} bytes) does not "
-                f"fit pages of {src_page} / {dst_page} bytes"
-            )
-    return None
