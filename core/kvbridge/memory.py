@@ -233,6 +233,21 @@ def _few_page_runs(src: list[int], dst: list[int]) -> tuple[list[int], list[int]
     return src_start, dst_start, run
 
 
+def _whole_pages(
+    src_regions: Sequence[MemoryRegion],
+    dst_regions: Sequence[MemoryRegion],
+    src_offset: int,
+    dst_offset: int,
+    length: int | None,
+) -> bool:
+    """Whether a page slice covers whole pages on both sides (then contiguous runs merge)."""
+    return length is None or (
+        src_offset == 0
+        and dst_offset == 0
+        and all(r.item_bytes == length for r in (*src_regions, *dst_regions))
+    )
+
+
 def kv_descriptors(
     src_regions: Sequence[MemoryRegion],
     dst_regions: Sequence[MemoryRegion],
@@ -253,12 +268,7 @@ def kv_descriptors(
         raise ValueError(
             f"{len(src_regions)} source KV regions but {len(dst_regions)} destination regions"
         )
-    whole = length is None or (
-        src_offset == 0
-        and dst_offset == 0
-        and all(r.item_bytes == length for r in (*src_regions, *dst_regions))
-    )
-    if not whole:
+    if not _whole_pages(src_regions, dst_regions, src_offset, dst_offset, length):
         return _sliced_descriptors(
             src_regions, dst_regions, src_pages, dst_pages, src_offset, dst_offset, int(length or 0)
         )
@@ -410,13 +420,8 @@ def chunk_descriptors(
     The same runs as concatenating the two; for a few whole pages (the common chunk) both are
     built in one pass of plain Python, without the intermediate arrays.
     """
-    whole = length is None or (
-        src_offset == 0
-        and dst_offset == 0
-        and all(r.item_bytes == length for r in (*src_regions, *dst_regions))
-    )
     if (
-        whole
+        _whole_pages(src_regions, dst_regions, src_offset, dst_offset, length)
         and len(src_pages) <= _FEW_PAGES
         and len(src_pages) == len(dst_pages)
         and len(src_regions) == len(dst_regions)
