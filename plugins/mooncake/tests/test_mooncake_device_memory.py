@@ -39,6 +39,8 @@ def recording(manager_cls: Any, monkeypatch: pytest.MonkeyPatch) -> None:
             super().__init__()
             self.registered: list[tuple[str, list[int], list[int]]] = []
             self.writes: list[tuple[list[int], list[int], list[int]]] = []
+            #: write_api "submit": ("submit", dst) and ("landed", batch id), in order.
+            self.events: list[tuple[str, int]] = []
 
         def batch_register_memory(
             self, addrs: list[int], lengths: list[int], location: str = "*"
@@ -51,6 +53,16 @@ def recording(manager_cls: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         ) -> int:
             self.writes.append((list(src), list(dst), list(lengths)))
             return int(super().batch_transfer_sync_write(session, src, dst, lengths))
+
+        def transfer_submit_write(self, session: str, src: int, dst: int, length: int) -> int:
+            self.events.append(("submit", dst))
+            return int(super().transfer_submit_write(session, src, dst, length))
+
+        def transfer_check_status(self, batch: int) -> int:
+            status = int(super().transfer_check_status(batch))
+            if status == 1:
+                self.events.append(("landed", batch))
+            return status
 
     monkeypatch.setattr(manager_cls, "load_engine_class", lambda: RecordingEngine)
 
@@ -66,18 +78,19 @@ class Side:
         self.aux_regions = (MemoryRegion(self.aux.ctypes.data, self.aux.nbytes, ROW, "cpu"),)
 
 
-def _manager(manager_cls: Any, role: Role, side: Side) -> Any:
-    config = TransferConfig(transport="mooncake")
+def _manager(manager_cls: Any, role: Role, side: Side, api: str = "submit") -> Any:
+    config = TransferConfig(transport="mooncake", transport_options={"write_api": api})
     return manager_cls.MooncakeManager(
         config, RankIdentity(role), side.kv_regions, side.aux_regions
     )
 
 
 @pytest.mark.usefixtures("recording")
-def test_each_region_registers_at_its_devices_location(manager_cls: Any) -> None:
+@pytest.mark.parametrize("api", ["submit", "sync"])
+def test_each_region_registers_at_its_devices_location(manager_cls: Any, api: str) -> None:
     prefill = Side(["cuda:1", "cuda:1", "cpu"], seed=1)
     decode = Side(["cuda:0", "cuda:2", "cuda:0"], seed=2)
-    p = _manager(manager_cls, Role.PREFILL, prefill)
+    p = _manager(manager_cls, Role.PREFILL, prefill, api)
     d = _manager(manager_cls, Role.DECODE, decode)
     try:
         kv = [a.ctypes.data for a in prefill.kv]
@@ -113,8 +126,16 @@ def test_each_region_registers_at_its_devices_location(manager_cls: Any) -> None
         for s, t in zip(prefill.kv, decode.kv):
             assert np.array_equal(t.reshape(PAGES, PAGE)[dst], s.reshape(PAGES, PAGE)[src])
         assert np.array_equal(decode.aux[3 * ROW : 4 * ROW], prefill.aux[ROW : 2 * ROW])
-        # KV first (one batch, no location needed), then the aux row.
-        assert [len(w[0]) for w in p.engine.writes] == [6, 1]
+        # KV first (no location needed), then the aux row once every page landed.
+        aux_dst = decode.aux.ctypes.data + 3 * ROW
+        if api == "sync":
+            assert [len(w[0]) for w in p.engine.writes] == [6, 1]
+            assert p.engine.writes[1][1] == [aux_dst]
+        else:
+            assert p.engine.writes == []
+            kinds = [kind for kind, _ in p.engine.events]
+            assert kinds == ["submit"] * 6 + ["landed"] * 6 + ["submit", "landed"]
+            assert p.engine.events[12] == ("submit", aux_dst)
     finally:
         p.close()
         d.close()
